@@ -1,0 +1,85 @@
+"""Which module tensors the bottleneck can cover, and how each is viewed as ``(out, in, K)``.
+
+Dispatch is a list of functions; the first that recognises a module returns its coverable tensors. The core does
+not import transformers: GPT-2's ``Conv1D`` (weight stored ``(in, out)``) is recognised by name and attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# How a stored parameter maps to the (out, in, K) view the tiles are cut from.
+LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "matrix": lambda w: w.unsqueeze(-1),  # Linear, Embedding, attention projections: (out, in)
+    "kernel": lambda w: w.view(w.shape[0], w.shape[1], -1),  # ConvNd: (out, in / groups, *kernel)
+    "transposed": lambda w: w.t().unsqueeze(-1),  # GPT-2 Conv1D: (in, out)
+}
+
+
+def view3d(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """The ``(out, in, K)`` view of a parameter (or its gradient) stored in ``layout``; shares its memory."""
+    return LAYOUTS[layout](tensor)
+
+
+@dataclass(frozen=True)
+class Coverable:
+    attr: str  # parameter name inside the module
+    layout: str
+
+
+def _linear(m: nn.Module) -> list[Coverable] | None:
+    return [Coverable("weight", "matrix")] if isinstance(m, nn.Linear) else None
+
+
+def _conv(m: nn.Module) -> list[Coverable] | None:
+    return [Coverable("weight", "kernel")] if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
+
+
+def _gpt2_conv1d(m: nn.Module) -> list[Coverable] | None:
+    is_conv1d = type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    return [Coverable("weight", "transposed")] if is_conv1d else None
+
+
+def _multihead_attention(m: nn.Module) -> list[Coverable] | None:
+    if not isinstance(m, nn.MultiheadAttention):
+        return None
+    if m.in_proj_weight is not None:
+        return [Coverable("in_proj_weight", "matrix")]
+    return [Coverable(a, "matrix") for a in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+
+
+def _embedding(m: nn.Module) -> list[Coverable] | None:
+    return [Coverable("weight", "matrix")] if isinstance(m, nn.Embedding) else None
+
+
+# Covered unless the config names other modules. The first function that returns a list wins.
+DEFAULT_DISPATCH: list[Callable[[nn.Module], list[Coverable] | None]] = [
+    _linear,
+    _conv,
+    _gpt2_conv1d,
+    _multihead_attention,
+]
+# Covered only when `target_modules` names the module.
+OPT_IN_DISPATCH = [_embedding]
+
+
+def coverable(module: nn.Module, opt_in: bool) -> list[Coverable] | None:
+    for fn in DEFAULT_DISPATCH + (OPT_IN_DISPATCH if opt_in else []):
+        found = fn(module)
+        if found is not None:
+            return found
+    return None
+
+
+def name_matches(name: str, pattern: None | str | list[str]) -> bool:
+    """PEFT-style matching: a string is a regex over the full name, a list matches exact names or name suffixes."""
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)

@@ -1,0 +1,122 @@
+"""Position codes, tile geometry and the tile/untile round trip.
+
+A covered weight is viewed as ``(out, in, K)``: rows are output units, columns input units, and ``K`` the
+flattened kernel positions (1 for a plain matrix). It is cut into ``rows x cols`` tiles over the first two axes
+(padded with zeros at the far edges, cropped back after prediction); the kernel axis is never cut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Tile sides tried when a target compression picks the tile: powers of two and 1.5x powers of two.
+_MAX_SIDE = 1 << 14
+
+
+def num_bits(size: int) -> int:
+    """Bits needed to number ``size`` positions (0 for a single position)."""
+    return (size - 1).bit_length()
+
+
+def position_codes(size: int, encoding: str = "binary") -> torch.Tensor:
+    """Codes of positions ``0..size-1``: a (size, num_bits(size)) tensor of -1/+1, least significant bit first."""
+    index = torch.arange(size)
+    if encoding == "gray":
+        index = index ^ (index >> 1)
+    elif encoding != "binary":
+        raise ValueError(f"encoding must be 'binary' or 'gray', got encoding={encoding!r}")
+    bits = (index[:, None] >> torch.arange(num_bits(size))) & 1
+    return bits.float() * 2 - 1
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Shape of one tile: ``rows x cols`` positions of a weight, times ``kernel`` positions each."""
+
+    rows: int
+    cols: int
+    kernel: int = 1
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols * self.kernel
+
+    @property
+    def kernel_bits(self) -> int:
+        # One bit per kernel position (one-hot); a single position carries no information.
+        return self.kernel if self.kernel > 1 else 0
+
+    def gnet_params(self, hidden_dim: int) -> int:
+        """Parameters of one g-net: first layer (row + col + kernel bits, bias), output layer (weights, bias)."""
+        inputs = num_bits(self.rows) + num_bits(self.cols) + self.kernel_bits
+        return (inputs + 2) * hidden_dim + 1
+
+    def key(self) -> str:
+        return f"{self.rows}x{self.cols}x{self.kernel}"
+
+
+def grid(shape: Sequence[int], geom: TileGeometry) -> tuple[int, int]:
+    """Number of tiles along rows and columns of an ``(out, in, K)`` tensor."""
+    return math.ceil(shape[0] / geom.rows), math.ceil(shape[1] / geom.cols)
+
+
+def tile(w: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+    """Cut an ``(out, in, K)`` tensor into ``(n_tiles, rows, cols * K)`` tiles (row-major tile order, zero padded)."""
+    out, inp, k = w.shape
+    assert k == geom.kernel, (w.shape, geom)
+    nr, nc = grid(w.shape, geom)
+    w = F.pad(w, (0, 0, 0, nc * geom.cols - inp, 0, nr * geom.rows - out))
+    w = w.reshape(nr, geom.rows, nc, geom.cols, k).permute(0, 2, 1, 3, 4)
+    return w.reshape(nr * nc, geom.rows, geom.cols * k)
+
+
+def untile(tiles: torch.Tensor, shape: Sequence[int], geom: TileGeometry) -> torch.Tensor:
+    """Inverse of `tile`: ``(n_tiles, rows, cols * K)`` back to the ``(out, in, K)`` tensor (cropped)."""
+    out, inp, k = shape
+    nr, nc = grid(shape, geom)
+    w = tiles.reshape(nr, nc, geom.rows, geom.cols, k).permute(0, 2, 1, 3, 4)
+    return w.reshape(nr * geom.rows, nc * geom.cols, k)[:out, :inp]
+
+
+def compression_of(shape: Sequence[int], geom: TileGeometry, hidden_dim: int) -> float:
+    """Covered compression of an ``(out, in, K)`` tensor tiled by ``geom``: numel / g-net parameters."""
+    nr, nc = grid(shape, geom)
+    return shape[0] * shape[1] * shape[2] / (nr * nc * geom.gnet_params(hidden_dim))
+
+
+def _sides(size: int) -> list[int]:
+    sides = {size}
+    p = 1
+    while p < min(size, _MAX_SIDE):
+        sides.add(p)
+        if 3 * p // 2 < size:
+            sides.add(3 * p // 2)
+        p *= 2
+    return sorted(s for s in sides if s <= size)
+
+
+def choose_geometry(
+    shape: Sequence[int], hidden_dim: int, compression: float | None, tile_size: Sequence[int] | None
+) -> TileGeometry:
+    """Pick the tile for an ``(out, in, K)`` tensor.
+
+    An explicit ``tile_size`` is clipped to the tensor. Otherwise the tile whose compression is closest to
+    ``compression`` (in log ratio) wins; ties go to the larger tile (fewer g-nets).
+    """
+    out, inp, k = shape
+    if tile_size is not None:
+        return TileGeometry(min(tile_size[0], out), min(tile_size[1], inp), k)
+    target = math.log(compression)
+    best, best_score = None, None
+    for r in _sides(out):
+        for c in _sides(inp):
+            geom = TileGeometry(r, c, k)
+            score = (abs(math.log(compression_of(shape, geom, hidden_dim)) - target), -geom.numel)
+            if best_score is None or score < best_score:
+                best, best_score = geom, score
+    return best
