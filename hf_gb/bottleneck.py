@@ -333,5 +333,11 @@ class GenomicBottleneck(nn.Module):
 
         return bottleneck_from_pretrained(path_or_repo, model=model, **kwargs)
 
+    def push_to_hub(self, repo_id: str, processing_class: Any = None, **kwargs: Any) -> Any:
+        """Push the compressed checkpoint (with its model card) to the Hub repo ``repo_id``; see `hf_gb.hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, processing_class=processing_class, **kwargs)
+
     def extra_repr(self) -> str:
         return f"covered={len(self.covered)}, banks={len(self.banks)}, hidden_dim={self.config.hidden_dim}"

@@ -1,0 +1,143 @@
+"""Push and load compressed checkpoints with the real huggingface_hub client against tests/hub_server.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hub_server import HubServer  # noqa: E402
+
+import hf_gb  # noqa: E402
+from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
+from hf_gb.checkpoint import WEIGHTS_NAME  # noqa: E402
+from hf_gb.hub import push_folder  # noqa: E402
+from hf_gb.model_card import load_card  # noqa: E402
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local Hub; the client's endpoint (``HF_ENDPOINT``, read at import) is re-pointed for this test."""
+    import huggingface_hub.constants as constants
+    import huggingface_hub.hf_api as hf_api
+
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)  # for subprocesses
+        monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")  # never read a real token from this machine
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(hf_api.api, "endpoint", server.url)  # the module-level create_repo / upload_folder
+        yield server
+
+
+def tiny_lm(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+INPUT = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def make_gb(seed: int = 0) -> GenomicBottleneck:
+    return GenomicBottleneck(tiny_lm(seed), GBConfig(hidden_dim=4, tile_size=16, seed=seed))
+
+
+def test_pushed_files_arrive_byte_identical_and_load_with_equal_logits(hub, tmp_path):
+    gb = make_gb()
+    folder = gb.save_pretrained(str(tmp_path / "ckpt"))
+    torch.save({"state": 1}, os.path.join(folder, "optimizer.pt"))  # training state must stay local
+    push_folder(folder, "tester/tiny-gb")
+
+    remote = hub.files("tester/tiny-gb")
+    local = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if n != "optimizer.pt"}
+    assert set(remote) == set(local)
+    for name in local:
+        if name != "README.md":
+            assert remote[name] == local[name], name
+    readme = remote["README.md"].decode()
+    assert 'load_compressed("tester/tiny-gb")' in readme and folder not in readme
+
+    model = hf_gb.load_compressed("tester/tiny-gb", cache_dir=str(tmp_path / "cache"))
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    torch.testing.assert_close(logits(model), logits(gb.model), rtol=0, atol=0)
+
+
+def test_gb_push_to_hub_updates_the_repos_readme(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("tester/with-card")
+    user_readme = "---\nlicense: apache-2.0\ntags:\n- mine\n---\n# Mine\n\nWords the owner wrote.\n"
+    api.upload_file(path_or_fileobj=user_readme.encode(), path_in_repo="README.md", repo_id="tester/with-card")
+
+    gb = make_gb()
+    gb.push_to_hub("tester/with-card")
+    readme = hub.files("tester/with-card")["README.md"].decode()
+    assert "Words the owner wrote." in readme
+    assert 'load_compressed("tester/with-card")' in readme
+    path = tmp_path / "README.md"
+    path.write_text(readme)
+    card = load_card(str(path))
+    assert card.data.license == "apache-2.0"
+    assert {"mine", "genomic-bottleneck"} <= set(card.data.tags)
+
+    gb.push_to_hub("tester/with-card")  # a second push replaces our section instead of adding one
+    readme = hub.files("tester/with-card")["README.md"].decode()
+    assert readme.count("<!-- hf_gb:model-card:start -->") == 1 and "Words the owner wrote." in readme
+
+
+def test_revisions_are_honoured(hub, tmp_path):
+    first, second = make_gb(seed=0), make_gb(seed=1)
+    assert not torch.equal(logits(first.model), logits(second.model))
+    first.push_to_hub("tester/revs")
+    first_commit = hub.commits("tester/revs")[-1]
+    second.push_to_hub("tester/revs")
+    second.push_to_hub("tester/revs", revision="dev")
+    first.push_to_hub("tester/revs", revision="dev")  # dev now differs from main
+
+    cache = str(tmp_path / "cache")
+    by_commit = hf_gb.load_compressed("tester/revs", revision=first_commit, cache_dir=cache)
+    torch.testing.assert_close(logits(by_commit), logits(first.model), rtol=0, atol=0)
+    head = hf_gb.load_compressed("tester/revs", cache_dir=cache)
+    torch.testing.assert_close(logits(head), logits(second.model), rtol=0, atol=0)
+    dev = hf_gb.load_compressed("tester/revs", revision="dev", cache_dir=cache)
+    torch.testing.assert_close(logits(dev), logits(first.model), rtol=0, atol=0)
+
+
+def test_cache_serves_offline_loads_and_errors_are_clear(hub, tmp_path):
+    gb = make_gb()
+    gb.push_to_hub("tester/cached")
+    cache = str(tmp_path / "cache")
+    hf_gb.load_compressed("tester/cached", cache_dir=cache)
+    served = len(hub.requests)
+    offline = hf_gb.load_compressed("tester/cached", cache_dir=cache, local_files_only=True)
+    assert len(hub.requests) == served  # not a single request: the snapshot came from the cache
+    torch.testing.assert_close(logits(offline), logits(gb.model), rtol=0, atol=0)
+
+    with pytest.raises(FileNotFoundError, match="tester/absent"):
+        hf_gb.load_compressed("tester/absent", cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match="no such revision"):
+        hf_gb.load_compressed("tester/cached", revision="nope", cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match="neither in the cache"):
+        hf_gb.load_compressed("tester/never-downloaded", cache_dir=cache, local_files_only=True)
+
+
+def test_push_folder_refuses_a_folder_that_is_not_a_checkpoint(hub, tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=WEIGHTS_NAME):
+        push_folder(str(tmp_path / "plain"), "tester/plain")
+    assert "tester/plain" not in hub.repos
