@@ -15,7 +15,7 @@ from .bank import GNetBank
 from .config import GBConfig
 from .kernels import fused_backward, fused_forward, use_compiled
 from .layers import coverable, name_matches, view3d
-from .tiling import TileGeometry, choose_geometry, compression_of, grid, tile, untile
+from .tiling import TileGeometry, choose_geometry, compression_of, grid, tile_into, untile_into
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,7 @@ class GenomicBottleneck(nn.Module):
                 if sample:
                     out += self._sigma(bank)[:, None, None] * self._noise(key, bank, out)
                 for t in self._tensors(key):
-                    w = untile(out[t.offset : t.offset + t.n_tiles], t.shape, t.geometry)
-                    view3d(t.param.data, t.layout).copy_(w)
+                    untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
             self._tables[key] = tables
 
     def push_gradients(self) -> None:
@@ -220,15 +219,14 @@ class GenomicBottleneck(nn.Module):
             members = list(self._tensors(key))
             if all(t.param.grad is None for t in members):
                 continue
-            tiles = []
+            g0 = bank.geometry
+            G = torch.empty(bank.n_tiles, g0.rows, g0.cols * g0.kernel, dtype=bank.w2.dtype, device=bank.w2.device)
             for t in members:
-                g = t.param.grad
-                if g is None:  # this tensor took no part in the loss
-                    g = torch.zeros(t.shape, dtype=bank.w2.dtype, device=bank.w2.device)
-                else:
-                    g = view3d(g, t.layout).to(bank.w2.dtype)
-                tiles.append(tile(g, t.geometry))
-            G = torch.cat(tiles) if len(tiles) > 1 else tiles[0]  # (n, rows, cols * K)
+                dst = G[t.offset : t.offset + t.n_tiles]
+                if t.param.grad is None:  # this tensor took no part in the loss
+                    dst.zero_()
+                else:  # written straight into the bank's tile layout: no padded or concatenated copies
+                    tile_into(dst, view3d(t.param.grad, t.layout), t.geometry)
             A, B, w2, b2 = self._tables[key]
             with torch.no_grad():
                 dA, dB, dw2, db2 = fused_backward(A.detach(), B.detach(), w2.detach(), G, self._compiled(bank))

@@ -5,7 +5,8 @@ layer is separable, so the (n, R, C, bits) code matrix never exists). Two implem
 
 - ``eager``: plain PyTorch, chunked over tiles and rows so the (n, r, C, h) intermediate stays under a fixed budget.
 - ``compiled``: the same arithmetic under ``torch.compile``; inductor fuses each reduction over ``h`` (forward) or
-  over ``j`` / ``i`` (backward) into one loop that recomputes the ReLU, so memory is O(n R C), not O(n R C h).
+  over ``j`` / ``i`` (backward: two masked sums, from which ``dw2`` follows) into one loop that
+  recomputes the ReLU, so memory is O(n R C), not O(n R C h).
 
 ``GNetFunction`` wraps either as an autograd Function; ``reference_forward`` is the unfused autograd reference.
 """
@@ -70,18 +71,14 @@ def _fused_forward(A, B, w2, b2):
     return (torch.relu(A[:, :, None, :] + B[:, None, :, :]) * w2[:, None, None, :]).sum(-1) + b2[:, None, None]
 
 
-def _fused_rows(A, B, w2, G):
-    # One pass over (i, j, h) reducing over j: gives dA and the per-row partial sums of dw2.
-    pre = A[:, :, None, :] + B[:, None, :, :]
-    g = G[..., None]
-    dA = ((pre > 0) * g).sum(2) * w2[:, None, :]
-    dw2_rows = (torch.relu(pre) * g).sum(2)
-    return dA, dw2_rows.sum(1)
+def _masked_rows(A, B, G):
+    # M_A[n, i, h] = sum_j G[n, i, j] * [A[n, i, h] + B[n, j, h] > 0]: one pass over (i, j, h) reducing over j.
+    return ((A[:, :, None, :] + B[:, None, :, :] > 0) * G[..., None]).sum(2)
 
 
-def _fused_cols(A, B, w2, G):
-    pre = A[:, :, None, :] + B[:, None, :, :]
-    return ((pre > 0) * G[..., None]).sum(1) * w2[:, None, :]
+def _masked_cols(A, B, G):
+    # M_B[n, j, h] = sum_i G[n, i, j] * [A[n, i, h] + B[n, j, h] > 0]: the same mask, reduced over i.
+    return ((A[:, :, None, :] + B[:, None, :, :] > 0) * G[..., None]).sum(1)
 
 
 _compiled: dict[str, Callable] = {}
@@ -129,11 +126,13 @@ def fused_forward(A, B, w2, b2, compiled: bool = False) -> torch.Tensor:
 def fused_backward(A, B, w2, G, compiled: bool = False):
     """Gradients (dA, dB, dw2, db2) of ``sum(G * fused_forward(A, B, w2, b2))``; nothing of size N x h is kept."""
     if compiled:
-        rows = _run_compiled("rows", _fused_rows, A, B, w2, G)
-        if rows is not None:
-            dB = _run_compiled("cols", _fused_cols, A, B, w2, G)
-            if dB is not None:
-                return rows[0], dB, rows[1], G.sum((1, 2))
+        # Only the two masked sums touch (i, j, h). dw2 needs no third pass: relu(p) = p * [p > 0] and
+        # p = A[i] + B[j], so sum_ij relu(p) G = sum_i A[i] M_A[i] + sum_j B[j] M_B[j].
+        mA = _run_compiled("rows", _masked_rows, A, B, G)  # (n, R, h)
+        mB = _run_compiled("cols", _masked_cols, A, B, G) if mA is not None else None  # (n, C, h)
+        if mB is not None:
+            dw2 = (A * mA).sum(1) + (B * mB).sum(1)
+            return mA * w2[:, None, :], mB * w2[:, None, :], dw2, G.sum((1, 2))
     return _eager_backward(A, B, w2, G)
 
 

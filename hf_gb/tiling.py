@@ -83,6 +83,37 @@ def untile(tiles: torch.Tensor, shape: Sequence[int], geom: TileGeometry) -> tor
     return w.reshape(nr * geom.rows, nc * geom.cols, k)[:out, :inp]
 
 
+def _blocks(w: torch.Tensor, geom: TileGeometry) -> torch.Tensor | None:
+    """``(nr, rows, nc, cols, K)`` view of an ``(out, in, K)`` tensor the tiles divide exactly, else None."""
+    out, inp, k = w.shape
+    if out % geom.rows or inp % geom.cols:
+        return None
+    try:
+        return w.view(out // geom.rows, geom.rows, inp // geom.cols, geom.cols, k)
+    except RuntimeError:  # a layout whose strides cannot be split
+        return None
+
+
+def tile_into(dst: torch.Tensor, w: torch.Tensor, geom: TileGeometry) -> None:
+    """``dst.copy_(tile(w, geom))`` with one copy (no padded intermediate) when the tiles divide ``w`` exactly."""
+    blocks = _blocks(w, geom)
+    if blocks is None:
+        dst.copy_(tile(w, geom))
+        return
+    nr, _, nc, _, k = blocks.shape
+    dst.view(nr, nc, geom.rows, geom.cols, k).copy_(blocks.permute(0, 2, 1, 3, 4))
+
+
+def untile_into(dst: torch.Tensor, tiles: torch.Tensor, geom: TileGeometry) -> None:
+    """``dst.copy_(untile(tiles, dst.shape, geom))`` for an ``(out, in, K)`` view ``dst``, copying once."""
+    blocks = _blocks(dst, geom)
+    if blocks is None:
+        dst.copy_(untile(tiles, dst.shape, geom))
+        return
+    nr, _, nc, _, k = blocks.shape
+    blocks.copy_(tiles.reshape(nr, nc, geom.rows, geom.cols, k).permute(0, 2, 1, 3, 4))
+
+
 def compression_of(shape: Sequence[int], geom: TileGeometry, hidden_dim: int) -> float:
     """Covered compression of an ``(out, in, K)`` tensor tiled by ``geom``: numel / g-net parameters."""
     nr, nc = grid(shape, geom)
