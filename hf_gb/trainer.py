@@ -1,0 +1,420 @@
+"""`GBTrainer` and `GBTrainingArguments`: train a transformers model through its genomic bottleneck.
+
+Where the bottleneck hooks into ``transformers.Trainer`` (DESIGN.md §2), per optimizer step:
+
+- ``training_step`` (every micro-batch): Trainer's forward and backward; the covered weights' ``.grad`` accumulate
+  (and DDP averages them on the sync micro-batch). On the sync micro-batch only, `GenomicBottleneck.push_gradients`
+  turns them into g-net gradients, before Trainer clips them.
+- ``_clip_grad_norm`` / ``_get_grad_norm``: over the optimizer's parameters (g-nets and uncompressed tensors), not
+  ``model.parameters()``, which do not hold the g-nets.
+- ``on_optimizer_step`` (a callback that runs before every other callback): zero the g-net gradients (Trainer zeroes
+  only the model's) and predict the weights of the new g-nets, so that evaluation, checkpoints and callbacks see them.
+
+Checkpoints (``save_model``, ``save_steps``, ``load_best_model_at_end``, ``resume_from_checkpoint``) hold the
+compressed format of `hf_gb.checkpoint`; after every load the weights are predicted again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import HubStrategy
+from transformers.training_args import ParallelMode
+
+from .bottleneck import GenomicBottleneck
+from .checkpoint import WEIGHTS_NAME, _check_layout, load_state, read_tensors
+from .config import CONFIG_NAME, GBConfig, read_config_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GBTrainer", "GBTrainingArguments"]
+
+# GBConfig fields whose disagreement between a checkpoint and the trainer makes the checkpoint unusable.
+_IGNORED_ON_LOAD = ("kernel", "seed")
+
+
+def _gb_field(name: str, default: Any, help_suffix: str = "") -> Any:
+    """A `GBTrainingArguments` field whose help text is the one of ``GBConfig.<name>``."""
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(GBConfig)}
+    return field(default=default, metadata={"help": f"Genomic bottleneck: {helps[name]}{help_suffix}"})
+
+
+@dataclass
+class GBTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the genomic-bottleneck settings, each prefixed ``gb_``.
+
+    Every field parses through ``HfArgumentParser`` from the command line, JSON or YAML like any other Trainer
+    argument; `to_gb_config` builds the `GBConfig` that `GBTrainer` uses.
+
+    Example::
+
+        >>> from transformers import HfArgumentParser
+        >>> from hf_gb import GBTrainingArguments
+        >>> (args,) = HfArgumentParser(GBTrainingArguments).parse_args_into_dataclasses(
+        ...     ["--output_dir", "out", "--gb_hidden_dim", "16", "--gb_compression", "50"])
+        >>> args.to_gb_config().compression
+        50.0
+    """
+
+    gb_hidden_dim: int = _gb_field("hidden_dim", 32)
+    gb_compression: float | None = _gb_field("compression", None)
+    gb_tile_size: list[int] | None = _gb_field("tile_size", None, " On the command line: one or two ints.")
+    gb_target_modules: list[str] | None = _gb_field(
+        "target_modules", None, " On the command line: name suffixes; a single regex string from JSON/YAML."
+    )
+    gb_exclude_modules: list[str] | None = _gb_field(
+        "exclude_modules", None, " On the command line: name suffixes; a single regex string from JSON/YAML."
+    )
+    gb_encoding: str = _gb_field("encoding", "binary")
+    gb_stochastic: bool = _gb_field("stochastic", False)
+    gb_init_noise: float = _gb_field("init_noise", 0.1)
+    gb_min_compression: float = _gb_field("min_compression", 1.0)
+    gb_kernel: str = _gb_field("kernel", "auto")
+    gb_seed: int | None = _gb_field("seed", None, " Default: the Trainer's `seed`.")
+    gb_weight_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight decay of the g-net parameters (the uncompressed tensors use `weight_decay`). Default 0: "
+            "decaying g-net parameters does not shrink the predicted weights toward zero, it bends the function "
+            "the g-nets compute, and the bottleneck already regularises."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.to_gb_config()  # fail at parse time, naming the bad value
+
+    def to_gb_config(self) -> GBConfig:
+        """The `GBConfig` these arguments describe."""
+        tile = self.gb_tile_size
+        if isinstance(tile, (list, tuple)) and len(tile) == 1:
+            tile = tile[0]
+        try:
+            return GBConfig(
+                hidden_dim=self.gb_hidden_dim,
+                compression=self.gb_compression,
+                tile_size=tile,
+                target_modules=self.gb_target_modules,
+                exclude_modules=self.gb_exclude_modules,
+                encoding=self.gb_encoding,
+                stochastic=self.gb_stochastic,
+                init_noise=self.gb_init_noise,
+                min_compression=self.gb_min_compression,
+                kernel=self.gb_kernel,
+                seed=self.seed if self.gb_seed is None else self.gb_seed,
+            )
+        except ValueError as e:
+            raise ValueError(f"Invalid gb_* training argument: {e} (the argument is the same name with gb_)") from e
+
+
+class _BottleneckCallback(TrainerCallback):
+    """Keeps the model's covered weights equal to the prediction of the current g-nets."""
+
+    def __init__(self, trainer: GBTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._begin_training()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        gb = self.trainer.gb
+        gb.zero_grad(set_to_none=True)  # Trainer's model.zero_grad() never reaches the g-nets
+        self.trainer._predict_weights(train=True, completed_steps=state.global_step + 1)  # counted after this hook
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.gb.config.stochastic:
+            self.trainer._predict_weights(train=False)  # leave the noise-free mean in the model
+
+
+class GBTrainer(Trainer):
+    """`transformers.Trainer` that trains the g-nets of a genomic bottleneck instead of the model's weights.
+
+    Takes every ``Trainer`` argument plus ``gb_config`` (default: ``args.to_gb_config()`` for
+    `GBTrainingArguments`, else ``GBConfig()``) or ``gb``, a `GenomicBottleneck` already attached to ``model``
+    (e.g. from ``GenomicBottleneck.from_pretrained`` to continue training). The bottleneck is ``trainer.gb``.
+    The optimizer holds the g-net parameters and the uncompressed model parameters only; an optimizer passed in
+    ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
+    format, loadable with `hf_gb.load_compressed`. FSDP and DeepSpeed are not supported yet; DDP is (every rank
+    keeps the same g-nets and predicts the same weights).
+
+    Example::
+
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
+        >>> from hf_gb import GBConfig, GBTrainer, GBTrainingArguments
+        >>> model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32,
+        ...     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+        >>> trainer = GBTrainer(model=model, args=GBTrainingArguments("out", report_to="none", use_cpu=True),
+        ...                     gb_config=GBConfig(hidden_dim=8, tile_size=32))
+        >>> trainer.gb.stats()["covered_compression"] > 1
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args: Any,
+        gb_config: GBConfig | None = None,
+        gb: GenomicBottleneck | None = None,
+        **trainer_kwargs: Any,
+    ):
+        if args is not None:
+            _refuse_sharded(args)
+        if gb is not None:
+            if model is None:
+                model = gb.model
+            elif gb.model is not model:
+                raise ValueError("`gb` is attached to another model than `model`; pass the model `gb.model`")
+            if gb_config is not None and gb_config != gb.config:
+                raise ValueError(f"`gb_config` ({gb_config}) disagrees with `gb.config` ({gb.config}); pass one")
+            gb_config = gb.config
+        elif gb_config is None and isinstance(args, GBTrainingArguments):
+            gb_config = args.to_gb_config()
+        self.gb_config = gb_config if gb_config is not None else GBConfig()
+        self.gb: GenomicBottleneck | None = gb
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        _refuse_sharded(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        if self.accelerator.num_processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise RuntimeError(
+                f"{self.accelerator.num_processes} processes were launched but Trainer will not wrap the model in "
+                f"DistributedDataParallel (parallel_mode={self.args.parallel_mode.value}), so the ranks' g-nets would "
+                "drift apart; on a machine without GPUs pass use_cpu=True (--use_cpu) to train over gloo"
+            )
+        self._ensure_bottleneck()
+        if self.optimizer is not None:
+            self._check_optimizer(self.optimizer)
+        # First in line, so that every other callback's on_optimizer_step / on_step_end sees the new weights.
+        self.callback_handler.callbacks.insert(0, _BottleneckCallback(self))
+        logger.info("Genomic bottleneck:\n%s", self.gb.summary(per_tensor=False))
+
+    # ----------------------------------------------------------------- the bottleneck
+    def _ensure_bottleneck(self) -> GenomicBottleneck:
+        """Attach g-nets to ``self.model`` (again, when ``model_init`` replaced it) on the model's device."""
+        if self.gb is None or self.gb.model is not self.model:
+            if self.model is None:
+                raise ValueError("GBTrainer needs a model (or model_init) to attach the genomic bottleneck to")
+            self.gb = GenomicBottleneck(self.model, self.gb_config)
+        device = next((t.param.device for t in self.gb.covered), None)
+        first = next(iter(self.gb.parameters()), None)
+        if device is not None and first is not None and first.device != device:
+            self.gb.to(device)
+        return self.gb
+
+    def _predict_weights(self, train: bool, completed_steps: int | None = None) -> None:
+        """Predict the covered weights; in training with ``stochastic``, noise seeded by (seed, optimizer steps done).
+
+        The seed makes every rank draw the same noise, a resumed run draw the noise of the uninterrupted one, and
+        a re-prediction within one step (after evaluation) reproduce the prediction its gradients will be pushed to.
+        """
+        gb = self._ensure_bottleneck()
+        if not (train and gb.config.stochastic):
+            gb.predict_weights(sample=False)
+            return
+        with torch.random.fork_rng(devices=[]):
+            step = self.state.global_step if completed_steps is None else completed_steps
+            torch.manual_seed((gb.config.seed * 1_000_003 + step) % (2**63))
+            gb.predict_weights(sample=True)
+
+    def _begin_training(self) -> None:
+        gb = self._ensure_bottleneck()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.accelerator.num_processes > 1 and distributed:
+            # Replicated g-nets: start every rank from rank 0's (calibration reads the model's initial weights, which
+            # may differ between ranks); DDP has already broadcast the uncompressed parameters.
+            with torch.no_grad():
+                for tensor in [*gb.parameters(), *gb.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
+        self._predict_weights(train=True)
+        self.check_replicas()
+
+    def check_replicas(self) -> None:
+        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights (DDP).
+
+        Compares float64 checksums of the g-net tensors and of the covered weights across processes; a no-op in a
+        single process.
+        """
+        if self.accelerator.num_processes <= 1:
+            return
+        gb = self.gb
+        with torch.no_grad():
+            local = torch.stack(
+                [
+                    torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(),
+                    torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum(),
+                    torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum(),
+                ]
+            ).to(self.args.device)
+            everyone = self.accelerator.gather(local[None]).cpu()  # (world, 3)
+        if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+            raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
+
+    # ----------------------------------------------------------------- the step
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # last micro-batch: W.grad is complete (and all-reduced under DDP)
+            self.gb.push_gradients()
+        return loss
+
+    def _optimized_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _clip_grad_norm(self, model: nn.Module):
+        return self.accelerator.clip_grad_norm_(self._optimized_parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        if grad_norm is None:
+            grad_norm = self.accelerator.clip_grad_norm_(self._optimized_parameters(), float("inf"))
+        return grad_norm
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW (or ``args.optim``) over three groups: g-nets (``gb_weight_decay``, default 0), then the uncompressed
+        parameters with and without ``weight_decay`` by Trainer's rule (no decay for biases and norms)."""
+        gb = self._ensure_bottleneck()
+        if self.optimizer is not None:
+            self._check_optimizer(self.optimizer)
+            return self.optimizer
+        uncompressed = {id(p) for p in gb.uncompressed_parameters()}
+        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in uncompressed]
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = [
+            {"params": list(gb.parameters()), "weight_decay": getattr(self.args, "gb_weight_decay", 0.0)},
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        own_groups = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or own_groups:
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its optimizer from the model's own parameters, which GBTrainer "
+                "does not train; use a standard optimizer (e.g. adamw_torch) or pass `optimizers=` built over "
+                "trainer.gb.parameters() and trainer.gb.uncompressed_parameters()"
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.gb.named_parameters() if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"The optimizer does not hold {len(missing)} g-net parameters (e.g. {missing[0]!r}); build it over "
+                "[*gb.parameters(), *gb.uncompressed_parameters()]"
+            )
+        covered = {id(t.param): t.name for t in self.gb.covered}
+        trained = [covered[i] for i in held if i in covered]
+        if trained:
+            raise ValueError(f"The optimizer holds predicted weights (e.g. {trained[0]!r}); the g-nets overwrite them")
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        if not self.gb.config.stochastic:
+            return super().evaluation_loop(*args, **kwargs)  # the weights are already the current prediction
+        self._predict_weights(train=False)  # evaluate the mean, not one noise sample
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            if self.is_in_train:
+                self._predict_weights(train=True)  # same seed: the sample this step's gradients belong to
+
+    # ----------------------------------------------------------------- checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the compressed checkpoint (main process only) plus ``training_args.bin``."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        if state_dict is not None:
+            logger.warning("GBTrainer saves the g-nets and uncompressed tensors; ignoring the given state_dict")
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving compressed checkpoint to %s", output_dir)
+        processing_class = self.processing_class
+        if processing_class is None:
+            processing_class = getattr(self.data_collator, "tokenizer", None)
+        self.gb.save_pretrained(output_dir, processing_class=processing_class)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def load_compressed_state(self, checkpoint: str) -> None:
+        """Load the g-nets and uncompressed tensors of a compressed checkpoint folder into ``trainer.gb`` (and the
+        model), in place (the optimizer keeps its parameters), and predict the weights."""
+        gb = self._ensure_bottleneck()
+        info = read_config_json(os.path.join(checkpoint, CONFIG_NAME))
+        saved = GBConfig.from_dict(info["config"])
+        for f in dataclasses.fields(GBConfig):
+            if f.name in _IGNORED_ON_LOAD:
+                continue
+            ours, theirs = getattr(gb.config, f.name), getattr(saved, f.name)
+            if ours != theirs:
+                raise ValueError(
+                    f"{os.path.join(checkpoint, CONFIG_NAME)} has {f.name}={theirs!r}, but this trainer's g-nets "
+                    f"have {f.name}={ours!r}"
+                )
+        tensors = read_tensors(checkpoint)
+        _check_layout(gb, info["tensors"], checkpoint)
+        load_state(gb, tensors, checkpoint)  # predicts (noise-free); training predicts again on_train_begin
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        logger.info("Loading compressed checkpoint from %s", resume_from_checkpoint)
+        self.load_compressed_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        logger.info("Loading best model from %s (score: %s)", best, self.state.best_metric)
+        self.load_compressed_state(best)
+
+    # ----------------------------------------------------------------- hub (minimal; see hf_gb.model_card)
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write the hf_gb model card ``README.md`` into ``args.output_dir`` (main process only)."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        write_model_card(self.gb, self.args.output_dir, **{k: v for k, v in kwargs.items() if v is not None})
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Copy the compressed files of ``checkpoint_folder`` to ``output_dir``, then let Trainer upload it."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        in_progress = getattr(self, "push_in_progress", None)
+        if not self.args.hub_always_push and in_progress is not None and not in_progress.is_done():
+            return
+        for name in (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json", "README.md"):
+            source = os.path.join(checkpoint_folder, name)
+            if os.path.isfile(source):
+                shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
+
+
+def _refuse_sharded(args: TrainingArguments, fsdp: bool = False, deepspeed: bool = False) -> None:
+    """FSDP and DeepSpeed shard the weights the g-nets predict whole: not supported yet."""
+    def env(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true")
+
+    fsdp = fsdp or bool(args.fsdp) or env("ACCELERATE_USE_FSDP")
+    deepspeed = deepspeed or bool(args.deepspeed) or env("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed:
+        raise NotImplementedError(
+            "GBTrainer does not support DeepSpeed yet: ZeRO shards the weights that the g-nets predict whole. "
+            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
+        )
+    if fsdp:
+        raise NotImplementedError(
+            "GBTrainer does not support FSDP yet: FSDP shards the weights that the g-nets predict whole. "
+            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
+        )
