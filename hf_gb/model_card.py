@@ -128,17 +128,20 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
     """The card for the checkpoint files in ``directory`` as a fresh ``ModelCard`` (not yet merged or written).
 
     Keyword arguments: ``repo_id`` (used in the load snippet), ``base_model`` / ``finetuned_from``, ``datasets``,
-    ``language``, ``license``, ``tags``, ``model_name``, ``pipeline_tag``, ``metrics`` (a dict), ``trainer_state``
-    and ``training_args`` (a Trainer's, or dicts), ``load_path`` (what the snippet loads; default the repo id or the
-    folder). Unknown keys are ignored, so the keyword arguments of ``Trainer.create_model_card`` can be passed on.
+    ``language``, ``license``, ``tags``, ``model_name``, ``pipeline_tag``, ``metrics`` (a dict of results),
+    ``trainer_state`` and ``training_args`` (a Trainer's, or dicts), ``training`` (extra rows for the training setup
+    table), ``load_path`` (what the snippet loads; default the repo id or the folder). Unknown keys are ignored, so
+    the keyword arguments of ``Trainer.create_model_card`` can be passed on.
     """
     from huggingface_hub import ModelCard
 
     stats = gb.stats()
     base_model = kwargs.get("base_model") or kwargs.get("finetuned_from") or _name_or_path(gb.model)
     base_model = base_model if is_hub_model_id(base_model) else None
-    results = _results(kwargs.get("trainer_state"), kwargs.get("metrics"))
-    data = _card_data(gb, kwargs, base_model, results)
+    state = kwargs.get("trainer_state")
+    evaluated = _results(state, None)  # only the Trainer's evaluation metrics name Hub metrics in the metadata
+    results = _results(state, kwargs.get("metrics"))
+    data = _card_data(gb, kwargs, base_model, evaluated)
     files = _files(directory)
     first = gb.covered[0].param if gb.covered else next(iter(gb.model.parameters()), None)
     element = first.element_size() if first is not None else 4
@@ -168,7 +171,7 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
         total_bytes=sum(f["size"] for f in files),
         dense_dtype=dense_dtype,
         dense_bytes=(stats["covered_params"] + stats["uncompressed_params"]) * element,
-        training=_training(kwargs.get("training_args"), kwargs.get("trainer_state")),
+        training={**_training(kwargs.get("training_args"), state), **(kwargs.get("training") or {})},
         results=results,
         load_path=str(load_path).replace("\\", "/"),
         has_tokenizer=any(f["name"].startswith(("tokenizer", "vocab", "merges", "spiece")) for f in files),

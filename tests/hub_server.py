@@ -22,6 +22,9 @@ Usage::
         api = HfApi(endpoint=server.url)
         ...
         server.files("user/repo")         # {path: bytes} at the head of main, to compare with what was pushed
+
+``point_client_at(monkeypatch, server, cache_dir)`` re-points an already imported ``huggingface_hub`` at the server
+(``HF_ENDPOINT`` is read once, at import) and sets ``HF_ENDPOINT`` for subprocesses.
 """
 
 from __future__ import annotations
@@ -241,6 +244,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo_id(self, repo: _Repo) -> str:
         return next(k for k, v in self.server.owner.repos.items() if v is repo)
+
+
+def point_client_at(monkeypatch, server: HubServer, cache_dir: str) -> None:
+    """Make the ``huggingface_hub`` client of this process (and of its subprocesses) talk to ``server`` only."""
+    import huggingface_hub.constants as constants
+    import huggingface_hub.hf_api as hf_api
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", cache_dir)
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")  # never read a real token from this machine
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache_dir)
+    monkeypatch.setattr(hf_api.api, "endpoint", server.url)  # behind the module-level create_repo, upload_folder, ...
 
 
 class HubServer:

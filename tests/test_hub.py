@@ -10,7 +10,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, point_client_at  # noqa: E402
 
 import hf_gb  # noqa: E402
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -21,19 +21,9 @@ from hf_gb.model_card import load_card  # noqa: E402
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """A local Hub; the client's endpoint (``HF_ENDPOINT``, read at import) is re-pointed for this test."""
-    import huggingface_hub.constants as constants
-    import huggingface_hub.hf_api as hf_api
-
+    """A local Hub that this process's huggingface_hub client talks to for the duration of the test."""
     with HubServer() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)  # for subprocesses
-        monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")  # never read a real token from this machine
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setattr(hf_api.api, "endpoint", server.url)  # the module-level create_repo / upload_folder
+        point_client_at(monkeypatch, server, str(tmp_path / "hub-cache"))
         yield server
 
 

@@ -1,0 +1,279 @@
+"""The ``hf-gb`` command: inspect, decompress, compress (by regression) and push compressed checkpoints.
+
+Run ``hf-gb <command> --help`` for each command's options. User mistakes (a missing path, a folder that is not a
+compressed checkpoint, a corrupt file, a bad flag value) print one line to stderr and exit with status 1 (2 for bad
+usage); set ``HF_GB_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+# Files of a compressed checkpoint that `decompress` must not copy into a plain transformers folder.
+_GB_FILES = ("gb_model.safetensors", "gb_config.json", "config.json", "generation_config.json", "README.md")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------- flag types
+def _positive(kind: type, name: str, minimum: float = 0.0, inclusive: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+        ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+        if not ok:
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+# ----------------------------------------------------------------------------- helpers
+def _resolve(path_or_repo: str, args: argparse.Namespace) -> str:
+    from .checkpoint import resolve_checkpoint
+    from .hub import check_compressed_folder
+
+    directory = resolve_checkpoint(path_or_repo, revision=getattr(args, "revision", None),
+                                   token=getattr(args, "token", None), cache_dir=getattr(args, "cache_dir", None))
+    return check_compressed_folder(directory)
+
+
+def _files(directory: str) -> list[tuple[str, int]]:
+    return sorted((n, os.path.getsize(os.path.join(directory, n))) for n in os.listdir(directory)
+                  if os.path.isfile(os.path.join(directory, n)))
+
+
+def _dense_bytes(gb) -> tuple[int, str]:
+    stats = gb.stats()
+    first = gb.covered[0].param if gb.covered else next(iter(gb.model.parameters()))
+    return (stats["covered_params"] + stats["uncompressed_params"]) * first.element_size(), str(first.dtype)[6:]
+
+
+def _has_tokenizer(model: str) -> bool:
+    """Whether ``model`` (a folder; Hub ids are assumed to) has tokenizer files worth carrying along."""
+    if not os.path.isdir(model):
+        return True
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+    return any(os.path.isfile(os.path.join(model, n)) for n in names)
+
+
+def _add_hub_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", help="Hub branch, tag or commit (for a repo id)")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import bottleneck_from_pretrained
+
+    directory = _resolve(args.path, args)
+    gb = bottleneck_from_pretrained(directory)
+    files = _files(directory)
+    on_disk = sum(size for name, size in files if name != "README.md")
+    dense, dtype = _dense_bytes(gb)
+    if args.json:
+        print(json.dumps({**gb.stats(), "directory": directory, "files": dict(files), "bytes_on_disk": on_disk,
+                          "dense_bytes": dense}, indent=2))
+        return 0
+    print(f"checkpoint: {directory}  ({type(gb.model).__name__}, hidden_dim={gb.config.hidden_dim})")
+    print(gb.summary(per_tensor=True))
+    print()
+    width = max(len(n) for n, _ in files)
+    for name, size in files:
+        print(f"{name:<{width}}  {size:>14,} bytes")
+    print(f"bytes on disk: {on_disk:,} (without README.md); dense {dtype}: {dense:,} ({dense / on_disk:.2f}x larger)")
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from .checkpoint import load_compressed
+    from .hub import TRAINING_STATE_PATTERNS
+
+    directory = _resolve(args.path, args)
+    if os.path.isfile(args.out):
+        raise UserError(f"{args.out} is a file; decompress writes a folder")
+    model = load_compressed(directory)
+    if not hasattr(model, "save_pretrained"):
+        raise UserError(f"{directory} holds a {type(model).__name__}, which has no save_pretrained")
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out)
+    skip = shutil.ignore_patterns(*_GB_FILES, *TRAINING_STATE_PATTERNS)
+    ignored = skip(directory, os.listdir(directory))
+    for name in os.listdir(directory):  # tokenizer / processor files travel with the model
+        src = os.path.join(directory, name)
+        if os.path.isfile(src) and name not in ignored and not name.startswith("."):
+            shutil.copy2(src, os.path.join(args.out, name))
+    print(f"wrote a standard transformers folder ({type(model).__name__}) to {args.out}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import _model_class, save_compressed
+    from .config import GBConfig
+    from .model_card import is_hub_model_id
+    from .regression import compress_by_regression
+
+    if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
+        raise UserError(f"no model folder at {args.model}")
+    if os.path.isfile(os.path.join(args.model, "gb_model.safetensors")):
+        raise UserError(f"{args.model} is already a compressed checkpoint; run `hf-gb decompress` on it first")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.model} is not a transformers model folder: {str(e).splitlines()[0]}") from e
+    model = _model_class(model_config).from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    tokenizer = None
+    if _has_tokenizer(args.model):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("Not saving the tokenizer of %s: %s", args.model, e)
+    config = GBConfig(
+        hidden_dim=args.hidden_dim, compression=args.compression, tile_size=args.tile_size, seed=args.seed,
+        target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+    )
+    torch.manual_seed(args.seed)
+    gb, errors = compress_by_regression(model, config, steps=args.steps, lr=args.lr, progress=not args.quiet)
+    if not gb.covered:
+        raise UserError(f"nothing to compress: no tensor of {args.model} is covered at compression {args.compression}")
+    width = max(len(n) for n in errors)
+    print(f"{'tensor':<{width}}  {'shape':>12}  {'rel. error':>10}")
+    for t in gb.covered:
+        print(f"{t.name:<{width}}  {'x'.join(map(str, t.param_shape)):>12}  {errors[t.name]:>10.4f}")
+    mean = sum(errors.values()) / len(errors)
+    print(gb.summary(per_tensor=False))
+    print(f"mean relative weight error: {mean:.4f} over {len(errors)} tensors")
+    base = args.base_model or (args.model if is_hub_model_id(args.model) else None)
+    card = {"base_model": base, "metrics": {"mean_relative_weight_error": mean},
+            "training": {"method": "regression to the original weights (hf-gb compress)", "steps": args.steps,
+                         "learning_rate": args.lr}}
+    save_compressed(gb, args.out, processing_class=tokenizer, model_card_kwargs=card)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump({"relative_errors": errors, "mean_relative_error": mean, **gb.stats()}, f, indent=2)
+    print(f"wrote compressed checkpoint to {args.out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import check_compressed_folder, push_folder
+
+    folder = check_compressed_folder(args.path)
+    info = push_folder(folder, args.repo_id, commit_message=args.commit_message, private=args.private or None,
+                       token=args.token, revision=args.revision, include_training_state=args.include_training_state)
+    print(f"pushed {folder} to {args.repo_id}: {info.commit_url}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hf-gb", description="Compressed (genomic bottleneck) checkpoints: inspect, decompress, "
+                     "compress by regression, push to the Hub.")
+    from .version import __version__
+
+    parser.add_argument("--version", action="version", version=f"hf_gb {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="print the compression table of a checkpoint",
+                       description="Per covered tensor: shape, tile geometry, g-net parameters and ratio; totals; "
+                       "bytes on disk.")
+    p.add_argument("path", metavar="PATH_OR_REPO", help="compressed checkpoint folder or Hub repo id")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    _add_hub_flags(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("decompress", help="write a standard transformers folder",
+                       description="Predict the weights and save the model with save_pretrained, so that "
+                       "transformers' AutoModel.from_pretrained loads it without hf_gb.")
+    p.add_argument("path", metavar="PATH_OR_REPO", help="compressed checkpoint folder or Hub repo id")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    _add_hub_flags(p)
+    p.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("compress", help="compress an existing model by regression",
+                       description="Fit g-nets to an existing model's weights by minimising the relative squared "
+                       "error (DESIGN.md §5); prints a per-tensor relative error and writes a compressed checkpoint. "
+                       "Pretrained weights look close to random: expect large errors at high compression.")
+    p.add_argument("model", metavar="MODEL_DIR", help="transformers model folder (or Hub id)")
+    p.add_argument("out", metavar="OUT", help="output folder for the compressed checkpoint")
+    p.add_argument("--compression", type=_positive(float, "--compression", 1.0, inclusive=True), required=True,
+                   help="target ratio of covered weights to g-net parameters (>= 1)")
+    p.add_argument("--hidden-dim", type=_positive(int, "--hidden-dim"), default=32, help="g-net hidden width")
+    p.add_argument("--tile-size", type=_positive(int, "--tile-size"), help="explicit square tile (overrides ratio)")
+    p.add_argument("--steps", type=_positive(int, "--steps", 0, inclusive=True), default=500, help="Adam steps")
+    p.add_argument("--lr", type=_positive(float, "--lr"), default=1e-2, help="peak learning rate (cosine decay)")
+    p.add_argument("--target-modules", nargs="+", help="module name suffixes to cover (default: all Linear)")
+    p.add_argument("--exclude-modules", nargs="+", help="module name suffixes never to cover")
+    p.add_argument("--seed", type=int, default=0, help="seed of the g-net initialisation")
+    p.add_argument("--base-model", help="Hub id of the original model, for the model card")
+    p.add_argument("--report", help="also write the per-tensor errors and sizes as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("push", help="push a compressed checkpoint folder to the Hub",
+                       description="Upload the compressed files (not optimizer state) and the model card to "
+                       "REPO_ID, creating the repo if needed. Needs a token with write access.")
+    p.add_argument("path", metavar="PATH", help="compressed checkpoint folder")
+    p.add_argument("repo_id", metavar="REPO_ID", help="e.g. user/model-gb")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--commit-message", help="commit message")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    p.add_argument("--include-training-state", action="store_true", help="also push optimizer / scheduler state")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-gb`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="hf-gb: %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"hf-gb {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, OSError, ValueError, LookupError, ImportError) as e:
+        if os.environ.get("HF_GB_DEBUG"):
+            raise
+        print(f"hf-gb {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
