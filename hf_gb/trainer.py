@@ -346,7 +346,8 @@ class GBTrainer(Trainer):
         processing_class = self.processing_class
         if processing_class is None:
             processing_class = getattr(self.data_collator, "tokenizer", None)
-        self.gb.save_pretrained(output_dir, processing_class=processing_class)
+        card = {"trainer_state": self.state, "training_args": self.args}
+        self.gb.save_pretrained(output_dir, processing_class=processing_class, model_card_kwargs=card)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def load_compressed_state(self, checkpoint: str) -> None:
@@ -385,7 +386,8 @@ class GBTrainer(Trainer):
         from .model_card import write_model_card
 
         os.makedirs(self.args.output_dir, exist_ok=True)
-        write_model_card(self.gb, self.args.output_dir, **{k: v for k, v in kwargs.items() if v is not None})
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        write_model_card(self.gb, self.args.output_dir, trainer_state=self.state, training_args=self.args, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Copy the compressed files of ``checkpoint_folder`` to ``output_dir``, then let Trainer upload it."""
