@@ -68,7 +68,9 @@ class GNetBank(nn.Module):
         B = torch.einsum("cb,nbh->nch", self.col_codes, self.w_col)  # (n, cols, h)
         if self.w_ker is not None:
             B = (B[:, :, None, :] + self.w_ker[:, None, :, :]).reshape(n, g.cols * g.kernel, -1)
-        return A, B, self.w2 * self.scale[:, None], self.b2 * self.scale
+        # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
+        # kernels to one compilation (their guards include strides).
+        return A.contiguous(), B.contiguous(), self.w2 * self.scale[:, None], self.b2 * self.scale
 
     def forward(self, compiled: bool = False, reference: bool = False) -> torch.Tensor:
         """Differentiable prediction of all tiles, ``(n_tiles, rows, cols * K)`` (noise-free)."""
