@@ -1,0 +1,335 @@
+"""`GBPlugin`: the genomic bottleneck in a custom Accelerate training loop (one process or DDP).
+
+Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
+explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
+and registers it for ``accelerator.save_state()`` / ``load_state()``. The loop then calls two hooks per micro-batch::
+
+    plugin.before_step()      # first micro-batch of an optimizer step: g-nets -> weights (DESIGN.md §2, phase 1)
+    accelerator.backward(loss)
+    plugin.after_backward()   # sync micro-batch: accumulated (all-reduced) weight grads -> g-net grads (phase 3)
+
+Under DDP the g-nets are replicated (DESIGN.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
+and every rank pushes the same gradient, so no g-net communication is needed after `prepare`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bottleneck import GenomicBottleneck
+from .config import GBConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GBPlugin"]
+
+ENV_PREFIX = "HF_GB_"
+
+# Where the loop is within one optimizer step.
+_IDLE = "idle"  # between optimizer steps: the next before_step() predicts
+_FORWARD = "forward"  # before_step() done; this micro-batch's after_backward() is due
+_ACCUMULATING = "accumulating"  # a non-sync micro-batch finished; weights stay predicted until the sync one
+
+
+def _parse_tile_size(value: str) -> int | list[int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?", value)
+    if match is None:
+        raise ValueError("expected an int or 'rows,cols'")
+    rows, cols = match.groups()
+    return int(rows) if cols is None else [int(rows), int(cols)]
+
+
+def _parse_modules(value: str) -> str | list[str]:
+    # A comma-separated value is a list of name suffixes; anything else is a regex over the full module name.
+    return [p.strip() for p in value.split(",") if p.strip()] if "," in value else value
+
+
+def _parse_bool(value: str) -> bool:
+    from accelerate.utils import str_to_bool
+
+    return bool(str_to_bool(value))
+
+
+# How each HF_GB_<FIELD> environment variable is read.
+_ENV_PARSERS = {
+    "hidden_dim": int,
+    "compression": float,
+    "tile_size": _parse_tile_size,
+    "target_modules": _parse_modules,
+    "exclude_modules": _parse_modules,
+    "encoding": str,
+    "stochastic": _parse_bool,
+    "init_noise": float,
+    "min_compression": float,
+    "kernel": str,
+    "seed": int,
+}
+
+
+@dataclass
+class GBPlugin:
+    """Genomic bottleneck for custom Accelerate loops, configured in code or through ``HF_GB_*`` variables.
+
+    Every field left ``None`` is read from the environment variable ``HF_GB_<FIELD>`` (e.g. ``HF_GB_HIDDEN_DIM=16``,
+    ``HF_GB_TILE_SIZE=32`` or ``32,64``, ``HF_GB_TARGET_MODULES=query,value`` for name suffixes or a regex without
+    commas, ``HF_GB_STOCHASTIC=true``), then from ``gb_config``, then from `GBConfig`'s default. The resolved
+    `GBConfig` is ``plugin.gb_config``.
+
+    Args:
+        hidden_dim, compression, tile_size, target_modules, exclude_modules, encoding, stochastic, init_noise,
+        min_compression, kernel, seed: as in `GBConfig`.
+        gb_config (`GBConfig`, *optional*): base configuration for the fields that neither the call nor the
+            environment sets.
+
+    Example::
+
+        >>> import torch
+        >>> from accelerate import Accelerator
+        >>> from hf_gb import GBPlugin
+        >>> accelerator = Accelerator(cpu=True)
+        >>> plugin = GBPlugin(hidden_dim=8, tile_size=32)
+        >>> model, gb = plugin.prepare(accelerator, torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        ...                                                             torch.nn.Linear(64, 10)))
+        >>> optimizer = torch.optim.AdamW(plugin.trainable_parameters(), lr=1e-3)
+        >>> model, optimizer = accelerator.prepare(model, optimizer)
+        >>> with accelerator.accumulate(model):
+        ...     plugin.before_step()
+        ...     accelerator.backward(model(torch.randn(4, 64)).pow(2).mean())
+        ...     plugin.after_backward()
+        ...     _ = accelerator.clip_grad_norm_(plugin.trainable_parameters(), 1.0)
+        ...     optimizer.step()
+        ...     optimizer.zero_grad()
+    """
+
+    hidden_dim: int = field(default=None, metadata={"help": "Width of each g-net's hidden layer (HF_GB_HIDDEN_DIM)."})
+    compression: float = field(
+        default=None, metadata={"help": "Target covered weights / g-net parameters ratio (HF_GB_COMPRESSION)."}
+    )
+    tile_size: int | list[int] = field(
+        default=None, metadata={"help": "Tile size, an int or [rows, cols]; overrides compression (HF_GB_TILE_SIZE)."}
+    )
+    target_modules: str | list[str] = field(
+        default=None, metadata={"help": "Modules to cover: regex or list of name suffixes (HF_GB_TARGET_MODULES)."}
+    )
+    exclude_modules: str | list[str] = field(
+        default=None, metadata={"help": "Modules never to cover: regex or list of suffixes (HF_GB_EXCLUDE_MODULES)."}
+    )
+    encoding: str = field(default=None, metadata={"help": "Position code, 'binary' or 'gray' (HF_GB_ENCODING)."})
+    stochastic: bool = field(
+        default=None, metadata={"help": "Sample weights with learned per-tile noise in training (HF_GB_STOCHASTIC)."}
+    )
+    init_noise: float = field(
+        default=None, metadata={"help": "Initial noise std relative to the weight scale (HF_GB_INIT_NOISE)."}
+    )
+    min_compression: float = field(
+        default=None, metadata={"help": "Tensors compressed less than this stay uncompressed (HF_GB_MIN_COMPRESSION)."}
+    )
+    kernel: str = field(default=None, metadata={"help": "'compiled', 'eager' or 'auto' (HF_GB_KERNEL)."})
+    seed: int = field(default=None, metadata={"help": "Seed of the g-net initialisation (HF_GB_SEED)."})
+    gb_config: GBConfig = field(
+        default=None, metadata={"help": "Base GBConfig for fields set neither here nor in the environment."}
+    )
+
+    def __post_init__(self):
+        base = self.gb_config if self.gb_config is not None else GBConfig()
+        if not isinstance(base, GBConfig):
+            raise TypeError(f"gb_config must be a GBConfig, got {type(base).__name__}: {base!r}")
+        values = {}
+        for name, parse in _ENV_PARSERS.items():
+            value = getattr(self, name)
+            env = ENV_PREFIX + name.upper()
+            if value is None and os.environ.get(env, "").strip():
+                raw = os.environ[env].strip()
+                try:
+                    value = parse(raw)
+                except ValueError as e:
+                    raise ValueError(f"{env}={raw!r} is not a valid {name}: {e}") from e
+            values[name] = getattr(base, name) if value is None else value
+        try:
+            self.gb_config = GBConfig(**values)
+        except ValueError as e:
+            raise ValueError(f"GBPlugin: {e}") from e
+        for name in _ENV_PARSERS:  # show the effective values, as Accelerate's plugins do
+            setattr(self, name, getattr(self.gb_config, name))
+        self._accelerator = None
+        self._bottleneck: GenomicBottleneck | None = None
+        self._phase = _IDLE
+        self._steps = 0  # optimizer steps begun; seeds the weight noise of stochastic g-nets
+
+    # ----------------------------------------------------------------- attaching
+    @property
+    def bottleneck(self) -> GenomicBottleneck:
+        if self._bottleneck is None:
+            raise RuntimeError("GBPlugin has no bottleneck yet: call plugin.prepare(accelerator, model) first")
+        return self._bottleneck
+
+    def prepare(self, accelerator: Any, model: nn.Module) -> tuple[nn.Module, GenomicBottleneck]:
+        """Attach g-nets to ``model`` and register them with ``accelerator``; returns ``(model, bottleneck)``.
+
+        Call before ``accelerator.prepare(model, optimizer, ...)``: the model is moved to ``accelerator.device`` and
+        returned unwrapped. With several processes the g-nets (and their output scales, calibrated from each
+        rank's own random init) are broadcast from the main process, so every rank predicts the same weights.
+        """
+        if self._bottleneck is not None:
+            raise RuntimeError("this GBPlugin is already attached to a model; create one GBPlugin per model")
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world_size > 1 and accelerator.num_processes == 1:
+            # Each process would train (and save) on its own without any gradient averaging.
+            raise RuntimeError(
+                f"WORLD_SIZE={world_size} but the Accelerator runs num_processes=1; on a machine without GPUs, "
+                "`accelerate launch --multi_gpu` needs Accelerator(cpu=True) to start the gloo process group"
+            )
+        inner = accelerator.unwrap_model(model)
+        inner.to(accelerator.device)
+        gb = GenomicBottleneck(inner, self.gb_config)
+        if accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            with torch.no_grad():
+                for tensor in gb.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+        self._accelerator = accelerator
+        self._bottleneck = gb
+        self._predict_for_eval()
+        accelerator.register_for_checkpointing(_CheckpointState(self))
+        accelerator.register_save_state_pre_hook(self._save_state_pre_hook)
+        accelerator.register_load_state_pre_hook(self._load_state_pre_hook)
+        if accelerator.is_main_process:
+            logger.info("Genomic bottleneck attached:\n%s", gb.summary(per_tensor=False))
+        return model, gb
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer (and gradient clipping) must cover: g-net parameters and uncompressed parameters."""
+        gb = self.bottleneck
+        return [*gb.parameters(), *gb.uncompressed_parameters()]
+
+    # ----------------------------------------------------------------- the loop hooks
+    def before_step(self) -> None:
+        """Call at the start of every micro-batch; predicts the weights on the first micro-batch of each step.
+
+        Raises ``RuntimeError`` when called twice without `after_backward` in between, or when the g-nets still hold
+        the gradients pushed for the previous step (``optimizer.step()`` / ``optimizer.zero_grad()`` not called).
+        """
+        gb = self.bottleneck
+        if self._phase == _FORWARD:
+            raise RuntimeError(
+                "GBPlugin.before_step() called twice without after_backward() in between; call "
+                "plugin.after_backward() after accelerator.backward(loss) in every micro-batch"
+            )
+        if self._phase == _ACCUMULATING:  # a later micro-batch of the same optimizer step: weights are current
+            self._phase = _FORWARD
+            return
+        self._require_step_finished("before_step()")
+        self._steps += 1
+        if gb.config.stochastic and gb.training:
+            # The noise seed must be the same on every rank and after a resume: derive it from the step count.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(gb.config.seed * 1_000_003 + self._steps)
+                gb.predict_weights()
+        else:
+            gb.predict_weights()
+        self._phase = _FORWARD
+
+    def after_backward(self) -> None:
+        """Call after ``accelerator.backward(loss)`` in every micro-batch, before clipping.
+
+        On the sync micro-batch (``accelerator.sync_gradients``) the accumulated weight gradients, already averaged
+        across ranks by DDP, are pushed into the g-net gradients. Raises ``RuntimeError`` without a preceding
+        `before_step` for this micro-batch.
+        """
+        gb = self.bottleneck
+        if self._phase != _FORWARD:
+            raise RuntimeError(
+                "GBPlugin.after_backward() called without before_step() for this micro-batch: the weights were not "
+                "predicted, so there is no prediction to push gradients through; call plugin.before_step() at the "
+                "start of every micro-batch"
+            )
+        if self._accelerator.sync_gradients:
+            gb.push_gradients()
+            self._phase = _IDLE
+        else:
+            self._phase = _ACCUMULATING
+
+    def update_weights(self) -> None:
+        """Predict the weights from the current g-nets without sampling noise (before evaluation or export).
+
+        Call between optimizer steps, after ``optimizer.step()``: the weights the loop predicted at the start of a
+        step are those of the g-nets before that step.
+        """
+        self._require_step_finished("update_weights()")
+        self._predict_for_eval()
+
+    def _predict_for_eval(self) -> None:
+        gb = self.bottleneck
+        gb.predict_weights(sample=False)
+        gb._tables = None  # nothing to push through this prediction
+
+    def _require_step_finished(self, what: str) -> None:
+        if self._phase != _IDLE:
+            raise RuntimeError(
+                f"GBPlugin.{what} called in the middle of an optimizer step (gradient accumulation has not reached "
+                "the sync micro-batch's after_backward())"
+            )
+        pending = [n for n, p in self.bottleneck.named_parameters() if p.grad is not None and bool(p.grad.any())]
+        if pending:
+            raise RuntimeError(
+                f"GBPlugin.{what}: g-net parameters (e.g. {pending[0]}) still hold the gradients pushed for the "
+                "previous step; call optimizer.step() and optimizer.zero_grad() first, with the optimizer built over "
+                "plugin.trainable_parameters() and passed to accelerator.prepare"
+            )
+
+    # ----------------------------------------------------------------- checkpoints
+    def _save_state_pre_hook(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        if self._phase != _IDLE:
+            raise RuntimeError(
+                "accelerator.save_state() called in the middle of an optimizer step (after plugin.before_step(), "
+                "before the sync micro-batch's after_backward()); the accumulated weight gradients would be lost. "
+                "Save between optimizer steps"
+            )
+
+    def _load_state_pre_hook(self, models: list[nn.Module], input_dir: str) -> None:
+        # The model and optimizer load next, our g-nets last (_CheckpointState), which then predicts again.
+        for t in self.bottleneck.covered:
+            t.param.grad = None
+        self._phase = _IDLE
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
+        """Write the compressed checkpoint (as `GenomicBottleneck.save_pretrained`) from the main process only.
+
+        Loadable with `hf_gb.load_compressed`. All processes must call it; they wait for the write to finish.
+        """
+        accelerator = self._accelerator
+        if accelerator is None:
+            raise RuntimeError("GBPlugin.save_pretrained() needs plugin.prepare(accelerator, model) first")
+        save_directory = os.fspath(save_directory)
+        if accelerator.is_main_process:
+            self.bottleneck.save_pretrained(save_directory, **kwargs)
+        accelerator.wait_for_everyone()
+        return save_directory
+
+
+class _CheckpointState:
+    """What `accelerator.save_state` stores for the plugin: the g-nets and the step count.
+
+    Accelerate loads registered objects after the model and the optimizer, so loading here is the right moment
+    to predict the weights again from the restored g-nets (the model file holds the previous step's prediction).
+    """
+
+    def __init__(self, plugin: GBPlugin):
+        self.plugin = plugin
+
+    def state_dict(self) -> dict[str, Any]:
+        gnets = {k: v.detach().cpu().clone() for k, v in self.plugin.bottleneck.state_dict().items()}
+        return {"gnets": gnets, "steps": self.plugin._steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        plugin = self.plugin
+        plugin.bottleneck.load_state_dict(state["gnets"])
+        plugin._steps = int(state["steps"])
+        plugin._phase = _IDLE
+        plugin._predict_for_eval()
