@@ -67,8 +67,10 @@ def _eager_backward(A, B, w2, G):
     return dA, dB, dw2, G.sum((1, 2))
 
 
-def _fused_forward(A, B, w2, b2):
-    return (torch.relu(A[:, :, None, :] + B[:, None, :, :]) * w2[:, None, None, :]).sum(-1) + b2[:, None, None]
+def _fused_forward(A, Bt, w2, b2):
+    # Bt is B transposed, (n, h, C): the reduction over h is then an outer loop and the vector loop runs over
+    # contiguous j, with no horizontal sum per output (about 2x faster on CPU than reducing over a last axis h).
+    return (torch.relu(A[:, :, :, None] + Bt[:, None, :, :]) * w2[:, None, :, None]).sum(2) + b2[:, None, None]
 
 
 def _masked_rows(A, B, G):
@@ -117,7 +119,7 @@ def use_compiled(kernel: str, numel: int) -> bool:
 def fused_forward(A, B, w2, b2, compiled: bool = False) -> torch.Tensor:
     """Predicted tiles (n, R, C) from the row table A (n, R, h), column table B (n, C, h), w2 (n, h), b2 (n,)."""
     if compiled:
-        out = _run_compiled("forward", _fused_forward, A, B, w2, b2)
+        out = _run_compiled("forward", _fused_forward, A, B.transpose(1, 2).contiguous(), w2, b2)
         if out is not None:
             return out
     return _eager_forward(A, B, w2, b2)
