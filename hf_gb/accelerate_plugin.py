@@ -108,32 +108,36 @@ class GBPlugin:
         ...     optimizer.zero_grad()
     """
 
-    hidden_dim: int = field(default=None, metadata={"help": "Width of each g-net's hidden layer (HF_GB_HIDDEN_DIM)."})
-    compression: float = field(
+    hidden_dim: int | None = field(
+        default=None, metadata={"help": "Width of each g-net's hidden layer (HF_GB_HIDDEN_DIM)."}
+    )
+    compression: float | None = field(
         default=None, metadata={"help": "Target covered weights / g-net parameters ratio (HF_GB_COMPRESSION)."}
     )
-    tile_size: int | list[int] = field(
+    tile_size: int | list[int] | None = field(
         default=None, metadata={"help": "Tile size, an int or [rows, cols]; overrides compression (HF_GB_TILE_SIZE)."}
     )
-    target_modules: str | list[str] = field(
+    target_modules: str | list[str] | None = field(
         default=None, metadata={"help": "Modules to cover: regex or list of name suffixes (HF_GB_TARGET_MODULES)."}
     )
-    exclude_modules: str | list[str] = field(
+    exclude_modules: str | list[str] | None = field(
         default=None, metadata={"help": "Modules never to cover: regex or list of suffixes (HF_GB_EXCLUDE_MODULES)."}
     )
-    encoding: str = field(default=None, metadata={"help": "Position code, 'binary' or 'gray' (HF_GB_ENCODING)."})
-    stochastic: bool = field(
+    encoding: str | None = field(
+        default=None, metadata={"help": "Position code, 'binary' or 'gray' (HF_GB_ENCODING)."}
+    )
+    stochastic: bool | None = field(
         default=None, metadata={"help": "Sample weights with learned per-tile noise in training (HF_GB_STOCHASTIC)."}
     )
-    init_noise: float = field(
+    init_noise: float | None = field(
         default=None, metadata={"help": "Initial noise std relative to the weight scale (HF_GB_INIT_NOISE)."}
     )
-    min_compression: float = field(
+    min_compression: float | None = field(
         default=None, metadata={"help": "Tensors compressed less than this stay uncompressed (HF_GB_MIN_COMPRESSION)."}
     )
-    kernel: str = field(default=None, metadata={"help": "'compiled', 'eager' or 'auto' (HF_GB_KERNEL)."})
-    seed: int = field(default=None, metadata={"help": "Seed of the g-net initialisation (HF_GB_SEED)."})
-    gb_config: GBConfig = field(
+    kernel: str | None = field(default=None, metadata={"help": "'compiled', 'eager' or 'auto' (HF_GB_KERNEL)."})
+    seed: int | None = field(default=None, metadata={"help": "Seed of the g-net initialisation (HF_GB_SEED)."})
+    gb_config: GBConfig | None = field(
         default=None, metadata={"help": "Base GBConfig for fields set neither here nor in the environment."}
     )
 
@@ -224,7 +228,7 @@ class GBPlugin:
         if self._phase == _ACCUMULATING:  # a later micro-batch of the same optimizer step: weights are current
             self._phase = _FORWARD
             return
-        self._require_step_finished("before_step()")
+        self._require_step_finished("GBPlugin.before_step()")
         self._steps += 1
         if gb.config.stochastic and gb.training:
             # The noise seed must be the same on every rank and after a resume: derive it from the step count.
@@ -261,7 +265,7 @@ class GBPlugin:
         Call between optimizer steps, after ``optimizer.step()``: the weights the loop predicted at the start of a
         step are those of the g-nets before that step.
         """
-        self._require_step_finished("update_weights()")
+        self._require_step_finished("GBPlugin.update_weights()")
         self._predict_for_eval()
 
     def _predict_for_eval(self) -> None:
@@ -272,25 +276,21 @@ class GBPlugin:
     def _require_step_finished(self, what: str) -> None:
         if self._phase != _IDLE:
             raise RuntimeError(
-                f"GBPlugin.{what} called in the middle of an optimizer step (gradient accumulation has not reached "
+                f"{what} called in the middle of an optimizer step (gradient accumulation has not reached "
                 "the sync micro-batch's after_backward())"
             )
         pending = [n for n, p in self.bottleneck.named_parameters() if p.grad is not None and bool(p.grad.any())]
         if pending:
             raise RuntimeError(
-                f"GBPlugin.{what}: g-net parameters (e.g. {pending[0]}) still hold the gradients pushed for the "
+                f"{what}: g-net parameters (e.g. {pending[0]}) still hold the gradients pushed for the "
                 "previous step; call optimizer.step() and optimizer.zero_grad() first, with the optimizer built over "
                 "plugin.trainable_parameters() and passed to accelerator.prepare"
             )
 
     # ----------------------------------------------------------------- checkpoints
     def _save_state_pre_hook(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        if self._phase != _IDLE:
-            raise RuntimeError(
-                "accelerator.save_state() called in the middle of an optimizer step (after plugin.before_step(), "
-                "before the sync micro-batch's after_backward()); the accumulated weight gradients would be lost. "
-                "Save between optimizer steps"
-            )
+        # Gradients are not part of the state: saving before the step they belong to would lose them.
+        self._require_step_finished("accelerator.save_state()")
 
     def _load_state_pre_hook(self, models: list[nn.Module], input_dir: str) -> None:
         # The model and optimizer load next, our g-nets last (_CheckpointState), which then predicts again.

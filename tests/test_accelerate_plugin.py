@@ -25,7 +25,7 @@ _spec = importlib.util.spec_from_file_location("accelerate_ddp", _SCRIPT)
 loop = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(loop)  # the training loop the 2-process run uses, so both sides run the same code
 
-# Measured: the example's default run (12 epochs, 1 process) reaches 0.92 test accuracy on this machine; chance is 0.1.
+# Measured: the example's default run (12 epochs, 1 process) reaches 0.925 test accuracy here; chance is 0.1.
 EXAMPLE_MIN_ACCURACY = 0.8
 
 
@@ -261,6 +261,8 @@ def test_hooks_out_of_order_raise(tmp_path):
         plugin.before_step()
     with pytest.raises(RuntimeError, match="still hold the gradients"):
         plugin.update_weights()
+    with pytest.raises(RuntimeError, match="still hold the gradients"):  # the state would lose this step
+        accelerator.save_state(str(tmp_path / "state"))
     optimizer.step()
     optimizer.zero_grad()
     plugin.before_step()  # back in order
@@ -296,3 +298,11 @@ def test_example_default_run_reaches_its_measured_accuracy(tmp_path):
     assert abs(results["reloaded_accuracy"] - results["accuracy"]) < 1e-6  # load_compressed gives the same model
     assert results["covered_compression"] > 3
     assert os.path.isfile(tmp_path / "compressed" / "gb_model.safetensors")
+
+
+def test_example_runs_under_accelerate_launch_with_two_processes(tmp_path):
+    launch_two(os.path.join(ROOT, "examples", "train_accelerate.py"), "--epochs", "2", "--output-dir", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())  # written by the main process only
+    assert results["num_processes"] == 2
+    assert results["accuracy"] > 0.4, results  # measured 0.63 after 2 epochs (cosine schedule over 2); chance 0.1
+    assert abs(results["reloaded_accuracy"] - results["accuracy"]) < 1e-6
