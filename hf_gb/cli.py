@@ -147,7 +147,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model_config = AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError) as e:
         raise UserError(f"{args.model} is not a transformers model folder: {str(e).splitlines()[0]}") from e
-    model = _model_class(model_config).from_pretrained(args.model, torch_dtype=torch.float32).eval()
+    model = _model_class(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = None
     if _has_tokenizer(args.model):
         try:

@@ -23,17 +23,12 @@ from typing import Any
 
 from .checkpoint import WEIGHTS_NAME, PathLike, save_compressed
 from .config import CONFIG_NAME
-from .model_card import README_NAME, SECTION_END, SECTION_START
+from .model_card import README_NAME, SECTION_END, SECTION_START, TRAINING_STATE_PATTERNS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TRAINING_STATE_PATTERNS", "check_compressed_folder", "push_folder", "push_to_hub"]
 
-# Files of a Trainer checkpoint that resume training but are not part of the compressed model.
-TRAINING_STATE_PATTERNS = [
-    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin",
-    "trainer_state.json", "gb_trainer_state.json",
-]
 # Never uploaded: partial saves, nested checkpoints and logs.
 ALWAYS_IGNORED = [".tmp-*", "*/.tmp-*", "checkpoint-*", "last-checkpoint/*", "runs/*"]
 

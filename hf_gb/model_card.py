@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from importlib import resources
@@ -32,6 +33,11 @@ SECTION_START = "<!-- hf_gb:model-card:start -->"
 SECTION_END = "<!-- hf_gb:model-card:end -->"
 README_NAME = "README.md"
 TAGS = ["hf_gb", "genomic-bottleneck", "compressed"]
+# Files of a Trainer checkpoint that resume training but are not part of the compressed model.
+TRAINING_STATE_PATTERNS = [
+    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin",
+    "trainer_state.json", "gb_trainer_state.json",
+]
 # Rows of the per-tensor table before it is cut short (a card for a 100-layer model stays readable).
 MAX_TENSOR_ROWS = 64
 # Trainer metrics that describe the run, not the model.
@@ -94,14 +100,14 @@ def _training(training_args: Any, trainer_state: Any) -> dict[str, Any]:
 
 
 def _files(directory: str) -> list[dict[str, Any]]:
+    """The model's files in ``directory`` (top level; not the card, temporary files or training state)."""
     rows = []
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, directory)
-            if rel != README_NAME and not name.startswith(".tmp-"):
-                rows.append({"name": rel.replace(os.sep, "/"), "size": os.path.getsize(path)})
-    return sorted(rows, key=lambda r: r["name"])
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        skip = name == README_NAME or name.startswith((".", "_")) or not os.path.isfile(path)
+        if not skip and not any(fnmatch.fnmatch(name, p) for p in TRAINING_STATE_PATTERNS):
+            rows.append({"name": name, "size": os.path.getsize(path)})
+    return rows
 
 
 def _card_data(gb: Any, kwargs: dict[str, Any], base_model: str | None, results: dict[str, Any]):

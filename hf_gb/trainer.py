@@ -387,6 +387,8 @@ class GBTrainer(Trainer):
 
         os.makedirs(self.args.output_dir, exist_ok=True)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if getattr(self, "hub_model_id", None):
+            kwargs.setdefault("repo_id", self.hub_model_id)  # the card's load snippet names the Hub repo
         write_model_card(self.gb, self.args.output_dir, trainer_state=self.state, training_args=self.args, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -396,10 +398,11 @@ class GBTrainer(Trainer):
         in_progress = getattr(self, "push_in_progress", None)
         if not self.args.hub_always_push and in_progress is not None and not in_progress.is_done():
             return
-        for name in (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json", "README.md"):
+        for name in (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json"):
             source = os.path.join(checkpoint_folder, name)
             if os.path.isfile(source):
                 shutil.copy(source, os.path.join(self.args.output_dir, name))
+        self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
 
 

@@ -260,6 +260,12 @@ def point_client_at(monkeypatch, server: HubServer, cache_dir: str) -> None:
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", cache_dir)
     monkeypatch.setattr(hf_api.api, "endpoint", server.url)  # behind the module-level create_repo, upload_folder, ...
+    try:  # transformers keeps one HfApi (Trainer's pushes go through it): let it be rebuilt with this endpoint
+        import transformers.utils.hub as transformers_hub
+
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)
+    except ImportError:
+        pass
 
 
 class HubServer:

@@ -131,3 +131,74 @@ def test_push_folder_refuses_a_folder_that_is_not_a_checkpoint(hub, tmp_path):
     with pytest.raises(ValueError, match=WEIGHTS_NAME):
         push_folder(str(tmp_path / "plain"), "tester/plain")
     assert "tester/plain" not in hub.repos
+
+
+# ----------------------------------------------------------------------------- GBTrainer(push_to_hub=True)
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_data():
+    from datasets import Dataset
+
+    ids = torch.randint(0, 48, (16, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+USER_README = "---\nlicense: mit\n---\n# Trained by me\n\nNotes the owner keeps.\n"
+
+
+@pytest.mark.parametrize("strategy", ["end", "every_save", "checkpoint", "all_checkpoints"])
+def test_trainer_pushes_compressed_files_for_every_hub_strategy(strategy, hub, tmp_path):
+    from hf_gb import GBTrainer, GBTrainingArguments
+
+    repo = f"tester/trained-{strategy.replace('_', '-')}"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text(USER_README)
+    args = GBTrainingArguments(
+        output_dir=str(out), report_to="none", use_cpu=True, disable_tqdm=True, per_device_train_batch_size=4,
+        learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2, gb_hidden_dim=4, gb_tile_size=[16],
+        push_to_hub=True, hub_model_id=repo, hub_strategy=strategy, hub_always_push=True,
+    )
+    trainer = GBTrainer(model=tiny_llama(), args=args, train_dataset=tiny_data())
+    trainer.train()
+    trainer._finish_current_push()
+    during = hub.files(repo)
+    if strategy == "end":
+        assert during == {}  # nothing is pushed before save_model / push_to_hub
+    else:
+        assert {WEIGHTS_NAME, "gb_config.json", "config.json", "README.md"} <= set(during)
+    trainer.push_to_hub()
+
+    remote = hub.files(repo)
+    assert not any(p.endswith(("model.safetensors", "pytorch_model.bin")) and "gb_" not in p for p in remote), remote
+    assert remote[WEIGHTS_NAME] == (out / WEIGHTS_NAME).read_bytes()
+    readme = remote["README.md"].decode()
+    assert "Notes the owner keeps." in readme and f'load_compressed("{repo}")' in readme
+    assert (out / "README.md").read_text().count("Notes the owner keeps.") == 1  # updated, not overwritten
+    (tmp_path / "card.md").write_bytes(remote["README.md"])
+    card = load_card(str(tmp_path / "card.md"))
+    assert card.data.license == "mit" and "genomic-bottleneck" in card.data.tags
+
+    checkpoints = sorted({p.split("/")[0] for p in remote if "/" in p})
+    expected = {"end": [], "every_save": [], "checkpoint": ["last-checkpoint"],
+                "all_checkpoints": ["checkpoint-2", "checkpoint-4"]}[strategy]
+    assert checkpoints == expected
+    for folder in checkpoints:  # resumable: the compressed files and the optimizer state of that step
+        local = out / ("checkpoint-4" if folder == "last-checkpoint" else folder)
+        assert remote[f"{folder}/{WEIGHTS_NAME}"] == (local / WEIGHTS_NAME).read_bytes()
+        assert f"{folder}/optimizer.pt" in remote
+
+    cache = str(tmp_path / "cache")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    model = hf_gb.load_compressed(repo, cache_dir=cache)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trainer.model.eval()(ids).logits)
+    if strategy == "checkpoint":
+        resumed = hf_gb.load_compressed(repo, subfolder="last-checkpoint", cache_dir=cache)
+        with torch.no_grad():
+            torch.testing.assert_close(resumed(ids).logits, model(ids).logits)
