@@ -436,3 +436,59 @@ def test_two_process_ddp_keeps_ranks_identical_and_only_rank0_writes(tmp_path):
     assert [os.path.basename(w) for w in rank0["writes"]] == ["checkpoint-2", "checkpoint-3", "final"]
     reloaded = hf_gb.load_compressed(str(out / "final"))
     assert isinstance(reloaded, LlamaForCausalLM)
+
+
+# ----------------------------------------------------------------------------- examples/train.py
+def load_example():
+    import importlib.util
+
+    name = "hf_gb_example_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", "train.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve the module's annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_example_byte_tokenizer_is_utf8_bytes_and_split_is_by_file():
+    example = load_example()
+    tokenizer = example.build_tokenizer("byte")
+    text = 'def f(x):\n\treturn "héllo ☃"  # ok\r\n'
+    assert tokenizer(text)["input_ids"] == list(text.encode("utf-8"))
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert list(example.encode([text, "a"], tokenizer)) == [*text.encode("utf-8"), 256, ord("a"), 256]
+    files = example.stdlib_files()
+    train, validation = example.split_files(files, 0.05)
+    assert validation and not set(train) & set(validation) and len(train) + len(validation) == len(files)
+    assert example.split_files(files[::2], 0.05)[1] == [f for f in validation if f in set(files[::2])]
+
+
+@pytest.mark.parametrize("mode", ["gb", "plain"])
+def test_example_train_script_runs_end_to_end(tmp_path, mode):
+    example = load_example()
+    argv = ["--max_steps", "2", "--max_train_tokens", "8192", "--max_eval_tokens", "1024", "--hidden_size", "32",
+            "--intermediate_size", "64", "--num_layers", "1", "--num_heads", "2", "--eval_strategy", "no",
+            "--sample_tokens", "4", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "run")]
+    results = example.main(argv + (["--no_gb"] if mode == "plain" else []))
+    assert results["mode"] == mode and 0 < results["eval_loss"] < 10 and 0 <= results["accuracy"] <= 1
+    files = os.listdir(results["checkpoint"])
+    assert "tokenizer.json" in files
+    if mode == "gb":
+        assert WEIGHTS_NAME in files and "model.safetensors" not in files
+        assert results["overall_compression"] > 1
+        assert isinstance(hf_gb.load_compressed(results["checkpoint"]), LlamaForCausalLM)
+    else:
+        assert "model.safetensors" in files
+
+
+def test_example_arguments_from_yaml_keep_the_embedded_defaults(tmp_path):
+    example = load_example()
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump({"max_steps": 7, "gb_compression": 100, "no_gb": False, "block_size": 64}))
+    script_args, training_args = example.parse_args([str(path)])
+    assert training_args.max_steps == 7 and script_args.block_size == 64
+    assert training_args.to_gb_config().compression == 100.0
+    assert training_args.learning_rate == example.TRAINING_DEFAULTS["learning_rate"]
+    _, plain = example.parse_args(["--no_gb"])
+    assert plain.output_dir == example.PLAIN_OUTPUT_DIR
