@@ -19,12 +19,15 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import re
 from importlib import resources
 from typing import Any
 
 from .version import __version__
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SECTION_END", "SECTION_START", "TEMPLATE_NAME", "is_hub_model_id", "load_card", "write_model_card"]
 
@@ -187,21 +190,27 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
 
 def _merge(card, existing_path: str):
     """Put ``card``'s hf_gb section and metadata into the README at ``existing_path``; returns the merged card."""
+    import yaml
     from huggingface_hub import ModelCard
 
-    existing = ModelCard.load(existing_path)
     ours = card.text
     section = ours[ours.index(SECTION_START) : ours.index(SECTION_END) + len(SECTION_END)]
-    text = existing.text
+    try:
+        existing = ModelCard.load(existing_path)
+        text, metadata = existing.text, existing.data.to_dict()
+    except (ValueError, yaml.YAMLError) as e:  # keep the user's file as text rather than fail the save
+        logger.warning("%s has metadata hf_gb cannot parse (%s); keeping it as text", existing_path, e)
+        with open(existing_path, encoding="utf-8") as f:
+            text, metadata = "\n" + f.read(), {}
     if SECTION_START in text and SECTION_END in text:
         start, end = text.index(SECTION_START), text.index(SECTION_END) + len(SECTION_END)
         text = text[:start] + section + text[end:]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    metadata = existing.data.to_dict()
     for key, value in card.data.to_dict().items():
         if key == "tags":
-            value = list(dict.fromkeys([*(metadata.get("tags") or []), *value]))
+            theirs = metadata.get("tags") or []
+            value = list(dict.fromkeys([*([theirs] if isinstance(theirs, str) else theirs), *value]))
         if value is not None:
             metadata[key] = value
     data = type(card.data)(**metadata)

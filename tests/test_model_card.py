@@ -93,6 +93,24 @@ def test_users_readme_is_updated_not_overwritten(tmp_path):
     assert card.data.license == "mit" and card.data.tags[0] == "mine" and "genomic-bottleneck" in card.data.tags
 
 
+@pytest.mark.parametrize(
+    "readme",
+    ["# Just a title\n\nNo metadata at all.\n", "---\ntags: [unclosed\n---\n# Broken YAML\n\nStill mine.\n",
+     "---\ntags: single-tag\n---\nOne tag as a string.\n"],
+)
+def test_unusual_user_readmes_are_kept(readme, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text(readme)
+    gb = GenomicBottleneck(tiny_bert(), GBConfig(hidden_dim=4, tile_size=16))
+    text = save(gb, out)
+    assert readme.splitlines()[-1] in text and text.count(SECTION_START) == 1
+    card = load_card(str(out))
+    assert "genomic-bottleneck" in card.data.tags
+    if "single-tag" in readme:
+        assert card.data.tags[0] == "single-tag"
+
+
 def test_packaged_template_and_model_cards_copy_are_identical():
     with open(template_path(), encoding="utf-8") as f:
         packaged = f.read()
