@@ -124,6 +124,11 @@ def test_push_uploads_the_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
         code, out, _ = run(capsys, "push", folder, "tester/cli-push")
         assert code == 0 and "tester/cli-push" in out
         remote = server.files("tester/cli-push")
+        commit = server.commits("tester/cli-push")[-1]
+        code, out, _ = run(capsys, "info", "tester/cli-push", "--revision", commit, "--cache-dir", tmp_path / "c")
+        assert code == 0 and "covered compression" in out and commit in out  # the snapshot folder of that commit
+        code, _, err = run(capsys, "info", "tester/cli-push", "--revision", "v9", "--cache-dir", tmp_path / "c")
+        assert code == 1 and "no such revision" in err
     with open(os.path.join(folder, "gb_model.safetensors"), "rb") as f:
         assert remote["gb_model.safetensors"] == f.read()
     assert 'load_compressed("tester/cli-push")' in remote["README.md"].decode()
