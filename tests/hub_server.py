@@ -79,6 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # keep test output clean
         self.server.owner.requests.append(f"{self.command} {self.path}")
+        self.server.owner.authorizations.append(self.headers.get("Authorization"))
 
     # ----------------------------------------------------------------------------- plumbing
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, head: bool = False):
@@ -280,6 +281,7 @@ class HubServer:
         self.user = user
         self.repos: dict[str, _Repo] = {}
         self.requests: list[str] = []  # "METHOD /path" of every request served, oldest first
+        self.authorizations: list[str | None] = []  # the Authorization header of each of those requests
         self.lock = threading.Lock()
         self._server = self._Server(("127.0.0.1", 0), _Handler)
         self._server.timeout = 10

@@ -99,7 +99,9 @@ def test_revisions_are_honoured(hub, tmp_path):
     first.push_to_hub("tester/revs", revision="dev")  # dev now differs from main
 
     cache = str(tmp_path / "cache")
-    by_commit = hf_gb.load_compressed("tester/revs", revision=first_commit, cache_dir=cache)
+    served = len(hub.requests)
+    by_commit = hf_gb.load_compressed("tester/revs", revision=first_commit, cache_dir=cache, token="hf_reader")
+    assert set(hub.authorizations[served:]) == {"Bearer hf_reader"}  # the token reaches every download request
     torch.testing.assert_close(logits(by_commit), logits(first.model), rtol=0, atol=0)
     head = hf_gb.load_compressed("tester/revs", cache_dir=cache)
     torch.testing.assert_close(logits(head), logits(second.model), rtol=0, atol=0)
