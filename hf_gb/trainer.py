@@ -133,6 +133,10 @@ class _BottleneckCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer.gb.config.stochastic:
             self.trainer._predict_weights(train=False)  # leave the noise-free mean in the model
+        try:
+            self.trainer.check_replicas()
+        except RuntimeError as e:  # e.g. non-deterministic kernels; do not cost the user the trained model
+            logger.warning("%s; the main process's g-nets are the ones saved", e)
 
 
 class GBTrainer(Trainer):
