@@ -227,6 +227,7 @@ class GenomicBottleneck(nn.Module):
                     dst.zero_()
                 else:  # written straight into the bank's tile layout: no padded or concatenated copies
                     tile_into(dst, view3d(t.param.grad, t.layout), t.geometry)
+                    t.param.grad = None  # freed as soon as copied: G replaces the grads instead of adding to them
             A, B, w2, b2 = self._tables[key]
             with torch.no_grad():
                 dA, dB, dw2, db2 = fused_backward(A.detach(), B.detach(), w2.detach(), G, self._compiled(bank))

@@ -1,0 +1,249 @@
+"""Engine benchmark: g-net predict+push speed, and the cost of a genomic bottleneck in a real training step.
+
+Two parts, both printed as tables and written to JSON (default ``benchmarks/results/engine.json``):
+
+1. ``predict_weights() + push_gradients()`` in milliseconds per million covered weights, for hidden widths
+   16, 32 and 64, on the eager reference kernels and on the fast (``torch.compile``) path.
+2. One AdamW training step of a Llama-style causal LM built from a config (hidden 512, intermediate 1536, 4 layers,
+   8 heads, vocab 8192, untied embeddings) at batch 8 x 128, plain and with a bottleneck. Step times are measured in
+   one process, plain and GB steps interleaved after warm-up, and compared by their medians; peak RSS (VmHWM) is
+   measured for each in its own child process so neither sees the other's memory.
+
+Usage::
+
+    python benchmarks/bench_engine.py            # full run (several minutes on a 2-core CPU)
+    python benchmarks/bench_engine.py --quick    # smoke run: small sizes, few repeats
+    python benchmarks/bench_engine.py --json out.json
+
+Timings on a shared machine are noisy: compare only numbers taken side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
+
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engine.json")
+
+LLAMA = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=False, max_position_embeddings=256)
+LLAMA_QUICK = dict(LLAMA, num_hidden_layers=2, vocab_size=2048)
+
+
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+# ----------------------------------------------------------------------------- part 1: predict + push
+def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) -> list[dict]:
+    """ms per million weights of predict+push on ``layers`` bias-free ``side x side`` Linear layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(side, side, bias=False) for _ in range(layers)])
+    numel = layers * side * side
+    rows = []
+    for h in hidden_dims:
+        for kernel in ("eager", "compiled"):
+            gb = GenomicBottleneck(model, GBConfig(hidden_dim=h, kernel=kernel, tile_size=128))
+            grads = [torch.randn_like(t.param) for t in gb.covered]
+            predict, push = [], []
+            for i in range(repeats + 1):  # the first round warms up (and compiles)
+                t0 = time.perf_counter()
+                gb.predict_weights()
+                t1 = time.perf_counter()
+                for t, g in zip(gb.covered, grads):
+                    t.param.grad = g.clone()
+                t2 = time.perf_counter()
+                gb.push_gradients()
+                t3 = time.perf_counter()
+                gb.zero_grad(set_to_none=True)
+                if i:
+                    predict.append(t1 - t0)
+                    push.append(t3 - t2)
+            scale = 1e6 / numel
+            row = {"hidden_dim": h, "kernel": kernel, "numel": numel,
+                   "predict_ms_per_M": _median_ms(predict) * scale, "push_ms_per_M": _median_ms(push) * scale}
+            row["total_ms_per_M"] = row["predict_ms_per_M"] + row["push_ms_per_M"]
+            rows.append(row)
+            print(f"  h={h:<3} {kernel:<8} predict {row['predict_ms_per_M']:8.2f}  push {row['push_ms_per_M']:8.2f}"
+                  f"  total {row['total_ms_per_M']:8.2f} ms per 1M weights", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- part 2: a training step
+class _Trainer:
+    """One model, its optimizer and (optionally) its bottleneck; ``step()`` runs one full AdamW step."""
+
+    def __init__(self, use_gb: bool, llama: dict, batch: int, seq: int, seed: int = 0):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        self.model = LlamaForCausalLM(LlamaConfig(**llama))
+        self.model.train()
+        self.gb = GenomicBottleneck(self.model, GBConfig()) if use_gb else None
+        if self.gb is not None:
+            params = list(self.gb.parameters()) + self.gb.uncompressed_parameters()
+        else:
+            params = list(self.model.parameters())
+        self.trained_params = sum(p.numel() for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        gen = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(0, llama["vocab_size"], (batch, seq), generator=gen)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        if self.gb is not None:
+            self.gb.predict_weights()
+        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss.backward()
+        if self.gb is not None:
+            self.gb.push_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+def bench_step(llama: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    """Interleaved plain / GB step times in one process; medians and their ratio."""
+    plain, gb = _Trainer(False, llama, batch, seq), _Trainer(True, llama, batch, seq)
+    times = {"plain": [], "gb": []}
+    for i in range(warmup + steps):
+        # Alternate which goes first so a slow phase of the machine hits both alike.
+        order = [("plain", plain), ("gb", gb)] if i % 2 == 0 else [("gb", gb), ("plain", plain)]
+        for name, trainer in order:
+            dt = trainer.step()
+            if i >= warmup:
+                times[name].append(dt)
+    stats = gb.gb.stats()
+    result = {
+        "plain_step_ms": _median_ms(times["plain"]),
+        "gb_step_ms": _median_ms(times["gb"]),
+        "plain_steps_ms": [t * 1e3 for t in times["plain"]],
+        "gb_steps_ms": [t * 1e3 for t in times["gb"]],
+        "model_params": sum(p.numel() for p in plain.model.parameters()),
+        "covered_params": stats["covered_params"],
+        "gnet_params": stats["gnet_params"],
+        "optimizer_params_plain": plain.trained_params,
+        "optimizer_params_gb": gb.trained_params,
+    }
+    result["step_ratio"] = result["gb_step_ms"] / result["plain_step_ms"]
+    return result
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process in MB. VmHWM, unlike ru_maxrss, is not inherited from the parent over exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
+
+
+def _child(mode: str, llama: dict, batch: int, seq: int, steps: int) -> None:
+    """Run in a fresh process: build, train ``steps`` steps, report peak RSS (before and after training)."""
+    trainer = _Trainer(mode == "gb", llama, batch, seq)
+    built = _vm_hwm_mb()
+    for _ in range(steps):
+        trainer.step()
+    print(json.dumps({"built_rss_mb": built, "peak_rss_mb": _vm_hwm_mb()}))
+
+
+def bench_memory(args: argparse.Namespace, steps: int) -> dict:
+    out = {}
+    for mode in ("plain", "gb"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--_steps", str(steps)]
+        if args.quick:
+            cmd.append("--quick")
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
+    parser.add_argument("--skip-kernels", action="store_true", help="skip part 1 (predict+push)")
+    parser.add_argument("--skip-step", action="store_true", help="skip part 2 (training step and memory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--_child", choices=("plain", "gb"), help=argparse.SUPPRESS)
+    parser.add_argument("--_steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llama = LLAMA_QUICK if args.quick else LLAMA
+    batch, seq = (2, 32) if args.quick else (8, 128)
+    if args._child:
+        _child(args._child, llama, batch, seq, args._steps)
+        return
+
+    results: dict = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "load_avg_at_start": os.getloadavg()},
+        "quick": args.quick,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    if not args.skip_kernels:
+        print("predict + push, ms per million weights (median)", flush=True)
+        hidden_dims = [32] if args.quick else [16, 32, 64]
+        side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 5)
+        results["kernels"] = bench_kernels(hidden_dims, side, layers, repeats)
+    if not args.skip_step:
+        warmup, steps = (1, 2) if args.quick else (3, 7)
+        print(f"training step, Llama {llama['num_hidden_layers']} layers, batch {batch} x {seq}, AdamW "
+              f"({warmup} warm-up + {steps} interleaved steps each)", flush=True)
+        memory = bench_memory(args, steps=2 if args.quick else 4)  # first, while this process is still small
+        step = bench_step(llama, batch, seq, warmup, steps)
+        step["memory"] = memory
+        step.update(llama=llama, batch=batch, seq=seq)
+        results["step"] = step
+    results["machine"]["load_avg_at_end"] = os.getloadavg()
+
+    print()
+    if "kernels" in results:
+        print("| h | kernel | predict ms/M | push ms/M | predict+push ms/M |")
+        print("|---|---|---|---|---|")
+        for r in results["kernels"]:
+            print(f"| {r['hidden_dim']} | {r['kernel']} | {r['predict_ms_per_M']:.2f} | {r['push_ms_per_M']:.2f} | "
+                  f"{r['total_ms_per_M']:.2f} |")
+    if "step" in results:
+        s, m = results["step"], results["step"]["memory"]
+        print()
+        print("| | step ms (median) | peak RSS MB | RSS after build MB | optimizer params |")
+        print("|---|---|---|---|---|")
+        print(f"| plain | {s['plain_step_ms']:.0f} | {m['plain']['peak_rss_mb']:.0f} | "
+              f"{m['plain']['built_rss_mb']:.0f} | {s['optimizer_params_plain']:,} |")
+        print(f"| GB | {s['gb_step_ms']:.0f} | {m['gb']['peak_rss_mb']:.0f} | {m['gb']['built_rss_mb']:.0f} | "
+              f"{s['optimizer_params_gb']:,} |")
+        print(f"GB / plain step time: {s['step_ratio']:.3f}x; peak RSS GB / plain: "
+              f"{m['gb']['peak_rss_mb'] / m['plain']['peak_rss_mb']:.3f}x "
+              f"(covered {s['covered_params']:,} of {s['model_params']:,} weights by "
+              f"{s['gnet_params']:,} g-net params)")
+    print(f"load average start {results['machine']['load_avg_at_start']}, end {results['machine']['load_avg_at_end']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
