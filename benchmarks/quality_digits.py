@@ -1,0 +1,355 @@
+"""Test accuracy against covered compression on scikit-learn's bundled digits (1,797 real 8x8 images, offline).
+
+For an MLP (64-256-256-10) and a small CNN, each over several seeds:
+
+- ``plain``: trained as usual (the baseline line of the plot);
+- ``gb``: trained end to end through the genomic bottleneck at several covered compressions (the real ratio of each
+  run comes from ``gb.stats()["covered_compression"]``);
+- ``innate``: the PNAS sense, no training of the predicted network at all: g-nets are fitted by regression (MSE,
+  `hf_gb.regression.fit_to_weights`) to a plainly trained network's weights and the predicted network is evaluated;
+- ``alternating`` (MLP): the PNAS loop, ``rounds`` times: train the network plainly for a few epochs starting from
+  the current weights, fit the g-nets to them, replace the weights by the g-nets' prediction; the accuracy of that
+  last prediction is innate.
+
+    python benchmarks/quality_digits.py            # full run, writes benchmarks/results/digits.{json,png}
+    python benchmarks/quality_digits.py --quick    # a smoke run (one seed, few epochs), under 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+from common import RESULTS, machine, mean_std, pyplot, table, write_json  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
+from hf_gb.regression import covered_weights, fit_to_weights  # noqa: E402
+
+TARGETS = (10, 50, 300, 1000)
+HIDDEN_DIMS = (16, 12, 8, 6, 4, 3, 2, 1)  # g-net widths tried, widest first, when a target ratio is set
+
+
+# ----------------------------------------------------------------------------- data and models
+def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed, stratified 80/20 split of sklearn's digits; pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=0.2, random_state=0, stratify=y)
+    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
+
+
+def mlp(width: int = 256) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+class CNN(nn.Module):
+    """conv 1->16 -> conv 16->32 -> pool -> conv 32->64 -> pool -> fc 256->128 -> fc 128->10 (3x3 kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)  # 144 weights: left dense (a g-net would be about as large)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(256, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        x = torch.relu(self.conv1(x))
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)  # (B, 32, 4, 4)
+        x = torch.max_pool2d(torch.relu(self.conv3(x)), 2)  # (B, 64, 2, 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], list[str] | None]] = {
+    "mlp": (mlp, None),
+    "cnn": (CNN, ["conv1"]),
+}
+
+
+# ----------------------------------------------------------------------------- configs
+def sparse_gnet_init(gb: GenomicBottleneck, shift: float) -> None:
+    """Shift each g-net's hidden biases to N(-shift, 0.5) and re-calibrate the output scale.
+
+    With the library's default init (biases near 0, pre-activations of unit variance), ``relu(A[i] + B[j])`` is
+    half linear, so the predicted tile is dominated by an additive part f(i) + g(j): rows of a weight matrix come out
+    almost parallel (|corr| ~0.9 measured on this MLP), all hidden units respond alike, the first loss is ~7 and a
+    few Adam steps kill every ReLU. Negative biases make each hidden unit fire on a sparse set of positions.
+    """
+    if shift <= 0:
+        return
+    gen = torch.Generator().manual_seed(gb.config.seed + 1)
+    with torch.no_grad():
+        for bank in gb.banks.values():
+            bank.b1.copy_(torch.randn(bank.b1.shape, generator=gen) * 0.5 - shift)
+    gb._calibrate()
+    gb.predict_weights(sample=False)
+    gb._tables = None
+
+
+def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS) -> tuple[GBConfig, float]:
+    """The widest g-net whose covered compression lands within 25% of ``target`` (else the closest one)."""
+    build, exclude = MODELS[name]
+    best = None
+    for h in hidden_dims:
+        cfg = GBConfig(hidden_dim=h, compression=target, encoding=encoding, kernel="eager", exclude_modules=exclude)
+        ratio = GenomicBottleneck(build(), cfg).stats()["covered_compression"]
+        if 0.8 * target <= ratio <= 1.25 * target:
+            return cfg, ratio
+        score = abs(math.log(ratio / target))
+        if best is None or score < best[0]:
+            best = (score, cfg, ratio)
+    return best[1], best[2]
+
+
+# ----------------------------------------------------------------------------- training
+@torch.no_grad()
+def accuracy(model: nn.Module, gb: GenomicBottleneck | None, X: torch.Tensor, y: torch.Tensor) -> float:
+    if gb is not None:
+        gb.predict_weights(sample=False)
+        gb._tables = None
+    model.eval()
+    acc = (model(X).argmax(1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr: float, gnet_lr: float,
+          batch_size: int, seed: int) -> float:
+    """Adam with cosine decay; with ``gb``, over the g-nets (``gnet_lr``) and the uncompressed tensors (``lr``)."""
+    Xtr, ytr, Xte, yte = data
+    if gb is None:
+        groups = [{"params": list(model.parameters()), "lr": lr}]
+    else:
+        groups = [{"params": list(gb.parameters()), "lr": gnet_lr}, {"params": gb.uncompressed_parameters(), "lr": lr}]
+    optimizer = torch.optim.Adam(groups)
+    steps = epochs * math.ceil(len(Xtr) / batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(Xtr), generator=gen)
+        for i in range(0, len(Xtr), batch_size):
+            idx = perm[i : i + batch_size]
+            if gb is not None:
+                gb.predict_weights()
+            nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
+            if gb is not None:
+                gb.push_gradients()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if gb is not None:
+                gb.zero_grad(set_to_none=True)
+    return accuracy(model, gb, Xte, yte)
+
+
+def fresh(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[name][0]()
+
+
+def with_seed(cfg: GBConfig, seed: int) -> GBConfig:
+    return GBConfig.from_dict({**cfg.to_dict(), "seed": seed})
+
+
+def innate(model: nn.Module, cfg: GBConfig, shift: float, steps: int, lr: float, data,
+           gb: GenomicBottleneck | None = None) -> tuple[float, dict[str, float], GenomicBottleneck]:
+    """Fit g-nets to ``model``'s current weights and return the accuracy of the predicted network (no training)."""
+    targets = covered_weights(model)
+    if gb is None:
+        gb = GenomicBottleneck(model, cfg)  # overwrites the covered weights with its first prediction
+        sparse_gnet_init(gb, shift)
+    errors = fit_to_weights(gb, targets, steps=steps, lr=lr, progress=False)
+    return accuracy(model, gb, data[2], data[3]), errors, gb
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one seed, few epochs: a smoke run under 2 minutes")
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(MODELS))
+    p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS), help="covered compressions to aim at")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam LR of plain weights and uncompressed tensors")
+    p.add_argument("--gnet_lr", type=float, default=1e-2, help="Adam LR of the g-nets in end-to-end training")
+    p.add_argument("--encoding", default="gray", choices=["binary", "gray"])
+    p.add_argument("--gnet_bias_shift", type=float, default=2.0,
+                   help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
+    p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of each regression fit")
+    p.add_argument("--fit_lrs", nargs="+", type=float, default=[1e-2, 3e-2],
+                   help="regression LRs tried on seed 0; the lowest relative error picks the one for all seeds")
+    p.add_argument("--rounds", type=int, default=3, help="train/fit rounds of the alternating (PNAS) loop")
+    p.add_argument("--round_epochs", type=int, default=5, help="plain epochs per alternating round")
+    p.add_argument("--alt_seeds", type=int, default=3, help="seeds of the alternating loop")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(RESULTS, "digits"), help="path prefix of the .json and .png")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="merge the runs of these result files (e.g. one per --models, run in parallel) into --out")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.fit_steps, args.fit_lrs = 1, 4, 40, [1e-2]
+        args.rounds, args.round_epochs, args.alt_seeds = 2, 2, 1
+        args.targets = [10, 300]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.combine:
+        return combine(args)
+    torch.set_num_threads(args.threads)
+    data = load_data()
+    t_start = time.time()
+    seeds = list(range(args.seeds))
+    runs: list[dict[str, Any]] = []  # one row per (model, method, target, seed)
+
+    def log(row: dict[str, Any]) -> None:
+        runs.append(row)
+        print(f"[{time.time() - t_start:6.0f}s] {row['model']} {row['method']:<11} target {row['target'] or '-':>5} "
+              f"ratio {row['ratio']:7.1f}x  seed {row['seed']}  acc {row['accuracy']:.4f}", flush=True)
+
+    for name in args.models:
+        plain_states = {}
+        for seed in seeds:
+            model = fresh(name, seed)
+            acc = train(model, None, data, args.epochs, args.lr, args.gnet_lr, args.batch_size, seed)
+            plain_states[seed] = copy.deepcopy(model.state_dict())
+            log({"model": name, "method": "plain", "target": None, "ratio": 1.0, "seed": seed, "accuracy": acc})
+        for target in args.targets:
+            cfg, ratio = pick_config(name, target, args.encoding)
+            common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim}
+            for seed in seeds:
+                model = fresh(name, seed)
+                gb = GenomicBottleneck(model, with_seed(cfg, seed))
+                sparse_gnet_init(gb, args.gnet_bias_shift)
+                acc = train(model, gb, data, args.epochs, args.lr, args.gnet_lr, args.batch_size, seed)
+                log({**common, "method": "gb", "seed": seed, "accuracy": acc,
+                     "ratio": gb.stats()["covered_compression"]})
+            # innate: regression onto the plainly trained weights; seed 0 picks the fit LR by relative error
+            fit_lr, best = args.fit_lrs[0], None
+            for lr in args.fit_lrs if len(args.fit_lrs) > 1 else []:
+                model = fresh(name, 0)
+                model.load_state_dict(plain_states[0])
+                _, errors, _ = innate(model, with_seed(cfg, 0), args.gnet_bias_shift, args.fit_steps, lr, data)
+                err = sum(errors.values()) / len(errors)
+                print(f"    fit lr {lr:g}: mean relative error {err:.3f}", flush=True)
+                if best is None or err < best:
+                    fit_lr, best = lr, err
+            for seed in seeds:
+                model = fresh(name, seed)
+                model.load_state_dict(plain_states[seed])
+                acc, errors, _ = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps, fit_lr,
+                                        data)
+                log({**common, "method": "innate", "seed": seed, "accuracy": acc, "fit_lr": fit_lr,
+                     "relative_errors": errors})
+            if name != "mlp":
+                continue
+            for seed in range(args.alt_seeds):  # the PNAS train / fit / re-initialise loop
+                model, gb, history = fresh(name, seed), None, []
+                for r in range(args.rounds):
+                    train(model, None, data, args.round_epochs, args.lr, args.gnet_lr, args.batch_size, seed + 100 * r)
+                    acc, errors, gb = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps,
+                                             fit_lr, data, gb)
+                    model.zero_grad(set_to_none=True)
+                    history.append(acc)
+                log({**common, "method": "alternating", "seed": seed, "accuracy": history[-1], "fit_lr": fit_lr,
+                     "history": history, "relative_errors": errors})
+
+    payload = {
+        "benchmark": "digits",
+        "quick": args.quick,
+        "args": vars(args),
+        "machine": machine(),
+        "wall_s": round(time.time() - t_start, 1),
+        "runs": runs,
+    }
+    return finish(payload, args.out)
+
+
+def combine(args: argparse.Namespace) -> dict[str, Any]:
+    parts = []
+    for path in args.combine:
+        with open(path, encoding="utf-8") as f:
+            parts.append(json.load(f))
+    payload = {"benchmark": "digits", "quick": any(p["quick"] for p in parts), "args": parts[0]["args"],
+               "machine": parts[0]["machine"], "wall_s": max(p["wall_s"] for p in parts),
+               "parts": [{"models": p["args"]["models"], "machine": p["machine"], "wall_s": p["wall_s"]}
+                         for p in parts],
+               "runs": [r for p in parts for r in p["runs"]]}
+    payload["args"] = {**payload["args"], "models": [m for p in parts for m in p["args"]["models"]]}
+    return finish(payload, args.out)
+
+
+def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
+    summary = summarise(payload["runs"])
+    print()
+    print(table(summary, [("model", "model", ""), ("method", "method", ""), ("target", "target", "g"),
+                          ("ratio", "real ratio", ".1f"), ("hidden_dim", "h", "d"), ("n", "seeds", "d"),
+                          ("mean", "test acc", ".4f"), ("std", "+-", ".4f")]))
+    payload = {k: v for k, v in payload.items() if k != "runs"} | {"summary": summary, "runs": payload["runs"]}
+    path = write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))
+    plot(summary, out + ".png")
+    print(f"wrote {path} and {out}.png")
+    return payload
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+    out = []
+    for (name, method, target), rows in groups.items():
+        mean, std = mean_std([r["accuracy"] for r in rows])
+        out.append({"model": name, "method": method, "target": target,
+                    "ratio": mean_std([r["ratio"] for r in rows])[0], "hidden_dim": rows[0].get("hidden_dim"),
+                    "n": len(rows), "mean": mean, "std": std,
+                    "min": min(r["accuracy"] for r in rows), "max": max(r["accuracy"] for r in rows)})
+    return out
+
+
+def plot(summary: list[dict[str, Any]], path: str) -> None:
+    plt = pyplot()
+    names = sorted({s["model"] for s in summary})
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
+    styles = {"gb": ("o-", "trained through GB"), "innate": ("s--", "innate (regression)"),
+              "alternating": ("^:", "innate (PNAS alternating)")}
+    for ax, name in zip(axes[0], names):
+        rows = [s for s in summary if s["model"] == name]
+        for s in rows:
+            if s["method"] == "plain":
+                ax.axhline(s["mean"], color="k", lw=1, label=f"plain {s['mean']:.3f}")
+        for method, (style, label) in styles.items():
+            pts = sorted((s["ratio"], s["mean"], s["std"]) for s in rows if s["method"] == method)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("covered compression (weights / g-net parameters)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"digits {name.upper()}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
