@@ -246,9 +246,9 @@ class GBTrainer(Trainer):
         Compares float64 checksums of the g-net tensors and of the covered weights across processes; a no-op in a
         single process.
         """
-        if self.accelerator.num_processes <= 1:
-            return
         gb = self.gb
+        if self.accelerator.num_processes <= 1 or not gb.covered:
+            return
         with torch.no_grad():
             local = torch.stack(
                 [
