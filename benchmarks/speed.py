@@ -165,6 +165,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     for ax, label in ((ax1, "step time GB / plain"), (ax2, "peak RSS GB / plain")):
         ax.axhline(1.0, color="k", lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the default minor labels overlap on this range
         ax.set_xlabel("model parameters")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
