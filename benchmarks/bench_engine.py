@@ -77,9 +77,12 @@ def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) 
             row = {"hidden_dim": h, "kernel": kernel, "numel": numel,
                    "predict_ms_per_M": _median_ms(predict) * scale, "push_ms_per_M": _median_ms(push) * scale}
             row["total_ms_per_M"] = row["predict_ms_per_M"] + row["push_ms_per_M"]
+            # The fastest round: on a loaded machine the median mostly measures waiting for a core.
+            row["best_total_ms_per_M"] = min(a + b for a, b in zip(predict, push)) * 1e3 * scale
             rows.append(row)
             print(f"  h={h:<3} {kernel:<8} predict {row['predict_ms_per_M']:8.2f}  push {row['push_ms_per_M']:8.2f}"
-                  f"  total {row['total_ms_per_M']:8.2f} ms per 1M weights", flush=True)
+                  f"  total {row['total_ms_per_M']:8.2f}  best {row['best_total_ms_per_M']:8.2f} ms per 1M weights",
+                  flush=True)
     return rows
 
 
@@ -204,7 +207,7 @@ def main() -> None:
     if not args.skip_kernels:
         print("predict + push, ms per million weights (median)", flush=True)
         hidden_dims = [32] if args.quick else [16, 32, 64]
-        side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 5)
+        side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 7)
         results["kernels"] = bench_kernels(hidden_dims, side, layers, repeats)
     if not args.skip_step:
         warmup, steps = (1, 2) if args.quick else (3, 7)
@@ -219,11 +222,11 @@ def main() -> None:
 
     print()
     if "kernels" in results:
-        print("| h | kernel | predict ms/M | push ms/M | predict+push ms/M |")
-        print("|---|---|---|---|---|")
+        print("| h | kernel | predict ms/M | push ms/M | predict+push ms/M | best round ms/M |")
+        print("|---|---|---|---|---|---|")
         for r in results["kernels"]:
             print(f"| {r['hidden_dim']} | {r['kernel']} | {r['predict_ms_per_M']:.2f} | {r['push_ms_per_M']:.2f} | "
-                  f"{r['total_ms_per_M']:.2f} |")
+                  f"{r['total_ms_per_M']:.2f} | {r['best_total_ms_per_M']:.2f} |")
     if "step" in results:
         s, m = results["step"], results["step"]["memory"]
         print()

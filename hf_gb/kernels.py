@@ -73,14 +73,17 @@ def _fused_forward(A, Bt, w2, b2):
     return (torch.relu(A[:, :, :, None] + Bt[:, None, :, :]) * w2[:, None, :, None]).sum(2) + b2[:, None, None]
 
 
-def _masked_rows(A, B, G):
+def _masked_rows(A, B, w2, G):
     # M_A[n, i, h] = sum_j G[n, i, j] * [A[n, i, h] + B[n, j, h] > 0]: one pass over (i, j, h) reducing over j.
-    return ((A[:, :, None, :] + B[:, None, :, :] > 0) * G[..., None]).sum(2)
+    # Returns dA = M_A * w2 and the row half of dw2 (see fused_backward), fused into the same compiled call.
+    mA = ((A[:, :, None, :] + B[:, None, :, :] > 0) * G[..., None]).sum(2)
+    return mA * w2[:, None, :], (A * mA).sum(1)
 
 
-def _masked_cols(A, B, G):
+def _masked_cols(A, B, w2, G):
     # M_B[n, j, h] = sum_i G[n, i, j] * [A[n, i, h] + B[n, j, h] > 0]: the same mask, reduced over i.
-    return ((A[:, :, None, :] + B[:, None, :, :] > 0) * G[..., None]).sum(1)
+    mB = ((A[:, :, None, :] + B[:, None, :, :] > 0) * G[..., None]).sum(1)
+    return mB * w2[:, None, :], (B * mB).sum(1)
 
 
 _compiled: dict[str, Callable] = {}
@@ -130,11 +133,10 @@ def fused_backward(A, B, w2, G, compiled: bool = False):
     if compiled:
         # Only the two masked sums touch (i, j, h). dw2 needs no third pass: relu(p) = p * [p > 0] and
         # p = A[i] + B[j], so sum_ij relu(p) G = sum_i A[i] M_A[i] + sum_j B[j] M_B[j].
-        mA = _run_compiled("rows", _masked_rows, A, B, G)  # (n, R, h)
-        mB = _run_compiled("cols", _masked_cols, A, B, G) if mA is not None else None  # (n, C, h)
-        if mB is not None:
-            dw2 = (A * mA).sum(1) + (B * mB).sum(1)
-            return mA * w2[:, None, :], mB * w2[:, None, :], dw2, G.sum((1, 2))
+        rows = _run_compiled("rows", _masked_rows, A, B, w2, G)  # dA (n, R, h), sum_i A M_A (n, h)
+        cols = _run_compiled("cols", _masked_cols, A, B, w2, G) if rows is not None else None
+        if cols is not None:
+            return rows[0], cols[0], rows[1] + cols[1], G.sum((1, 2))
     return _eager_backward(A, B, w2, G)
 
 
