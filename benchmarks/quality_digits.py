@@ -334,6 +334,7 @@ def plot(summary: list[dict[str, Any]], path: str) -> None:
         for s in rows:
             if s["method"] == "plain":
                 ax.axhline(s["mean"], color="k", lw=1, label=f"plain {s['mean']:.3f}")
+        ax.axhline(0.1, color="gray", lw=1, ls=":", label="chance 0.1")
         for method, (style, label) in styles.items():
             pts = sorted((s["ratio"], s["mean"], s["std"]) for s in rows if s["method"] == method)
             if pts:
@@ -345,7 +346,7 @@ def plot(summary: list[dict[str, Any]], path: str) -> None:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"digits {name.upper()}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
