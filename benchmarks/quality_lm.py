@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, machine, pyplot, table, write_json  # noqa: E402
+from common import RESULTS, machine, pyplot, sparse_gnet_init, table, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW LR of plain weights and uncompressed tensors")
     p.add_argument("--gnet_lr", type=float, default=3e-3, help="AdamW LR of the g-nets")
+    p.add_argument("--gnet_bias_shift", type=float, default=0.0,
+                   help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--max_train_tokens", type=int, default=2_000_000)
@@ -84,6 +86,7 @@ def run(args, mode: str, compression: float | None, train, validation, vocab: in
     gb, info = None, {"covered_compression": 1.0, "overall_compression": 1.0}
     if mode == "gb":
         gb = GenomicBottleneck(model, GBConfig(hidden_dim=args.hidden_dim, compression=compression, seed=args.seed))
+        sparse_gnet_init(gb, args.gnet_bias_shift)
         s = gb.stats()
         info = {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
