@@ -117,8 +117,13 @@ def save_compressed(
             from .model_card import write_model_card
 
             write_model_card(gb, staging, target_directory=save_directory, **(model_card_kwargs or {}))
+        umask = os.umask(0)
+        os.umask(umask)
         for name in sorted(os.listdir(staging), key=lambda n: n == WEIGHTS_NAME):  # weights last
-            os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+            staged = os.path.join(staging, name)
+            if os.path.isfile(staged):  # temporary files are private; the checkpoint is not
+                os.chmod(staged, 0o666 & ~umask)
+            os.replace(staged, os.path.join(save_directory, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return save_directory
@@ -269,7 +274,7 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
     gb._tables = None
 
 
-def _build_model(directory: str, device: str | torch.device | None, torch_dtype: Any) -> nn.Module:
+def _build_model(directory: str, device: str | torch.device | None, dtype: Any) -> nn.Module:
     """The architecture named in ``config.json``, with parameters allocated once and left uninitialised."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -282,7 +287,7 @@ def _build_model(directory: str, device: str | torch.device | None, torch_dtype:
     config = AutoConfig.from_pretrained(directory)
     model_class = _model_class(config)
     with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
+        model = model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
     # Materialise meta parameters without initialising them; parameters shared by several modules stay shared.
     fresh: dict[int, nn.Parameter] = {}
     for module in model.modules():
@@ -315,16 +320,20 @@ def bottleneck_from_pretrained(
     path_or_repo: PathLike,
     model: nn.Module | None = None,
     device: str | torch.device | None = None,
-    torch_dtype: Any = None,
+    dtype: Any = None,
     **hub_kwargs: Any,
 ) -> GenomicBottleneck:
-    """Rebuild the bottleneck (and, without ``model``, the model from ``config.json``) from a checkpoint."""
+    """Rebuild the bottleneck (and, without ``model``, the model from ``config.json``) from a checkpoint.
+
+    ``torch_dtype`` is accepted as the older name of ``dtype``, as in transformers.
+    """
+    dtype = hub_kwargs.pop("torch_dtype", None) if dtype is None else dtype
     directory = resolve_checkpoint(path_or_repo, **hub_kwargs)
     info = read_config_json(os.path.join(directory, CONFIG_NAME))
     config = GBConfig.from_dict(info["config"])
     tensors = read_tensors(directory)
     if model is None:
-        model = _build_model(directory, device, torch_dtype)
+        model = _build_model(directory, device, dtype)
     gb = GenomicBottleneck(model, config)
     _check_layout(gb, info["tensors"], directory)
     load_state(gb, tensors, directory)
@@ -335,7 +344,7 @@ def load_compressed(path_or_repo: PathLike, **kwargs: Any) -> nn.Module:
     """Load a compressed checkpoint as a plain model (e.g. a transformers ``PreTrainedModel``) in eval mode.
 
     ``path_or_repo`` is a local folder or a Hub repo id; ``revision``, ``token``, ``cache_dir`` and
-    ``local_files_only`` go to ``huggingface_hub``; ``device``, ``torch_dtype`` and ``model`` (an instance
+    ``local_files_only`` go to ``huggingface_hub``; ``device``, ``dtype`` and ``model`` (an instance
     to load into instead of building one from ``config.json``) are honoured too.
 
     Example::
