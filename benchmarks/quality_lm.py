@@ -128,7 +128,8 @@ def run(args, mode: str, compression: float | None, train, validation, vocab: in
                           "train_loss": loss.item(), "val_loss": val})
             print(f"  {mode} {compression or '':>5} step {step + 1:4d}  train {loss.item():.4f}  val {val:.4f}  "
                   f"({time.time() - t0:.0f}s)", flush=True)
-    return {"mode": mode, "target": compression, **info, "val_loss": curve[-1]["val_loss"],
+    return {"mode": mode, "target": compression, **info, "gnet_lr": args.gnet_lr if gb else None,
+            "gnet_bias_shift": args.gnet_bias_shift if gb else None, "val_loss": curve[-1]["val_loss"],
             "perplexity": math.exp(curve[-1]["val_loss"]), "tokens": args.steps * args.batch_size * args.block_size,
             "wall_s": round(time.time() - t0, 1), "curve": curve}
 
@@ -161,7 +162,13 @@ def combine(args: argparse.Namespace) -> dict[str, Any]:
     for path in args.combine:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
-    runs = sorted((r for p in parts for r in p["runs"]), key=lambda r: (r["mode"] != "plain", r["target"] or 0))
+    for p in parts:  # parts written before these fields were recorded per run
+        for r in p["runs"]:
+            if r["mode"] == "gb":
+                r.setdefault("gnet_lr", p["args"]["gnet_lr"])
+                r.setdefault("gnet_bias_shift", p["args"].get("gnet_bias_shift", 0.0))
+    runs = sorted((r for p in parts for r in p["runs"]),
+                  key=lambda r: (r["mode"] != "plain", setting(r), r["target"] or 0))
     payload = {**parts[0], "wall_s": max(p["wall_s"] for p in parts), "runs": runs,
                "parts": [{"args": p["args"], "machine": p["machine"], "wall_s": p["wall_s"]} for p in parts]}
     return finish(payload, args.out)
@@ -175,7 +182,8 @@ def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
             r["loss_vs_plain"] = r["val_loss"] / plain - 1
     print()
     print(table(runs, [("mode", "mode", ""), ("target", "target", "g"), ("covered_compression", "covered x", ".1f"),
-                       ("overall_compression", "overall x", ".2f"), ("tokens", "tokens", ","),
+                       ("overall_compression", "overall x", ".2f"), ("gnet_lr", "g-net LR", "g"),
+                       ("gnet_bias_shift", "bias shift", "g"), ("tokens", "tokens", ","),
                        ("val_loss", "val loss", ".4f"), ("perplexity", "ppl", ".3f"),
                        ("loss_vs_plain", "vs plain", "+.1%"), ("wall_s", "wall s", ".0f")]))
     path = write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))
@@ -185,27 +193,40 @@ def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
     return payload
 
 
+def setting(r: dict[str, Any]) -> tuple[float, float]:
+    """(g-net LR, hidden-bias shift) of a GB run: the g-net training setting that the plot separates."""
+    return (r.get("gnet_lr") or 0.0, r.get("gnet_bias_shift") or 0.0)
+
+
+def label(key: tuple[float, float]) -> str:
+    return f"g-net LR {key[0]:g}, " + (f"sparse init (shift {key[1]:g})" if key[1] else "default init")
+
+
 def plot(runs: list[dict[str, Any]], path: str) -> None:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     plain = runs[0]
-    gbs = sorted((r for r in runs if r["mode"] == "gb"), key=lambda r: r["covered_compression"])
     ax1.axhline(plain["val_loss"], color="k", lw=1, label=f"plain {plain['val_loss']:.3f}")
     ax1.axhline(plain["val_loss"] * 1.05, color="k", lw=1, ls=":", label="plain + 5%")
-    ax1.plot([r["covered_compression"] for r in gbs], [r["val_loss"] for r in gbs], "o-", label="genomic bottleneck")
+    for key in sorted({setting(r) for r in runs if r["mode"] == "gb"}):
+        gbs = sorted((r for r in runs if r["mode"] == "gb" and setting(r) == key),
+                     key=lambda r: r["covered_compression"])
+        x, y = [r["covered_compression"] for r in gbs], [r["val_loss"] for r in gbs]
+        ax1.plot(x, y, "o-", label=f"GB, {label(key)}")
     ax1.set_xscale("log")
     ax1.set_xlabel("covered compression (weights / g-net parameters)")
     ax1.set_ylabel("validation loss (nats / byte)")
     ax1.set_title(f"stdlib causal LM, {plain['tokens']:,} training tokens each")
     for r in runs:
-        label = "plain" if r["mode"] == "plain" else f"GB {r['covered_compression']:.0f}x"
-        ax2.plot([c["tokens"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], "o-", ms=3, label=label)
+        name = "plain" if r["mode"] == "plain" else f"GB {r['covered_compression']:.0f}x, {label(setting(r))}"
+        ax2.plot([c["tokens"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], "o-", ms=3, label=name)
     ax2.set_xlabel("training tokens")
     ax2.set_ylabel("validation loss")
     ax2.set_title("validation loss during training")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=6.5, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
