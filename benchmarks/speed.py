@@ -100,9 +100,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compression", type=float, default=20.0, help="GBConfig.compression (covered target)")
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
     p.add_argument("--kernel", default="auto", choices=["auto", "compiled", "eager"])
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per child; 1 resists contention from other jobs (OpenMP spin-waits)")
     p.add_argument("--out", default=os.path.join(RESULTS, "speed"), help="path prefix of the .json and .png")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
