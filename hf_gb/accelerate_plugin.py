@@ -66,6 +66,7 @@ _ENV_PARSERS = {
     "exclude_modules": _parse_modules,
     "encoding": str,
     "stochastic": _parse_bool,
+    "center": _parse_bool,
     "init_noise": float,
     "min_compression": float,
     "kernel": str,
@@ -83,8 +84,8 @@ class GBPlugin:
     `GBConfig` is ``plugin.gb_config``.
 
     Args:
-        hidden_dim, compression, tile_size, target_modules, exclude_modules, encoding, stochastic, init_noise,
-        min_compression, kernel, seed: as in `GBConfig`.
+        hidden_dim, compression, tile_size, target_modules, exclude_modules, encoding, stochastic, center,
+        init_noise, min_compression, kernel, seed: as in `GBConfig`.
         gb_config (`GBConfig`, *optional*): base configuration for the fields that neither the call nor the
             environment sets.
 
@@ -128,6 +129,9 @@ class GBPlugin:
     )
     stochastic: bool | None = field(
         default=None, metadata={"help": "Sample weights with learned per-tile noise in training (HF_GB_STOCHASTIC)."}
+    )
+    center: bool | None = field(
+        default=None, metadata={"help": "Remove each predicted tile's row and column means (HF_GB_CENTER)."}
     )
     init_noise: float | None = field(
         default=None, metadata={"help": "Initial noise std relative to the weight scale (HF_GB_INIT_NOISE)."}

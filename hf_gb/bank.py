@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .kernels import GNetFunction, fused_forward, reference_forward
+from .kernels import GNetFunction, center_tiles, center_tiles_, fused_forward, reference_forward
 from .tiling import TileGeometry, num_bits, position_codes
 
 
@@ -35,9 +35,11 @@ class GNetBank(nn.Module):
         encoding: str = "binary",
         stochastic: bool = False,
         generator: torch.Generator | None = None,
+        center: bool = True,
     ):
         super().__init__()
         self.geometry = geometry
+        self.center = center  # double-centre each predicted tile (see kernels.center_tiles)
         self.n_tiles = n_tiles
         self.hidden_dim = hidden_dim
         g, h, n = geometry, hidden_dim, n_tiles
@@ -70,14 +72,19 @@ class GNetBank(nn.Module):
             B = (B[:, :, None, :] + self.w_ker[:, None, :, :]).reshape(n, g.cols * g.kernel, -1)
         # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
         # kernels to one compilation (their guards include strides).
-        return A.contiguous(), B.contiguous(), self.w2 * self.scale[:, None], self.b2 * self.scale
+        # Centring removes any constant, so b2 then takes no part (and gets no gradient, not even rounding noise
+        # that Adam would blow up into full-size steps).
+        b2 = torch.zeros_like(self.b2) if self.center else self.b2 * self.scale
+        return A.contiguous(), B.contiguous(), self.w2 * self.scale[:, None], b2
 
     def forward(self, compiled: bool = False, reference: bool = False) -> torch.Tensor:
         """Differentiable prediction of all tiles, ``(n_tiles, rows, cols * K)`` (noise-free)."""
         A, B, w2, b2 = self.tables()
         if reference:
-            return reference_forward(A, B, w2, b2)
-        return GNetFunction.apply(A, B, w2, b2, compiled)
+            out = reference_forward(A, B, w2, b2)
+        else:
+            out = GNetFunction.apply(A, B, w2, b2, compiled)
+        return center_tiles(out) if self.center else out
 
     @torch.no_grad()
     def calibrate(self, target_std: torch.Tensor, compiled: bool = False) -> None:
@@ -85,6 +92,8 @@ class GNetBank(nn.Module):
         self.scale.fill_(1.0)
         A, B, w2, b2 = self.tables()
         out = fused_forward(A, B, w2, b2, compiled)
+        if self.center:
+            center_tiles_(out)
         std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
         self.b2.sub_(mean)
         target = target_std.to(self.scale)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .bank import GNetBank
 from .config import GBConfig
-from .kernels import fused_backward, fused_forward, use_compiled
+from .kernels import center_tiles_, fused_backward, fused_forward, use_compiled
 from .layers import coverable, name_matches, view3d
 from .tiling import TileGeometry, choose_geometry, compression_of, grid, tile_into, untile_into
 
@@ -102,7 +102,9 @@ class GenomicBottleneck(nn.Module):
         generator = torch.Generator().manual_seed(config.seed)
         for geometry, group in by_geometry.items():
             n = sum(t.n_tiles for t in group)
-            bank = GNetBank(geometry, n, config.hidden_dim, config.encoding, config.stochastic, generator)
+            bank = GNetBank(
+                geometry, n, config.hidden_dim, config.encoding, config.stochastic, generator, center=config.center
+            )
             self.banks[geometry.key()] = bank
             self.covered.extend(group)
         order = {name: i for i, (name, *_rest) in enumerate(targets)}
@@ -200,6 +202,8 @@ class GenomicBottleneck(nn.Module):
             tables = bank.tables()  # small, keeps the autograd graph to the g-net parameters
             with torch.no_grad():
                 out = fused_forward(*(x.detach() for x in tables), compiled=self._compiled(bank))
+                if bank.center:
+                    center_tiles_(out)
                 if sample:
                     out += self._sigma(bank)[:, None, None] * self._noise(key, bank, out)
                 for t in self._tensors(key):
@@ -228,16 +232,20 @@ class GenomicBottleneck(nn.Module):
                 else:  # written straight into the bank's tile layout: no padded or concatenated copies
                     tile_into(dst, view3d(t.param.grad, t.layout), t.geometry)
                     t.param.grad = None  # freed as soon as copied: G replaces the grads instead of adding to them
+            if self._noise_seed is not None:  # the noise is added after centring: it sees the raw gradient
+                eps = self._noise(key, bank, G)
+                tensors.append(self._sigma(bank))
+                grads.append((G * eps).sum((1, 2)))
+                del eps
+            if bank.center:
+                center_tiles_(G)  # backward of the centring projection is the projection
             A, B, w2, b2 = self._tables[key]
             with torch.no_grad():
                 dA, dB, dw2, db2 = fused_backward(A.detach(), B.detach(), w2.detach(), G, self._compiled(bank))
-            tensors += [A, B, w2, b2]
-            grads += [dA, dB, dw2, db2]
-            if self._noise_seed is not None:
-                eps = self._noise(key, bank, G)
-                sigma = self._sigma(bank)
-                tensors.append(sigma)
-                grads.append((G * eps).sum((1, 2)))
+            for tensor, grad in ((A, dA), (B, dB), (w2, dw2), (b2, db2)):
+                if tensor.requires_grad:  # b2 is a constant zero for centred banks
+                    tensors.append(tensor)
+                    grads.append(grad)
         if tensors:
             torch.autograd.backward(tensors, grads)
         for t in self.covered:

@@ -63,6 +63,13 @@ class GBConfig:
         default=False,
         metadata={"help": "Sample weights around the g-net output with a learned per-tile noise scale in training."},
     )
+    center: bool = field(
+        default=True,
+        metadata={
+            "help": "Remove each predicted tile's row and column means. Without it the g-net's output has a large "
+            "additive part f(row) + g(col), so predicted matrices start nearly rank 2 and train poorly."
+        },
+    )
     init_noise: float = field(
         default=0.1, metadata={"help": "Initial noise std relative to the weight scale when `stochastic`."}
     )

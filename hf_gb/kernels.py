@@ -154,3 +154,22 @@ class GNetFunction(torch.autograd.Function):
         A, B, w2 = ctx.saved_tensors
         dA, dB, dw2, db2 = fused_backward(A, B, w2, G.contiguous(), ctx.compiled)
         return dA, dB, dw2, db2, None
+
+
+def center_tiles(x: torch.Tensor) -> torch.Tensor:
+    """Double centering of (n, R, C) tiles: every row and every column of each tile sums to zero.
+
+    ``relu(A[i] + B[j])`` is half linear, so a raw g-net output carries an additive part ``f(i) + g(j)``: rows of a
+    predicted matrix come out nearly parallel, its top singular value is large, and a network built from it starts
+    with exploding logits and dies in a few steps. Removing row and column means leaves the interaction part, which
+    looks like a random matrix. The operator is a symmetric projection, so its backward is itself.
+    """
+    x = x - x.mean(2, keepdim=True)
+    return x - x.mean(1, keepdim=True)
+
+
+def center_tiles_(x: torch.Tensor) -> torch.Tensor:
+    """In-place `center_tiles`."""
+    x.sub_(x.mean(2, keepdim=True))
+    return x.sub_(x.mean(1, keepdim=True))
+

@@ -76,6 +76,7 @@ class GBTrainingArguments(TrainingArguments):
     )
     gb_encoding: str = _gb_field("encoding", "binary")
     gb_stochastic: bool = _gb_field("stochastic", False)
+    gb_center: bool = _gb_field("center", True)
     gb_init_noise: float = _gb_field("init_noise", 0.1)
     gb_min_compression: float = _gb_field("min_compression", 1.0)
     gb_kernel: str = _gb_field("kernel", "auto")
@@ -107,6 +108,7 @@ class GBTrainingArguments(TrainingArguments):
                 exclude_modules=self.gb_exclude_modules,
                 encoding=self.gb_encoding,
                 stochastic=self.gb_stochastic,
+                center=self.gb_center,
                 init_noise=self.gb_init_noise,
                 min_compression=self.gb_min_compression,
                 kernel=self.gb_kernel,

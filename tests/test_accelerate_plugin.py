@@ -187,7 +187,16 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     plugin = loop.make_plugin()
     model, optimizer = loop.setup(accelerator, plugin, seed=100)  # rank 0's init, which prepare() broadcast
     loop.train(accelerator, plugin, model, optimizer, loop.STEPS)
-    assert_same(loop.snapshot(accelerator, plugin, model), rank0["plain"], exact=False)
+    one = loop.snapshot(accelerator, plugin, model)
+    # The model (predicted weights and uncompressed tensors) to float tolerance. The g-net tensors are compared
+    # loosely: centring puts g-net parameters of always-active hidden units in the null space of the prediction,
+    # where the float-rounding difference between a DDP average and a full batch is all their gradient is, and
+    # Adam turns that into steps of a fraction of the learning rate that change no weight.
+    assert_same({k: v for k, v in one.items() if k.startswith("model.")},
+                {k: v for k, v in rank0["plain"].items() if k.startswith("model.")}, exact=False)
+    for k, v in one.items():
+        if k.startswith("gnet."):
+            torch.testing.assert_close(v, rank0["plain"][k], rtol=0, atol=5e-3, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_world_size_without_a_process_group_is_refused(monkeypatch):

@@ -99,10 +99,11 @@ def _reference_weights(gb, sample=False):
     return weights
 
 
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["deterministic", "stochastic"])
 @pytest.mark.parametrize("accumulate", [1, 3])
-def test_push_equals_end_to_end_autograd(accumulate, stochastic):
-    model, gb = _net(stochastic=stochastic, init_noise=0.3)
+def test_push_equals_end_to_end_autograd(accumulate, stochastic, center):
+    model, gb = _net(stochastic=stochastic, init_noise=0.3, center=center)
     assert {t.name for t in gb.covered} == NET_COVERED
     gb.train()
     batches = _batches(accumulate)
@@ -126,7 +127,10 @@ def test_push_equals_end_to_end_autograd(accumulate, stochastic):
     want = torch.autograd.grad(total, gnet_params + uncompressed, allow_unused=True, materialize_grads=True)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
-    assert all(g.abs().sum() > 0 for g in got[: len(gnet_params)] if g.numel() > 1)
+    names = [n for n, _ in gb.named_parameters()]
+    for name, g in zip(names, got):  # every g-net tensor learns, but b2, which centring removes
+        inert = center and name.endswith(".b2")
+        assert (g.abs().sum() == 0) if inert else (g.abs().sum() > 0 or g.numel() == 1), name
     if stochastic:
         noisy = {t.name: t.param.detach().clone() for t in gb.covered}
         mean = _reference_weights(gb, sample=False)

@@ -20,15 +20,18 @@ def smooth_model() -> torch.nn.Module:
     return model
 
 
-def test_fit_reduces_the_relative_error_and_reports_it():
+# Centred g-nets cannot represent the targets' row and column means (part of these smooth weights), so the error
+# they can reach is bounded away from zero; uncentred ones can represent the whole target.
+@pytest.mark.parametrize("center, max_ratio", [(False, 0.5), (True, 0.75)])
+def test_fit_reduces_the_relative_error_and_reports_it(center, max_ratio):
     model = smooth_model()
     targets = covered_weights(model)
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=16, tile_size=32))
+    gb = GenomicBottleneck(model, GBConfig(hidden_dim=16, tile_size=32, center=center))
     before = relative_errors(gb, targets)
     after = fit_to_weights(gb, targets, steps=150, lr=3e-2, progress=False)
     assert set(after) == {"0.weight", "2.weight"}
     for name in after:
-        assert after[name] < 0.5 * before[name], (name, before[name], after[name])
+        assert after[name] < max_ratio * before[name], (name, before[name], after[name])
         w, t = dict(model.named_parameters())[name], targets[name]
         assert after[name] == pytest.approx(((w - t).norm() / t.norm()).item(), rel=1e-5)  # the model holds the fit
     assert all(p.grad is None for p in model.parameters())  # nothing left for the next predict to trip on
