@@ -56,7 +56,7 @@ class GNetBank(nn.Module):
         self.w_ker = randn(n, g.kernel_bits, h, std=1 / math.sqrt(fan_in)) if g.kernel_bits else None
         self.b1 = randn(n, h, std=0.1)
         self.w2 = randn(n, h, std=1 / math.sqrt(h))
-        self.b2 = nn.Parameter(torch.zeros(n))
+        self.b2 = nn.Parameter(torch.zeros(n), requires_grad=not center)  # centring removes it: frozen then
         self.log_sigma = nn.Parameter(torch.zeros(n)) if stochastic else None
         self.register_buffer("scale", torch.ones(n))  # per-tile output scale, saved with the g-nets
 
