@@ -81,6 +81,13 @@ class GBTrainingArguments(TrainingArguments):
     gb_min_compression: float = _gb_field("min_compression", 1.0)
     gb_kernel: str = _gb_field("kernel", "auto")
     gb_seed: int | None = _gb_field("seed", None, " Default: the Trainer's `seed`.")
+    gb_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the g-net parameters (default: `learning_rate`). The schedule scales it "
+            "like the other groups'. g-nets often want a larger one than the model's tensors."
+        },
+    )
     gb_weight_decay: float = field(
         default=0.0,
         metadata={
@@ -92,6 +99,10 @@ class GBTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.gb_learning_rate is not None and not self.gb_learning_rate > 0:
+            raise ValueError(
+                f"gb_learning_rate must be a positive number, got gb_learning_rate={self.gb_learning_rate}"
+            )
         self.to_gb_config()  # fail at parse time, naming the bad value
 
     def to_gb_config(self) -> GBConfig:
@@ -287,8 +298,9 @@ class GBTrainer(Trainer):
         return grad_norm
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """AdamW (or ``args.optim``) over three groups: g-nets (``gb_weight_decay``, default 0), then the uncompressed
-        parameters with and without ``weight_decay`` by Trainer's rule (no decay for biases and norms)."""
+        """AdamW (or ``args.optim``) over three groups: g-nets (``gb_weight_decay``, default 0, and
+        ``gb_learning_rate`` when set), then the uncompressed parameters with and without ``weight_decay`` by
+        Trainer's rule (no decay for biases and norms)."""
         gb = self._ensure_bottleneck()
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
@@ -301,6 +313,9 @@ class GBTrainer(Trainer):
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
+        gnet_lr = getattr(self.args, "gb_learning_rate", None)
+        if gnet_lr is not None:
+            groups[0]["lr"] = gnet_lr
         groups = [g for g in groups if g["params"]]
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs

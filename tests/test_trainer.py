@@ -494,3 +494,13 @@ def test_example_arguments_from_yaml_keep_the_embedded_defaults(tmp_path):
     assert training_args.learning_rate == example.TRAINING_DEFAULTS["learning_rate"]
     _, plain = example.parse_args(["--no_gb"])
     assert plain.output_dir == example.PLAIN_OUTPUT_DIR
+
+
+def test_gb_learning_rate_sets_the_gnet_group_and_is_validated(tmp_path):
+    trainer = GBTrainer(model=tiny_model(), args=make_args(tmp_path, gb_learning_rate=3e-2), train_dataset=tiny_data())
+    trainer.create_optimizer()
+    gnet_ids = {id(p) for p in trainer.gb.parameters()}
+    lrs = {("gnet" if id(g["params"][0]) in gnet_ids else "model"): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {"gnet": 3e-2, "model": 1e-2}
+    with pytest.raises(ValueError, match="gb_learning_rate=0"):
+        make_args(tmp_path, gb_learning_rate=0.0)
