@@ -50,6 +50,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
     "learning_rate": 3e-3,
+    "gb_learning_rate": 1e-2,  # the g-nets learn better with a larger step than the dense tensors (README)
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
     "max_grad_norm": 1.0,
