@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam LR of plain weights and uncompressed tensors")
     p.add_argument("--gnet_lr", type=float, default=1e-2, help="Adam LR of the g-nets in end-to-end training")
     p.add_argument("--encoding", default="gray", choices=["binary", "gray"])
-    p.add_argument("--gnet_bias_shift", type=float, default=2.0,
+    p.add_argument("--gnet_bias_shift", type=float, default=0.0,
                    help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of each regression fit")
     p.add_argument("--fit_lrs", nargs="+", type=float, default=[1e-2, 3e-2],
