@@ -122,3 +122,11 @@ def test_missing_and_invalid_files(tmp_path):
     (tmp_path / CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         GBConfig.from_pretrained(tmp_path)
+
+
+def test_shipped_metric_is_reachable_from_the_top_level_package():
+    import hf_gb
+
+    assert hf_gb.metrics.path("accuracy").endswith("accuracy.py")
+    with pytest.raises(ValueError, match="no metric 'nope'"):
+        hf_gb.metrics.path("nope")
