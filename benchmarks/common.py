@@ -63,6 +63,15 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str = RESULTS) -> st
     return path
 
 
+def read_parts(paths: list[str]) -> list[dict[str, Any]]:
+    """The JSON payloads of benchmark runs split over processes, for ``--combine``."""
+    parts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            parts.append(json.load(f))
+    return parts
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib

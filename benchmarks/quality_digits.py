@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, machine, mean_std, pyplot, sparse_gnet_init, table, write_json  # noqa: E402
+from common import RESULTS, machine, mean_std, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -264,10 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def combine(args: argparse.Namespace) -> dict[str, Any]:
-    parts = []
-    for path in args.combine:
-        with open(path, encoding="utf-8") as f:
-            parts.append(json.load(f))
+    parts = read_parts(args.combine)
     payload = {"benchmark": "digits", "quick": any(p["quick"] for p in parts), "args": parts[0]["args"],
                "machine": parts[0]["machine"], "wall_s": max(p["wall_s"] for p in parts),
                "parts": [{"models": p["args"]["models"], "machine": p["machine"], "wall_s": p["wall_s"]}

@@ -12,7 +12,6 @@ tokens. With the bottleneck, every Linear (attention, MLP, lm_head) is covered; 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, machine, pyplot, sparse_gnet_init, table, write_json  # noqa: E402
+from common import RESULTS, machine, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -158,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def combine(args: argparse.Namespace) -> dict[str, Any]:
-    parts = []
-    for path in args.combine:
-        with open(path, encoding="utf-8") as f:
-            parts.append(json.load(f))
+    parts = read_parts(args.combine)
     for p in parts:  # parts written before these fields were recorded per run
         for r in p["runs"]:
             if r["mode"] == "gb":
