@@ -84,11 +84,17 @@ class GenomicBottleneck(nn.Module):
         self.banks = nn.ModuleDict()
         self._tables: dict[str, tuple[torch.Tensor, ...]] | None = None
         self._noise_seed: int | None = None
+        # Sharded models (FSDP2 DTensors, see hf_gb.sharding): this rank's rows of each covered weight and, per
+        # bank, the tiles that intersect them; empty on an unsharded model.
+        self._shards: dict[str, Any] = {}
+        self._plans: dict[str, Any] = {}
+        self._shard_group: Any = None
+        self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `sharding.gathered` saves
 
         targets = self._find_targets(model)
         by_geometry: dict[TileGeometry, list[CoveredTensor]] = {}
         for name, module_type, layout, param in targets:
-            shape = tuple(view3d(param.detach(), layout).shape)
+            shape = tuple(view3d(torch.empty(param.shape, device="meta"), layout).shape)  # full shape (DTensors)
             geometry = self._geometry(shape)
             ratio = compression_of(shape, geometry, config.hidden_dim)
             if ratio < config.min_compression:
@@ -112,6 +118,12 @@ class GenomicBottleneck(nn.Module):
         device = next((t.param.device for t in self.covered), None)
         if device is not None:
             self.to(device)
+        if any(type(t.param).__name__ == "DTensor" for t in self.covered):
+            from . import sharding
+
+            self._shards = sharding.find_shards(self.covered)
+            self._shard_group = sharding.shard_group(self._shards)
+            self._plans = {key: sharding.plan_bank(self._tensors(key), self._shards) for key in self.banks}
         self._calibrate()
         self.predict_weights(sample=False)
         self._tables = None
@@ -158,8 +170,13 @@ class GenomicBottleneck(nn.Module):
         for key, bank in self.banks.items():
             target = torch.empty(bank.n_tiles)
             for t in self._tensors(key):
-                w = t.param.detach().float()
-                std = w.std().item() if w.numel() > 1 else 0.0
+                if t.name in self._shards:  # exact std of the whole weight from the shards (one all-reduce)
+                    from .sharding import exact_std
+
+                    std = exact_std(t.param, self._shards[t.name])
+                else:
+                    w = t.param.detach().float()
+                    std = w.std().item() if w.numel() > 1 else 0.0
                 if not std > 0:  # zero or constant init: fall back to the fan-in rule
                     std = 1 / math.sqrt(t.shape[1] * t.shape[2])
                 target[t.offset : t.offset + t.n_tiles] = std
@@ -178,10 +195,18 @@ class GenomicBottleneck(nn.Module):
 
     def _noise(self, key: str, bank: GNetBank, out: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=out.device).manual_seed(self._noise_seed + sum(map(ord, key)))
-        return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        # Shard-local: the same draw as one process makes, restricted to this rank's tiles (O(bank) memory).
+        g = bank.geometry
+        full = torch.randn((bank.n_tiles, g.rows, g.cols * g.kernel), generator=gen, device=out.device,
+                           dtype=out.dtype)
+        return full[plan.index.to(out.device)]
 
-    def _sigma(self, bank: GNetBank) -> torch.Tensor:
-        return self.config.init_noise * bank.scale * bank.log_sigma.exp()  # (n,)
+    def _sigma(self, bank: GNetBank, plan: Any = None) -> torch.Tensor:
+        sigma = self.config.init_noise * bank.scale * bank.log_sigma.exp()  # (n,)
+        return sigma if plan is None else sigma[plan.index.to(sigma.device)]
 
     def predict_weights(self, sample: bool | None = None) -> None:
         """Write the g-nets' prediction into the covered weights (in place) and keep what `push_gradients` needs.
@@ -200,14 +225,26 @@ class GenomicBottleneck(nn.Module):
         self._tables = {}
         for key, bank in self.banks.items():
             tables = bank.tables()  # small, keeps the autograd graph to the g-net parameters
+            plan = self._plans.get(key)
+            if plan is not None:  # sharded: only the tiles that intersect this rank's rows
+                tables = tuple(x[plan.index.to(x.device)] for x in tables)
+                if not len(plan.index):
+                    self._tables[key] = tables
+                    continue
             with torch.no_grad():
                 out = fused_forward(*(x.detach() for x in tables), compiled=self._compiled(bank))
                 if bank.center:
                     center_tiles_(out)
                 if sample:
-                    out += self._sigma(bank)[:, None, None] * self._noise(key, bank, out)
-                for t in self._tensors(key):
-                    untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
+                    out += self._sigma(bank, plan)[:, None, None] * self._noise(key, bank, out)
+                if plan is not None:
+                    from .sharding import write_bank
+
+                    write_bank(out, plan)
+                else:
+                    for t in self._tensors(key):
+                        untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles],
+                                    t.geometry)
             self._tables[key] = tables
 
     def push_gradients(self) -> None:
@@ -221,11 +258,17 @@ class GenomicBottleneck(nn.Module):
         tensors, grads = [], []
         for key, bank in self.banks.items():
             members = list(self._tensors(key))
-            if all(t.param.grad is None for t in members):
+            plan = self._plans.get(key)
+            if all(t.param.grad is None for t in members) or (plan is not None and not len(plan.index)):
                 continue
             g0 = bank.geometry
-            G = torch.empty(bank.n_tiles, g0.rows, g0.cols * g0.kernel, dtype=bank.w2.dtype, device=bank.w2.device)
-            for t in members:
+            n = bank.n_tiles if plan is None else len(plan.index)
+            G = torch.empty(n, g0.rows, g0.cols * g0.kernel, dtype=bank.w2.dtype, device=bank.w2.device)
+            if plan is not None:  # this rank's rows of each tile, zeros elsewhere; summed over ranks below
+                from .sharding import grad_bank
+
+                grad_bank(G, plan)
+            for t in members if plan is None else ():
                 dst = G[t.offset : t.offset + t.n_tiles]
                 if t.param.grad is None:  # this tensor took no part in the loss
                     dst.zero_()
@@ -234,7 +277,7 @@ class GenomicBottleneck(nn.Module):
                     t.param.grad = None  # freed as soon as copied: G replaces the grads instead of adding to them
             if self._noise_seed is not None:  # the noise is added after centring: it sees the raw gradient
                 eps = self._noise(key, bank, G)
-                tensors.append(self._sigma(bank))
+                tensors.append(self._sigma(bank, plan))
                 grads.append((G * eps).sum((1, 2)))
                 del eps
             if bank.center:
@@ -248,6 +291,10 @@ class GenomicBottleneck(nn.Module):
                     grads.append(grad)
         if tensors:
             torch.autograd.backward(tensors, grads)
+        if self._shards:  # each rank pushed its rows: the sum over ranks is the gradient of the whole weights
+            from .sharding import all_reduce_gradients
+
+            all_reduce_gradients(self.parameters(), self._shard_group)
         for t in self.covered:
             t.param.grad = None
         self._tables = None
@@ -270,7 +317,10 @@ class GenomicBottleneck(nn.Module):
     def uncompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """Model tensors (parameters and persistent buffers) that the g-nets do not predict, by model name."""
         covered = {id(t.param) for t in self.covered}
-        return {k: v for k, v in self._model.state_dict(keep_vars=True).items() if id(v) not in covered}
+        state = {k: v for k, v in self._model.state_dict(keep_vars=True).items() if id(v) not in covered}
+        if self._full_uncompressed is not None:  # gathered copies of sharded tensors, for saving
+            state = {k: self._full_uncompressed.get(k, v) for k, v in state.items()}
+        return state
 
     def stats(self) -> dict[str, Any]:
         """Sizes and compression ratios: totals and one row per covered tensor."""
