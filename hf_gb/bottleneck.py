@@ -118,12 +118,10 @@ class GenomicBottleneck(nn.Module):
         device = next((t.param.device for t in self.covered), None)
         if device is not None:
             self.to(device)
-        if any(type(t.param).__name__ == "DTensor" for t in self.covered):
-            from . import sharding
+        if any(type(t.param).__name__ == "DTensor" for t in self.covered):  # e.g. FSDP2: plan shard-local work
+            from .sharding import rebind
 
-            self._shards = sharding.find_shards(self.covered)
-            self._shard_group = sharding.shard_group(self._shards)
-            self._plans = {key: sharding.plan_bank(self._tensors(key), self._shards) for key in self.banks}
+            rebind(self, model)
         self._calibrate()
         self.predict_weights(sample=False)
         self._tables = None

@@ -24,6 +24,7 @@ from torch import nn
 
 from .bottleneck import GenomicBottleneck
 from .config import CONFIG_NAME, FORMAT_VERSION, GBConfig, read_config_json
+from .sharding import model_class
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def save_compressed(
         model_config = getattr(gb.model, "config", None)
         if model_config is not None and hasattr(model_config, "save_pretrained"):
             model_config = copy.deepcopy(model_config)
-            model_config.architectures = [type(gb.model).__name__]  # what load_compressed rebuilds
+            model_config.architectures = [model_class(gb.model).__name__]  # what load_compressed rebuilds
             model_config.save_pretrained(staging)
         generation_config = getattr(gb.model, "generation_config", None)
         if generation_config is not None and hasattr(generation_config, "save_pretrained"):

@@ -41,6 +41,17 @@ def sharded_parameters(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if is_dtensor(p)]
 
 
+def model_class(model: nn.Module) -> type:
+    """The class ``model`` was built as: ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
+
+
 @dataclass(frozen=True)
 class RowShard:
     """The rows ``[start, stop)`` of a weight's dim 0 that this rank holds, and the process group sharing them."""
@@ -344,3 +355,27 @@ def distribute_like(targets: dict[str, torch.Tensor], tensors: dict[str, torch.T
         local = value[shard.start : shard.stop].to(target.to_local().dtype).contiguous()
         tensors[prefix + name] = DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
                                                     shape=target.shape, stride=target.stride())
+
+
+# ----------------------------------------------------------------------------- after wrapping
+def rebind(gb: Any, model: nn.Module) -> bool:
+    """Point ``gb``'s covered tensors at ``model``'s parameters of the same names (after ``fully_shard`` or
+    Accelerate replaced them) and plan shard-local prediction; True when anything changed."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    changed = False
+    for t in gb.covered:
+        new = params.get(t.name)
+        if new is None:
+            names = ", ".join(sorted(params)[:5])
+            raise ValueError(f"covered weight {t.name!r} is not a parameter of the wrapped model ({names}, ...)")
+        if tuple(new.shape) != tuple(t.param_shape):
+            raise ValueError(f"covered weight {t.name!r} has shape {tuple(new.shape)} after wrapping, "
+                             f"{tuple(t.param_shape)} before")
+        changed |= new is not t.param
+        t.param = new
+    object.__setattr__(gb, "_model", model)
+    gb._shards = find_shards(gb.covered)
+    gb._shard_group = shard_group(gb._shards)
+    gb._plans = {key: plan_bank(gb._tensors(key), gb._shards) for key in gb.banks} if gb._shards else {}
+    gb._tables = None
+    return changed

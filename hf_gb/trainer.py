@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
+from . import distributed
 from .bottleneck import GenomicBottleneck
-from .checkpoint import WEIGHTS_NAME, _check_layout, load_state, read_tensors
+from .checkpoint import _MODEL_PREFIX, WEIGHTS_NAME, _check_layout, load_state, read_tensors
 from .config import CONFIG_NAME, GBConfig, read_config_json
 
 logger = logging.getLogger(__name__)
@@ -160,8 +161,9 @@ class GBTrainer(Trainer):
     (e.g. from ``GenomicBottleneck.from_pretrained`` to continue training). The bottleneck is ``trainer.gb``.
     The optimizer holds the g-net parameters and the uncompressed model parameters only; an optimizer passed in
     ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
-    format, loadable with `hf_gb.load_compressed`. FSDP and DeepSpeed are not supported yet; DDP is (every rank
-    keeps the same g-nets and predicts the same weights).
+    format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
+    weights; under FSDP2 (``fsdp_version=2``) every rank keeps the same g-nets and predicts only the tiles of its own
+    rows (`hf_gb.sharding`). FSDP1 and DeepSpeed are refused at start (`hf_gb.distributed.check_setup`).
 
     Example::
 
@@ -184,8 +186,6 @@ class GBTrainer(Trainer):
         gb: GenomicBottleneck | None = None,
         **trainer_kwargs: Any,
     ):
-        if args is not None:
-            _refuse_sharded(args)
         if gb is not None:
             if model is None:
                 model = gb.model
@@ -198,8 +198,9 @@ class GBTrainer(Trainer):
             gb_config = args.to_gb_config()
         self.gb_config = gb_config if gb_config is not None else GBConfig()
         self.gb: GenomicBottleneck | None = gb
+        self._detached_gnets: list | None = None  # g-net groups kept out of Accelerate's FSDP2 prepare
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        _refuse_sharded(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        self._run_kind = distributed.check_setup(self.accelerator, *distributed.requested(self.args), "GBTrainer")
         if self.accelerator.num_processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
             raise RuntimeError(
                 f"{self.accelerator.num_processes} processes were launched but Trainer will not wrap the model in "
@@ -209,6 +210,7 @@ class GBTrainer(Trainer):
         self._ensure_bottleneck()
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
+            self._detach_for_fsdp2()
         # First in line, so that every other callback's on_optimizer_step / on_step_end sees the new weights.
         self.callback_handler.callbacks.insert(0, _BottleneckCallback(self))
         logger.info("Genomic bottleneck:\n%s", self.gb.summary(per_tensor=False))
@@ -225,6 +227,31 @@ class GBTrainer(Trainer):
         if device is not None and first is not None and first.device != device:
             self.gb.to(device)
         return self.gb
+
+    @property
+    def _sharded(self) -> bool:
+        return self._run_kind == "fsdp2"
+
+    def _detach_for_fsdp2(self) -> None:
+        # Accelerate's FSDP2 prepare maps each optimizer parameter to a model parameter; the g-nets are none.
+        if self._sharded and self._detached_gnets is None and not self.gb._shards:
+            self._detached_gnets = distributed.detach_params(self.optimizer, self.gb.parameters())
+
+    def _after_fsdp2_prepare(self) -> None:
+        """The model is sharded now: give the g-nets back to the optimizer and bind them to the DTensors."""
+        from .sharding import rebind
+
+        if self._detached_gnets is not None:
+            distributed.reattach_params(getattr(self.optimizer, "optimizer", self.optimizer), self._detached_gnets)
+            self._detached_gnets = None
+        model = self.accelerator.unwrap_model(self.model)
+        if rebind(self.gb, model):
+            logger.info("Genomic bottleneck bound to the FSDP2 shards of %d covered weights", len(self.gb._shards))
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self._sharded:  # Trainer calls this right after accelerator.prepare(model, optimizer)
+            self._after_fsdp2_prepare()
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _predict_weights(self, train: bool, completed_steps: int | None = None) -> None:
         """Predict the covered weights; in training with ``stochastic``, noise seeded by (seed, optimizer steps done).
@@ -243,6 +270,8 @@ class GBTrainer(Trainer):
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
+        if self._sharded and not gb._shards:
+            raise RuntimeError("GBTrainer runs under FSDP2 but the covered weights are not sharded DTensors")
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.accelerator.num_processes > 1 and distributed:
             # Replicated g-nets: start every rank from rank 0's (calibration reads the model's initial weights, which
@@ -254,23 +283,25 @@ class GBTrainer(Trainer):
         self.check_replicas()
 
     def check_replicas(self) -> None:
-        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights (DDP).
+        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights.
 
-        Compares float64 checksums of the g-net tensors and of the covered weights across processes; a no-op in a
+        Compares float64 checksums of the g-net tensors (and output scales) and, under DDP, of the covered weights
+        across processes (under FSDP2 each rank holds other rows, predicted from the same g-nets); a no-op in a
         single process.
         """
         gb = self.gb
         if self.accelerator.num_processes <= 1 or not gb.covered:
             return
         with torch.no_grad():
-            local = torch.stack(
-                [
-                    torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(),
-                    torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum(),
-                    torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum(),
-                ]
-            ).to(self.args.device)
-            everyone = self.accelerator.gather(local[None]).cpu()  # (world, 3)
+            sums = [
+                torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(),
+                torch.stack([b.detach().double().sum() for b in gb.buffers()]).sum(),
+            ]
+            if not gb._shards:
+                sums.append(torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum())
+                sums.append(torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum())
+            local = torch.stack(sums).to(self.args.device)
+            everyone = self.accelerator.gather(local[None]).cpu()  # (world, checksums)
         if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
             raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
 
@@ -329,6 +360,7 @@ class GBTrainer(Trainer):
                 "trainer.gb.parameters() and trainer.gb.uncompressed_parameters()"
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        self._detach_for_fsdp2()
         return self.optimizer
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -355,8 +387,27 @@ class GBTrainer(Trainer):
                 self._predict_weights(train=True)  # same seed: the sample this step's gradients belong to
 
     # ----------------------------------------------------------------- checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the compressed checkpoint from the main process (all processes must call it under FSDP2, where
+        the uncompressed tensors are gathered; the covered weights never are)."""
+        if not self._sharded:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the compressed checkpoint (main process only) plus ``training_args.bin``."""
+        if self._sharded:
+            from .sharding import gathered
+
+            with gathered(self.gb):  # a collective: every rank enters, the main process writes
+                self._save_compressed(output_dir, state_dict)
+            self.accelerator.wait_for_everyone()
+        else:
+            self._save_compressed(output_dir, state_dict)
+
+    def _save_compressed(self, output_dir: str | None, state_dict: dict | None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -388,11 +439,35 @@ class GBTrainer(Trainer):
                 )
         tensors = read_tensors(checkpoint)
         _check_layout(gb, info["tensors"], checkpoint)
+        if gb._shards:  # each rank loads its own rows of the sharded uncompressed tensors
+            from .sharding import distribute_like
+
+            distribute_like(gb.uncompressed_state_dict(), tensors, prefix=_MODEL_PREFIX)
         load_state(gb, tensors, checkpoint)  # predicts (noise-free); training predicts again on_train_begin
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         logger.info("Loading compressed checkpoint from %s", resume_from_checkpoint)
         self.load_compressed_state(resume_from_checkpoint)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Accelerate's FSDP savers write the whole sharded model (covered weights included) and map optimizer
+        # state to model parameters, which the g-nets are not: each rank writes its own optimizer state instead.
+        distributed.save_optimizer_shard(self.optimizer, output_dir, self.args.process_index, self.args.world_size)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self._sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        distributed.load_optimizer_shard(self.optimizer, checkpoint, self.args.process_index, self.args.world_size)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(scheduler):
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        elif os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
+            raise ValueError(f"{checkpoint} holds a single-process optimizer state; resume it without FSDP")
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
@@ -425,22 +500,3 @@ class GBTrainer(Trainer):
                 shutil.copy(source, os.path.join(self.args.output_dir, name))
         self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
-
-
-def _refuse_sharded(args: TrainingArguments, fsdp: bool = False, deepspeed: bool = False) -> None:
-    """FSDP and DeepSpeed shard the weights the g-nets predict whole: not supported yet."""
-    def env(name: str) -> bool:
-        return os.environ.get(name, "false").lower() in ("1", "true")
-
-    fsdp = fsdp or bool(args.fsdp) or env("ACCELERATE_USE_FSDP")
-    deepspeed = deepspeed or bool(args.deepspeed) or env("ACCELERATE_USE_DEEPSPEED")
-    if deepspeed:
-        raise NotImplementedError(
-            "GBTrainer does not support DeepSpeed yet: ZeRO shards the weights that the g-nets predict whole. "
-            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
-        )
-    if fsdp:
-        raise NotImplementedError(
-            "GBTrainer does not support FSDP yet: FSDP shards the weights that the g-nets predict whole. "
-            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
-        )

@@ -1,0 +1,153 @@
+"""Glue between the bottleneck and distributed launchers (Trainer, Accelerate): which setups train correctly,
+the optimizer around Accelerate's FSDP2 ``prepare``, and optimizer state saved rank by rank.
+
+Supported: one process, DDP (replicated g-nets, every rank predicts every weight) and FSDP2 (``fsdp_version=2``:
+each rank predicts the tiles of its own rows, `hf_gb.sharding`). Refused at start, with the reason and what works
+instead: FSDP1 (it flattens parameters into one ``FlatParameter`` per unit) and DeepSpeed (see `check_setup`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sharding import is_dtensor
+
+logger = logging.getLogger(__name__)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def requested(args: Any) -> tuple[bool, bool]:
+    """(FSDP requested, DeepSpeed requested) by Trainer arguments or Accelerate's launcher environment."""
+    fsdp = bool(getattr(args, "fsdp", None)) or _env_true("ACCELERATE_USE_FSDP")
+    deepspeed = bool(getattr(args, "deepspeed", None)) or _env_true("ACCELERATE_USE_DEEPSPEED")
+    return fsdp, deepspeed
+
+
+def check_setup(accelerator: Any, fsdp_requested: bool, deepspeed_requested: bool, who: str) -> str:
+    """The kind of run the bottleneck sees (``"single"``, ``"ddp"`` or ``"fsdp2"``); raises for the setups that
+    would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
+    state = accelerator.state
+    ds_plugin = getattr(state, "deepspeed_plugin", None)
+    if ds_plugin is not None or deepspeed_requested:
+        stage = getattr(ds_plugin, "zero_stage", None) if ds_plugin is not None else None
+        raise NotImplementedError(
+            f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): "
+            "its engine reduces and steps only the gradients it bucketed during the loss backward, while the "
+            "g-net gradients come later from the weight gradients (push), and under ZeRO-3 the parameters are flat "
+            "partitions (ds_tensor) with no rows to predict. Train with DDP (accelerate launch --multi_gpu / "
+            "torchrun) or, for models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its "
+            "own rows."
+        )
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        version = getattr(fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise NotImplementedError(
+                f"{who} supports FSDP only as FSDP2 (fsdp_version=2, torch.distributed.fsdp.fully_shard), got "
+                f"fsdp_version={version}: FSDP1 flattens each unit's weights into one FlatParameter, so there are no "
+                "rows to predict. Set fsdp_version: 2 in the Accelerate config (or fsdp_config={'version': 2})."
+            )
+        return "fsdp2"
+    if fsdp_requested:
+        logger.warning(
+            "%s: FSDP was requested but Accelerate did not enable it (it never does on CPU-only machines); the "
+            "model is replicated as under DDP and every rank predicts every covered weight", who,
+        )
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+# ----------------------------------------------------------------------------- optimizer state, rank by rank
+def optimizer_shard_name(rank: int, world_size: int) -> str:
+    return f"optimizer.rank{rank}-of-{world_size}.safetensors"
+
+
+def save_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank: int, world_size: int) -> str:
+    """Write this rank's optimizer state (local shards of DTensor states, whole g-net states) as safetensors.
+
+    The hyperparameters go into the file's metadata as JSON: nothing in it is unpickled when loading.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import _atomic  # the one atomic-write helper of the package
+
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {key!r} of parameter {index} is a {type(value).__name__}, not a "
+                                "tensor; cannot save it rank by rank")
+            local = value.to_local() if is_dtensor(value) else value
+            tensors[f"state.{index}.{key}"] = local.detach().contiguous().cpu()
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "world_size": str(world_size)}
+    path = os.path.join(directory, optimizer_shard_name(rank, world_size))
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def load_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank: int, world_size: int) -> None:
+    """Inverse of `save_optimizer_shard` for the same world size (``ValueError`` naming the file otherwise)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    path = os.path.join(directory, optimizer_shard_name(rank, world_size))
+    if not os.path.isfile(path):
+        found = sorted(n for n in os.listdir(directory) if n.startswith("optimizer.rank"))
+        raise ValueError(f"{path} does not exist (found {found or 'no optimizer shards'}); resume with the same "
+                         f"number of processes ({world_size}) that wrote the checkpoint")
+    with safe_open(path, framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        _, index, name = key.split(".", 2)
+        index = int(index)
+        if index >= len(params):
+            raise ValueError(f"{path} holds state for parameter {index}, the optimizer has {len(params)}")
+        param = params[index]
+        if is_dtensor(param) and value.dim() > 0:
+            value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                       shape=param.shape, stride=param.stride())
+        state.setdefault(index, {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- optimizer and FSDP2 wrapping
+def detach_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[tuple[int, dict, list]]:
+    """Take ``params`` out of ``optimizer``'s groups (Accelerate's FSDP2 ``prepare`` maps every optimizer parameter to
+    a model parameter and fails on the g-nets, which are not in the model); `reattach_params` puts them back."""
+    ids = {id(p) for p in params}
+    taken = []
+    for i, group in enumerate(list(optimizer.param_groups)):
+        mine = [p for p in group["params"] if id(p) in ids]
+        if mine:
+            taken.append((i, group, mine))
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    return taken
+
+
+def reattach_params(optimizer: torch.optim.Optimizer, taken: list[tuple[int, dict, list]]) -> None:
+    """Inverse of `detach_params`, on the optimizer ``prepare`` returned (the same groups, remapped)."""
+    for i, group, mine in taken:
+        if any(g is group for g in optimizer.param_groups):
+            group["params"] = [*mine, *group["params"]]
+        else:
+            group["params"] = list(mine)
+            optimizer.param_groups.insert(i, group)
