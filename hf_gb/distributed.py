@@ -32,30 +32,47 @@ def requested(args: Any) -> tuple[bool, bool]:
     return fsdp, deepspeed
 
 
+def _refuse_deepspeed(who: str, stage: Any) -> None:
+    raise NotImplementedError(
+        f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): its "
+        "engine reduces and steps only the gradients it bucketed during the loss backward, while the g-net "
+        "gradients come later from the weight gradients (push), and under ZeRO-3 the parameters are flat "
+        "partitions (ds_tensor) with no rows to predict. Train with DDP (accelerate launch --multi_gpu / torchrun) "
+        "or, for models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows."
+    )
+
+
+def _refuse_fsdp1(who: str, version: Any) -> None:
+    raise NotImplementedError(
+        f"{who} supports FSDP only as FSDP2 (fsdp_version=2, torch.distributed.fsdp.fully_shard), got "
+        f"fsdp_version={version}: FSDP1 flattens each unit's weights into one FlatParameter, so there are no rows "
+        "to predict. Set fsdp_version: 2 in the Accelerate config (or fsdp_config={'version': 2})."
+    )
+
+
+def check_arguments(args: Any, who: str) -> None:
+    """Refuse, before anything is built, what Trainer arguments ask for and `check_setup` would refuse."""
+    fsdp, deepspeed = requested(args)
+    if deepspeed:
+        _refuse_deepspeed(who, None)
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("version", config.get("fsdp_version", 2)) if isinstance(config, dict) else 2
+    if fsdp and int(version) != 2:
+        _refuse_fsdp1(who, version)
+
+
 def check_setup(accelerator: Any, fsdp_requested: bool, deepspeed_requested: bool, who: str) -> str:
     """The kind of run the bottleneck sees (``"single"``, ``"ddp"`` or ``"fsdp2"``); raises for the setups that
     would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
     state = accelerator.state
     ds_plugin = getattr(state, "deepspeed_plugin", None)
     if ds_plugin is not None or deepspeed_requested:
-        stage = getattr(ds_plugin, "zero_stage", None) if ds_plugin is not None else None
-        raise NotImplementedError(
-            f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): "
-            "its engine reduces and steps only the gradients it bucketed during the loss backward, while the "
-            "g-net gradients come later from the weight gradients (push), and under ZeRO-3 the parameters are flat "
-            "partitions (ds_tensor) with no rows to predict. Train with DDP (accelerate launch --multi_gpu / "
-            "torchrun) or, for models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its "
-            "own rows."
-        )
+        _refuse_deepspeed(who, getattr(ds_plugin, "zero_stage", None))
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
     if fsdp_plugin is not None:
         version = getattr(fsdp_plugin, "fsdp_version", 1)
         if version != 2:
-            raise NotImplementedError(
-                f"{who} supports FSDP only as FSDP2 (fsdp_version=2, torch.distributed.fsdp.fully_shard), got "
-                f"fsdp_version={version}: FSDP1 flattens each unit's weights into one FlatParameter, so there are no "
-                "rows to predict. Set fsdp_version: 2 in the Accelerate config (or fsdp_config={'version': 2})."
-            )
+            _refuse_fsdp1(who, version)
         return "fsdp2"
     if fsdp_requested:
         logger.warning(
@@ -129,25 +146,32 @@ def load_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank:
 
 
 # ----------------------------------------------------------------------------- optimizer and FSDP2 wrapping
-def detach_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[tuple[int, dict, list]]:
+def detach_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[tuple[int, bool, list]]:
     """Take ``params`` out of ``optimizer``'s groups (Accelerate's FSDP2 ``prepare`` maps every optimizer parameter to
-    a model parameter and fails on the g-nets, which are not in the model); `reattach_params` puts them back."""
+    a model parameter and fails on the g-nets, which are not in the model); `reattach_params` puts them back.
+
+    Returns, per group that held some: (its index, whether the group is still there, the parameters taken).
+    """
     ids = {id(p) for p in params}
-    taken = []
-    for i, group in enumerate(list(optimizer.param_groups)):
+    taken, kept = [], []
+    for i, group in enumerate(optimizer.param_groups):
         mine = [p for p in group["params"] if id(p) in ids]
+        rest = [p for p in group["params"] if id(p) not in ids]
         if mine:
-            taken.append((i, group, mine))
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
-    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            group["params"] = rest
+            taken.append((i, bool(rest), mine, {k: v for k, v in group.items() if k != "params"}))
+        if rest:
+            kept.append(group)
+    optimizer.param_groups[:] = kept
     return taken
 
 
-def reattach_params(optimizer: torch.optim.Optimizer, taken: list[tuple[int, dict, list]]) -> None:
-    """Inverse of `detach_params`, on the optimizer ``prepare`` returned (the same groups, remapped)."""
-    for i, group, mine in taken:
-        if any(g is group for g in optimizer.param_groups):
+def reattach_params(optimizer: torch.optim.Optimizer, taken: list) -> None:
+    """Inverse of `detach_params`, on the optimizer ``prepare`` returned (the same groups in the same order;
+    Accelerate may have rebuilt the group dicts, so groups are matched by position)."""
+    for i, still_there, mine, options in taken:
+        if still_there:
+            group = optimizer.param_groups[i]
             group["params"] = [*mine, *group["params"]]
         else:
-            group["params"] = list(mine)
-            optimizer.param_groups.insert(i, group)
+            optimizer.param_groups.insert(i, {**options, "params": list(mine)})

@@ -186,6 +186,8 @@ class GBTrainer(Trainer):
         gb: GenomicBottleneck | None = None,
         **trainer_kwargs: Any,
     ):
+        if args is not None:
+            distributed.check_arguments(args, "GBTrainer")
         if gb is not None:
             if model is None:
                 model = gb.model

@@ -136,3 +136,29 @@ def test_trainer_under_fsdp2_trains_saves_and_resumes_exactly(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(5))).logits
     torch.testing.assert_close(logits, torch.tensor(run[0]["logits"]), rtol=1e-5, atol=1e-5)
+
+
+def test_plugin_under_fsdp2_matches_one_process(tmp_path):
+    """GBPlugin in a custom loop with Accelerate's FSDP2 forced on CPU (see tests/scripts/force_fsdp.py), gradient
+    accumulation 3, prepared with `GBPlugin.accelerator_prepare`: after every optimizer step the g-nets (and
+    their gradients before it) equal a whole model trained in one process; the compressed checkpoint written by
+    the main process loads in one process and gives the sharded model's outputs."""
+    torchrun("fsdp_plugin.py", str(tmp_path))
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert len(report["diffs"]) == len(report["grad_diffs"]) == 3
+        assert max(report["diffs"] + report["grad_diffs"]) < 1e-5, report
+        torch.testing.assert_close(torch.tensor(report["logits"]), torch.tensor(report["ref_logits"]))
+    assert reports[0]["gnet"] == reports[1]["gnet"]
+
+    sys.path.insert(0, SCRIPTS)
+    try:
+        from fsdp_plugin import X, make_model
+    finally:
+        sys.path.remove(SCRIPTS)
+    from hf_gb import GenomicBottleneck
+
+    model = make_model()
+    GenomicBottleneck.from_pretrained(str(tmp_path / "ckpt"), model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), torch.tensor(reports[0]["logits"]), rtol=1e-5, atol=1e-6)

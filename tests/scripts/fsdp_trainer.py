@@ -1,10 +1,8 @@
 """GBTrainer under Accelerate's FSDP2 on 2 CPU processes (``torchrun --nproc_per_node 2``).
 
-Accelerate's FSDP does not engage on CPU (``AcceleratorState`` switches to FSDP only for GPU-like distributed
-types, DESIGN.md §9), so this script sets the distributed state to FSDP by hand: ``PartialState`` over gloo, then
-both states' ``distributed_type`` and ``AcceleratorState().fsdp_plugin`` (``fsdp_version=2``), and Trainer uses
-that state (``accelerator_config={"use_configured_state": True}``). Trainer then wraps the model with Accelerate's
-own FSDP2 code (``fully_shard``), as it would on GPUs.
+Accelerate's FSDP does not engage on CPU, so the distributed state is set to FSDP2 by hand (see force_fsdp.py) and
+Trainer uses that state (``accelerator_config={"use_configured_state": True}``); Trainer then wraps the model with
+Accelerate's own FSDP2 code (``fully_shard``), as it would on GPUs.
 
 Writes ``<report_dir>/rank<r>.json``: placements of the covered weights, g-net checksums after each optimizer step,
 and the logits of a fixed batch from the sharded model after training.
@@ -15,10 +13,8 @@ import os
 import sys
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
+from force_fsdp import force_fsdp2
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_gb import GBTrainer, GBTrainingArguments
@@ -36,19 +32,6 @@ class Checksums(TrainerCallback):
         gb = self.trainer.gb
         with torch.no_grad():
             self.steps.append({"step": state.global_step, "gnet": [float(p.double().sum()) for p in gb.parameters()]})
-
-
-def force_fsdp2() -> None:
-    PartialState(cpu=True, backend="gloo")
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                            auto_wrap_policy="transformer_based_wrap",
-                                            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
-                                            state_dict_type="SHARDED_STATE_DICT")
-    Accelerator(cpu=True)  # AcceleratorState may only be built through an Accelerator
-    state = AcceleratorState()
-    PartialState().distributed_type = DistributedType.FSDP  # both, or prepare reverts it (DESIGN.md §9)
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = plugin
 
 
 def main(output_dir: str, report_dir: str, max_steps: str, resume: str) -> None:
