@@ -50,11 +50,19 @@ def _refuse_fsdp1(who: str, version: Any) -> None:
     )
 
 
+def _zero_stage(args: Any) -> Any:
+    """The ZeRO stage Trainer arguments configure (None when it cannot be read without DeepSpeed)."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if config is None and isinstance(getattr(args, "deepspeed", None), dict):
+        config = args.deepspeed
+    return (config or {}).get("zero_optimization", {}).get("stage")
+
+
 def check_arguments(args: Any, who: str) -> None:
     """Refuse, before anything is built, what Trainer arguments ask for and `check_setup` would refuse."""
     fsdp, deepspeed = requested(args)
     if deepspeed:
-        _refuse_deepspeed(who, None)
+        _refuse_deepspeed(who, _zero_stage(args))
     config = getattr(args, "fsdp_config", None) or {}
     version = config.get("version", config.get("fsdp_version", 2)) if isinstance(config, dict) else 2
     if fsdp and int(version) != 2:

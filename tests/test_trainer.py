@@ -515,3 +515,14 @@ def test_gb_learning_rate_sets_the_gnet_group_and_is_validated(tmp_path):
     assert lrs == {"gnet": 3e-2, "model": 1e-2}
     with pytest.raises(ValueError, match="gb_learning_rate=0"):
         make_args(tmp_path, gb_learning_rate=0.0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_is_refused_naming_the_stage(tmp_path, stage, monkeypatch):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+              "zero_allow_untested_optimizer": True}
+    args = GBTrainingArguments(str(tmp_path), report_to="none", use_cpu=True, deepspeed=config)
+    with pytest.raises(NotImplementedError, match=f"ZeRO stage {stage}\\).*FSDP2"):
+        GBTrainer(model=tiny_model(), args=args)
