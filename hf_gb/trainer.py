@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
@@ -34,6 +34,7 @@ from . import distributed
 from .bottleneck import GenomicBottleneck
 from .checkpoint import _MODEL_PREFIX, WEIGHTS_NAME, _check_layout, load_state, read_tensors
 from .config import CONFIG_NAME, GBConfig, read_config_json
+from .trainer_fsdp import FSDP2TrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class _BottleneckCallback(TrainerCallback):
             logger.warning("%s; the main process's g-nets are the ones saved", e)
 
 
-class GBTrainer(Trainer):
+class GBTrainer(FSDP2TrainerMixin, Trainer):
     """`transformers.Trainer` that trains the g-nets of a genomic bottleneck instead of the model's weights.
 
     Takes every ``Trainer`` argument plus ``gb_config`` (default: ``args.to_gb_config()`` for
@@ -229,31 +230,6 @@ class GBTrainer(Trainer):
         if device is not None and first is not None and first.device != device:
             self.gb.to(device)
         return self.gb
-
-    @property
-    def _sharded(self) -> bool:
-        return self._run_kind == "fsdp2"
-
-    def _detach_for_fsdp2(self) -> None:
-        # Accelerate's FSDP2 prepare maps each optimizer parameter to a model parameter; the g-nets are none.
-        if self._sharded and self._detached_gnets is None and not self.gb._shards:
-            self._detached_gnets = distributed.detach_params(self.optimizer, self.gb.parameters())
-
-    def _after_fsdp2_prepare(self) -> None:
-        """The model is sharded now: give the g-nets back to the optimizer and bind them to the DTensors."""
-        from .sharding import rebind
-
-        if self._detached_gnets is not None:
-            distributed.reattach_params(getattr(self.optimizer, "optimizer", self.optimizer), self._detached_gnets)
-            self._detached_gnets = None
-        model = self.accelerator.unwrap_model(self.model)
-        if rebind(self.gb, model):
-            logger.info("Genomic bottleneck bound to the FSDP2 shards of %d covered weights", len(self.gb._shards))
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self._sharded:  # Trainer calls this right after accelerator.prepare(model, optimizer)
-            self._after_fsdp2_prepare()
-        return super().create_scheduler(num_training_steps, optimizer)
 
     def _predict_weights(self, train: bool, completed_steps: int | None = None) -> None:
         """Predict the covered weights; in training with ``stochastic``, noise seeded by (seed, optimizer steps done).
@@ -389,26 +365,6 @@ class GBTrainer(Trainer):
                 self._predict_weights(train=True)  # same seed: the sample this step's gradients belong to
 
     # ----------------------------------------------------------------- checkpoints
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the compressed checkpoint from the main process (all processes must call it under FSDP2, where
-        the uncompressed tensors are gathered; the covered weights never are)."""
-        if not self._sharded:
-            return super().save_model(output_dir, _internal_call)
-        self._save(output_dir)
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the compressed checkpoint (main process only) plus ``training_args.bin``."""
-        if self._sharded:
-            from .sharding import gathered
-
-            with gathered(self.gb):  # a collective: every rank enters, the main process writes
-                self._save_compressed(output_dir, state_dict)
-            self.accelerator.wait_for_everyone()
-        else:
-            self._save_compressed(output_dir, state_dict)
-
     def _save_compressed(self, output_dir: str | None, state_dict: dict | None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -450,26 +406,6 @@ class GBTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         logger.info("Loading compressed checkpoint from %s", resume_from_checkpoint)
         self.load_compressed_state(resume_from_checkpoint)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._sharded:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        # Accelerate's FSDP savers write the whole sharded model (covered weights included) and map optimizer
-        # state to model parameters, which the g-nets are not: each rank writes its own optimizer state instead.
-        distributed.save_optimizer_shard(self.optimizer, output_dir, self.args.process_index, self.args.world_size)
-        if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-        self.accelerator.wait_for_everyone()
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if not self._sharded or checkpoint is None:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        distributed.load_optimizer_shard(self.optimizer, checkpoint, self.args.process_index, self.args.world_size)
-        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
-        if os.path.isfile(scheduler):
-            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
-        elif os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
-            raise ValueError(f"{checkpoint} holds a single-process optimizer state; resume it without FSDP")
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint

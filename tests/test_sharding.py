@@ -162,3 +162,54 @@ def test_plugin_under_fsdp2_matches_one_process(tmp_path):
     GenomicBottleneck.from_pretrained(str(tmp_path / "ckpt"), model=model)
     with torch.no_grad():
         torch.testing.assert_close(model(X), torch.tensor(reports[0]["logits"]), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- distributed glue, one process
+def test_detach_and_reattach_params_restore_groups():
+    from hf_gb.distributed import detach_params, reattach_params
+
+    a, b, c = (torch.nn.Parameter(torch.randn(2)) for _ in range(3))
+    opt = torch.optim.SGD([{"params": [a, b], "lr": 0.1}, {"params": [c], "lr": 0.5}], lr=0.1)
+    taken = detach_params(opt, [a, c])
+    assert [g["params"] for g in opt.param_groups] == [[b]]
+    opt.param_groups[0] = {**opt.param_groups[0]}  # prepare may rebuild the group dicts
+    reattach_params(opt, taken)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(a), id(b)], [id(c)]]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
+
+
+def test_optimizer_shard_round_trip(tmp_path):
+    from hf_gb.distributed import load_optimizer_shard, save_optimizer_shard
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW(params, lr=0.01, betas=(0.8, 0.9))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    save_optimizer_shard(opt, str(tmp_path), 0, 1)
+    fresh = torch.optim.AdamW(params, lr=0.5)
+    load_optimizer_shard(fresh, str(tmp_path), 0, 1)
+    assert fresh.param_groups[0]["lr"] == 0.01 and list(fresh.param_groups[0]["betas"]) == [0.8, 0.9]
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[p][key], opt.state[p][key]), key
+    with pytest.raises(ValueError, match="same number of processes \\(2\\)"):
+        load_optimizer_shard(fresh, str(tmp_path), 0, 2)
+
+
+def test_check_setup_refuses_fsdp1_and_warns_on_fallback(caplog):
+    import types
+
+    from hf_gb.distributed import check_setup
+
+    def accel(**state):
+        return types.SimpleNamespace(state=types.SimpleNamespace(**state), num_processes=2)
+
+    with pytest.raises(NotImplementedError, match="fsdp_version=1"):
+        check_setup(accel(fsdp_plugin=types.SimpleNamespace(fsdp_version=1)), True, False, "X")
+    assert check_setup(accel(fsdp_plugin=types.SimpleNamespace(fsdp_version=2)), True, False, "X") == "fsdp2"
+    with pytest.raises(NotImplementedError, match="ZeRO stage 2"):
+        check_setup(accel(deepspeed_plugin=types.SimpleNamespace(zero_stage=2)), False, True, "X")
+    with caplog.at_level("WARNING", logger="hf_gb.distributed"):
+        assert check_setup(accel(), True, False, "X") == "ddp"
+    assert "FSDP was requested but Accelerate did not enable it" in caplog.text
