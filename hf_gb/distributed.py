@@ -1,9 +1,16 @@
-"""Glue between the bottleneck and distributed launchers (Trainer, Accelerate): which setups train correctly,
-the optimizer around Accelerate's FSDP2 ``prepare``, and optimizer state saved rank by rank.
+"""Distributed runs: one policy for `GBTrainer` and `GBPlugin`.
 
-Supported: one process, DDP (replicated g-nets, every rank predicts every weight) and FSDP2 (``fsdp_version=2``:
-each rank predicts the tiles of its own rows, `hf_gb.sharding`). Refused at start, with the reason and what works
-instead: FSDP1 (it flattens parameters into one ``FlatParameter`` per unit) and DeepSpeed (see `check_setup`).
+Replicated g-nets (DDP, docs/design.md §7): every rank holds the same g-nets: they start from rank 0's
+(`broadcast_gnets`; calibration reads each rank's own random init, so the scales may differ before), every rank
+predicts the same weights, DDP averages the weight gradients, and every rank pushes the same g-net gradient.
+`replica_checksums` is how a run checks that this still holds. Noise of stochastic g-nets is seeded by the optimizer
+step (`GenomicBottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
+
+Under FSDP2 (``fsdp_version=2``) the g-nets are replicated the same way, but each rank predicts only the tiles of its
+own rows (`hf_gb.sharding`). `check_setup` refuses, at start and with the reason and what works instead, the setups
+that would train wrong: FSDP1 (one ``FlatParameter`` per unit: no rows to predict) and DeepSpeed. The rest of this
+module is the glue FSDP2 needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved
+rank by rank.
 """
 
 from __future__ import annotations
@@ -16,9 +23,51 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bottleneck import GenomicBottleneck
 from .sharding import is_dtensor
 
 logger = logging.getLogger(__name__)
+
+def process_group_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def broadcast_gnets(gb: GenomicBottleneck, src: int = 0) -> None:
+    """Copy rank ``src``'s g-net state (parameters and saved buffers) to every rank, in place; no-op alone."""
+    if not process_group_active() or torch.distributed.get_world_size() == 1:
+        return
+    for tensor in gb.state_dict().values():
+        torch.distributed.broadcast(tensor, src=src)
+
+
+@torch.no_grad()
+def replica_checksums(gb: GenomicBottleneck) -> torch.Tensor:
+    """float64 ``(3,)``: sum of every g-net tensor, sum and sum of squares of the covered weights (this rank).
+
+    Under FSDP2 each rank holds other rows of the covered weights, so the last two are the sum and sum of squares
+    of the g-nets' saved buffers (the output scales) instead.
+    """
+    if gb._shards:
+        buffers = [b.detach().double() for b in gb.buffers()] or [torch.zeros(1, dtype=torch.float64)]
+        second = torch.stack([b.sum() for b in buffers]).sum()
+        third = torch.stack([b.square().sum() for b in buffers]).sum()
+    else:
+        second = torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum()
+        third = torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum()
+    return torch.stack([torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(), second, third])
+
+
+def check_replicas(gb: GenomicBottleneck, gather) -> None:
+    """Raise ``RuntimeError`` unless every rank holds the same g-nets and predicted weights.
+
+    ``gather`` maps a ``(1, 3)`` tensor to the ``(world, 3)`` stack of every rank's (e.g. ``accelerator.gather``).
+    """
+    if not gb.covered:
+        return
+    everyone = gather(replica_checksums(gb)[None]).cpu()
+    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+        raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
 
 
 def _env_true(name: str) -> bool:

@@ -208,17 +208,6 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> N
         offset += n
 
 
-def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Broadcast ``tensors`` in place from global rank ``src`` (a no-op outside an initialised process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    with torch.no_grad():
-        for t in tensors:
-            dist.broadcast(t.data, src=src)
-
-
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind ``value`` (a collective for a DTensor: every rank must call it)."""
     return value.full_tensor() if is_dtensor(value) else value
@@ -373,9 +362,15 @@ def rebind(gb: Any, model: nn.Module) -> bool:
                              f"{tuple(t.param_shape)} before")
         changed |= new is not t.param
         t.param = new
-    object.__setattr__(gb, "_model", model)
+    if model is not gb.model:
+        from .bottleneck import _ATTACHED
+
+        object.__setattr__(model, _ATTACHED, getattr(gb.model, _ATTACHED, None))
+        object.__setattr__(gb, "_model", model)
     gb._shards = find_shards(gb.covered)
     gb._shard_group = shard_group(gb._shards)
-    gb._plans = {key: plan_bank(gb._tensors(key), gb._shards) for key in gb.banks} if gb._shards else {}
-    gb._tables = None
+    gb._plans = {key: plan_bank(gb._members[key], gb._shards) for key in gb.banks} if gb._shards else {}
+    for bank in gb.banks.values():  # a prediction kept before rebinding belongs to the old tensors
+        bank.discard()
+    gb._predicted = False
     return changed
