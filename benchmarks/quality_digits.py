@@ -12,7 +12,7 @@ For an MLP (64-256-256-10) and a small CNN, each over several seeds:
   last prediction is innate.
 
     python benchmarks/quality_digits.py            # full run, writes benchmarks/results/digits.{json,png}
-    python benchmarks/quality_digits.py --quick    # a smoke run (one seed, few epochs), under 2 minutes
+    python benchmarks/quality_digits.py --quick    # a smoke run (one seed, few epochs) into out/benchmarks/
 """
 
 from __future__ import annotations
