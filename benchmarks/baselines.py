@@ -87,8 +87,8 @@ def allocate_ranks(shapes: dict[str, tuple[int, int]], budget: int) -> dict[str,
 
     Equal ranks where the budget allows: starting from rank 1 everywhere (which may already exceed the budget: the
     caller reports the real storage), each step raises the lowest rank that still fits, up to the rank where
-    factors stop saving storage (``r * (rows + cols) < rows * cols``). At the end, one more step is taken if it
-    lands closer to the budget than stopping does.
+    factors stop saving storage (``r * (rows + cols) < rows * cols``). At the end, one more rank goes to the tensor
+    whose step lands closest to the budget, if that is closer than stopping.
     """
     ranks = {n: 1 for n in shapes}
     cost = {n: r + c for n, (r, c) in shapes.items()}
@@ -98,8 +98,9 @@ def allocate_ranks(shapes: dict[str, tuple[int, int]], budget: int) -> dict[str,
         open_ = sorted((n for n in shapes if ranks[n] < cap[n]), key=lambda n: (ranks[n], n))
         fits = [n for n in open_ if used + cost[n] <= budget]
         if not fits:
-            if open_ and abs(used + cost[open_[0]] - budget) < abs(budget - used):
-                ranks[open_[0]] += 1
+            over = min(open_, key=lambda n: abs(used + cost[n] - budget), default=None)
+            if over is not None and abs(used + cost[over] - budget) < abs(budget - used):
+                ranks[over] += 1
             return ranks
         ranks[fits[0]] += 1
         used += cost[fits[0]]
