@@ -242,6 +242,8 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
     gnet = {k[len(_GNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_GNET_PREFIX)}
     plain = {k[len(_MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     own = gb.state_dict()
+    # Format 1 stored a frozen, always-zero b2 for centred banks; format 2 has none (centring removes it).
+    gnet = {k: v for k, v in gnet.items() if k in own or not (k.endswith(".b2") and gb.config.center)}
     for name, value in own.items():
         if name not in gnet:
             raise ValueError(f"{where} lacks g-net tensor {name!r}; is it a checkpoint for another architecture?")
@@ -270,8 +272,7 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
                     f"this model needs {tuple(target.shape)}"
                 )
             target.copy_(value)
-    gb.predict_weights(sample=False)
-    gb._tables = None
+    gb.predict_weights(sample=False, keep_graph=False)
 
 
 def _build_model(directory: str, device: str | torch.device | None, dtype: Any) -> nn.Module:
@@ -334,7 +335,7 @@ def bottleneck_from_pretrained(
     tensors = read_tensors(directory)
     if model is None:
         model = _build_model(directory, device, dtype)
-    gb = GenomicBottleneck(model, config)
+    gb = GenomicBottleneck(model, config, init_gnets=False)  # the checkpoint's state replaces the init
     _check_layout(gb, info["tensors"], directory)
     load_state(gb, tensors, directory)
     return gb

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "gb_config.json"
 # Bumped only when a saved checkpoint can no longer be read by older code.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: centred banks store no b2 (version 1 files still load)
 
 # Keys of gb_config.json that describe the file, not the config.
 _META_KEYS = ("hf_gb_version", "format_version", "tensors")
@@ -82,6 +82,17 @@ class GBConfig:
         metadata={"help": "'compiled' (torch.compile fused kernels), 'eager' (chunked reference), or 'auto'."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
+    family: str = field(
+        default="mlp",
+        metadata={"help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile)."},
+    )
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the g-net update of a step whose gradients are NaN or Inf (with a warning); one bad step "
+            "would otherwise turn every predicted weight into NaN."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.hidden_dim, bool) or not isinstance(self.hidden_dim, int) or self.hidden_dim < 1:
@@ -109,6 +120,10 @@ class GBConfig:
             setattr(self, name, value)
         if self.encoding not in _ENCODINGS:
             raise ValueError(f"encoding must be one of {_ENCODINGS}, got encoding={self.encoding!r}")
+        from .bank import families  # local import: the bank module imports this one's type for hints only
+
+        if self.family not in families():
+            raise ValueError(f"family must be one of {families()}, got family={self.family!r}")
         if self.kernel not in _KERNELS:
             raise ValueError(f"kernel must be one of {_KERNELS}, got kernel={self.kernel!r}")
         if not (math.isfinite(float(self.init_noise)) and self.init_noise > 0):
