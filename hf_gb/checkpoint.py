@@ -2,57 +2,59 @@
 
 A compressed checkpoint is a folder ``huggingface_hub`` can push as is:
 
-- ``config.json``: the base model's transformers config (when the model has one);
-- ``gb_config.json``: the `GBConfig`, the hf_gb version, and every covered tensor with its shape and tile;
+- ``config.json``: the base model's transformers config (when the model has one), with the model's ``dtype``;
+- ``gb_config.json``: the `GBConfig`, the hf_gb version, every covered tensor with its shape and tile, and the id
+  of the save;
 - ``gb_model.safetensors``: g-net tensors (``gnet.<bank>.<name>``) and the uncompressed model tensors
-  (``model.<name>``); its metadata names the format and the hf_gb version;
+  (``model.<name>``); its metadata names the format and version, the hf_gb version and the same save id;
 - tokenizer / processor files when known, and a model card ``README.md``.
+
+Saving stages every file in a ``.tmp-hf_gb-*`` folder beside the target and renames them in, the two hf_gb files
+last, so no file is ever half written. A save over an existing checkpoint that is killed between those two renames
+leaves files of two saves; loading detects that (the save ids differ) and says so instead of loading a mix.
+
+Loading reads and checks ``gb_config.json`` and the safetensors header first, builds the model on the meta device
+and checks every tensor's shape against what the files hold, before anything large is allocated. Tensors in the
+file that the model has no place for are an error; g-net tensors of another dtype than the bank's, and non-finite
+g-net values, are loaded with a warning.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
-import tempfile
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
-from .config import CONFIG_NAME, FORMAT_VERSION, GBConfig, read_config_json
+from .config import FORMAT_VERSION, GBConfig, config_json, read_config_json
+from .files import (
+    CONFIG_NAME,
+    FORMAT_NAME,
+    MODEL_CONFIG_NAME,
+    WEIGHTS_NAME,
+    PathLike,
+    atomic_write_text,
+    make_staging,
+    new_save_id,
+    publish,
+)
+from .hub import resolve_checkpoint
 from .version import __version__
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "gb_model.safetensors"
-FORMAT_NAME = "hf_gb"
+__all__ = ["bottleneck_from_pretrained", "load_checkpoint_state", "load_compressed", "read_header",
+           "save_compressed"]
+
 _GNET_PREFIX = "gnet."
 _MODEL_PREFIX = "model."
-
-PathLike = Union[str, os.PathLike]  # noqa: UP007 (a runtime alias)
-
-
-# ----------------------------------------------------------------------------- atomic file writes
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    _atomic(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
-
-
-def _atomic(path: PathLike, write) -> None:
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# Kept importable from here for code written against earlier versions.
+_COMPAT = (atomic_write_text, resolve_checkpoint, FORMAT_NAME)
 
 
 # ----------------------------------------------------------------------------- save
@@ -68,13 +70,18 @@ def gb_state_tensors(gb: GenomicBottleneck) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def gb_config_payload(gb: GenomicBottleneck) -> dict[str, Any]:
-    return {
-        **gb.config.to_dict(),
-        "hf_gb_version": __version__,
-        "format_version": FORMAT_VERSION,
-        "tensors": [t.to_json() for t in gb.covered],
-    }
+def warn_non_finite(tensors: dict[str, torch.Tensor], where: str) -> list[str]:
+    """Log a warning naming the g-net tensors of ``tensors`` that hold NaN or Inf; returns their names."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        logger.warning("%s: g-net tensors hold NaN or Inf values (%s), so every weight they predict is non-finite; "
+                       "an earlier training step probably diverged", where, ", ".join(bad[:5]))
+    return bad
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters (the first one's), as transformers records it."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def save_compressed(
@@ -86,24 +93,31 @@ def save_compressed(
 ) -> str:
     """Write the compressed checkpoint of ``gb`` (and its model's config) into ``save_directory``.
 
-    Files are staged in a temporary folder beside the target and moved in by rename, so an interrupted save never
-    leaves a half-written file where a good one was. Returns the folder.
+    Files are staged in a temporary folder beside the target and moved in by rename, the two hf_gb files last, so
+    an interrupted save never leaves a half-written file where a good one was, and a folder holding files of two
+    saves is refused on load (see the module docstring). Staging folders of earlier interrupted saves are removed.
+    Returns the folder.
     """
     from safetensors.torch import save_file
 
     save_directory = os.fspath(save_directory)
-    os.makedirs(save_directory, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-hf_gb-", dir=save_directory)
+    staging = make_staging(save_directory)
     try:
-        metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__}
-        save_file(gb_state_tensors(gb), os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+        save_id = new_save_id()
+        tensors = gb_state_tensors(gb)
+        warn_non_finite({k: v for k, v in tensors.items() if k.startswith(_GNET_PREFIX)}, save_directory)
+        metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__,
+                    "save_id": save_id}
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(gb_config_payload(gb), f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(config_json(gb.config, [t.to_json() for t in gb.covered], save_id))
         model_config = getattr(gb.model, "config", None)
         if model_config is not None and hasattr(model_config, "save_pretrained"):
             model_config = copy.deepcopy(model_config)
             model_config.architectures = [type(gb.model).__name__]  # what load_compressed rebuilds
+            dtype = model_dtype(gb.model)
+            if dtype is not None:
+                model_config.dtype = dtype  # what load_compressed restores, as transformers' save_pretrained does
             model_config.save_pretrained(staging)
         generation_config = getattr(gb.model, "generation_config", None)
         if generation_config is not None and hasattr(generation_config, "save_pretrained"):
@@ -117,84 +131,20 @@ def save_compressed(
             from .model_card import write_model_card
 
             write_model_card(gb, staging, target_directory=save_directory, **(model_card_kwargs or {}))
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in sorted(os.listdir(staging), key=lambda n: n == WEIGHTS_NAME):  # weights last
-            staged = os.path.join(staging, name)
-            if os.path.isfile(staged):  # temporary files are private; the checkpoint is not
-                os.chmod(staged, 0o666 & ~umask)
-            os.replace(staged, os.path.join(save_directory, name))
+        publish(staging, save_directory, last=(CONFIG_NAME, WEIGHTS_NAME))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return save_directory
 
 
 # ----------------------------------------------------------------------------- load
-# What a checkpoint repo may hold besides the model itself: training state, nested checkpoints, logs.
-_HUB_IGNORE = [
-    "optimizer.*", "scheduler.pt", "scaler.pt", "rng_state*", "training_args.bin", "runs/*", "checkpoint-*/*",
-    "last-checkpoint/*",
-]
+def read_header(directory: str, save_id: str | None = None) -> dict[str, Any]:
+    """Check the safetensors file's header (format, version, save id) without reading its data.
 
-
-def resolve_checkpoint(path_or_repo: PathLike, **hub_kwargs: Any) -> str:
-    """A local folder, or a Hub repo id downloaded (and cached) through ``huggingface_hub``.
-
-    ``revision`` (branch, tag or commit), ``token``, ``cache_dir``, ``local_files_only`` and ``force_download`` go
-    to ``snapshot_download``, which honours ``HF_HUB_OFFLINE`` / ``HF_ENDPOINT`` and serves cached snapshots when the
-    Hub cannot be reached; ``subfolder`` picks a folder inside the folder or repo (e.g. ``"last-checkpoint"``).
+    Returns ``{"metadata": ..., "shapes": {key: shape}, "dtypes": {key: dtype}}``. ``save_id`` is the one
+    ``gb_config.json`` names: a file of another save means an interrupted save over an existing checkpoint.
     """
-    path = os.fspath(path_or_repo)
-    subfolder = (hub_kwargs.get("subfolder") or "").strip("/")
-    if os.path.isdir(path):
-        return os.path.join(path, subfolder) if subfolder else path
-    if os.path.exists(path):
-        raise ValueError(f"{path} is a file; a compressed checkpoint is a folder holding {WEIGHTS_NAME}")
-    looks_like_repo = path.count("/") <= 1 and not path.startswith((".", "/", "~")) and path.strip() == path
-    if not looks_like_repo or not path:
-        raise FileNotFoundError(f"No compressed checkpoint folder at {path}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    allowed = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
-    revision = kwargs.get("revision")
-    where = f"Hub repo {path}" + (f" at revision {revision!r}" if revision else "")
-    patterns = {"allow_patterns": [f"{subfolder}/*"]} if subfolder else {"ignore_patterns": _HUB_IGNORE}
-    try:
-        snapshot = snapshot_download(path, **kwargs, **patterns)
-    except HFValidationError as e:
-        raise FileNotFoundError(f"No compressed checkpoint folder at {path} (and it is not a Hub repo id)") from e
-    except RevisionNotFoundError as e:
-        raise FileNotFoundError(f"{where}: no such revision") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(
-            f"No local folder {path} and no {where} you can access (private repos need token= or `hf auth login`)"
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(
-            f"No local folder {path}, and the {where} is neither in the cache nor reachable "
-            "(offline: HF_HUB_OFFLINE / local_files_only, or no connection)"
-        ) from e
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"{where}: {e}") from e
-    if subfolder:
-        snapshot = os.path.join(snapshot, subfolder)
-        if not os.path.isdir(snapshot):
-            raise FileNotFoundError(f"{where} has no folder {subfolder!r}")
-    return snapshot
-
-
-def read_tensors(directory: str) -> dict[str, torch.Tensor]:
-    """Load the checkpoint's safetensors file, with errors that name it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -202,17 +152,43 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(path)
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key], dtypes[key] = tuple(sl.get_shape()), sl.get_dtype()
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path} is corrupt or truncated: {e}") from e
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not an hf_gb checkpoint (metadata format={metadata.get('format')!r})")
-    if int(metadata.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+    version = metadata.get("format_version", "1")
+    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+        if version.isdigit() and int(version) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format_version={version} (hf_gb {metadata.get('hf_gb_version')}); "
+                f"this hf_gb {__version__} reads <= {FORMAT_VERSION}; upgrade hf_gb"
+            )
+        raise ValueError(f"{path}: metadata format_version must be a positive int, got {version!r}")
+    if metadata.get("save_id") != save_id:
         raise ValueError(
-            f"{path} has format_version={metadata['format_version']} (hf_gb {metadata.get('hf_gb_version')}); "
-            f"this hf_gb {__version__} reads <= {FORMAT_VERSION}; upgrade hf_gb"
+            f"{directory} holds {CONFIG_NAME} and {WEIGHTS_NAME} of two different saves (save_id "
+            f"{save_id!r} vs {metadata.get('save_id')!r}): a save over this checkpoint was interrupted between "
+            "writing the two; save it again, or restore the folder from a copy"
         )
-    return tensors
+    return {"metadata": metadata, "shapes": shapes, "dtypes": dtypes}
+
+
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Load the checkpoint's safetensors file, with errors that name it (no save-id check; see `read_header`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a compressed checkpoint: {WEIGHTS_NAME} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt or truncated: {e}") from e
 
 
 def _check_layout(gb: GenomicBottleneck, saved: list[dict[str, Any]] | None, directory: str) -> None:
@@ -236,9 +212,101 @@ def _check_layout(gb: GenomicBottleneck, saved: list[dict[str, Any]] | None, dir
                 )
 
 
+def _check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], directory: str) -> None:
+    """Before anything large is allocated: every model tensor is covered or stored with its shape, and the g-nets
+    the config asks for are no larger than the ones the file holds."""
+
+    config_path = os.path.join(directory, CONFIG_NAME)
+    entries = info["tensors"]
+    if entries is None:
+        raise ValueError(f"{config_path} has no 'tensors' list; it describes a config, not a checkpoint")
+    covered = {e["name"]: e for e in entries}
+    stored = {k[len(_MODEL_PREFIX):]: v for k, v in header["shapes"].items() if k.startswith(_MODEL_PREFIX)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, entry in covered.items():
+        if name not in params:
+            raise ValueError(f"{config_path} covers tensor {name!r}, which this model does not have; "
+                             "is it a checkpoint for another architecture?")
+        if list(params[name].shape) != entry["shape"]:
+            raise ValueError(f"tensor {name}: shape in {CONFIG_NAME} is {entry['shape']} but this model gives "
+                             f"{list(params[name].shape)}")
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, value in state.items():
+        groups.setdefault(id(value), []).append(name)
+    for names in groups.values():
+        if any(n in covered for n in names):
+            continue
+        name = next((n for n in names if n in stored), None)
+        shape = tuple(state[names[0]].shape)
+        if name is None:
+            where = MODEL_CONFIG_NAME if os.path.isfile(os.path.join(directory, MODEL_CONFIG_NAME)) else "the model"
+            raise ValueError(
+                f"{os.path.join(directory, WEIGHTS_NAME)} lacks uncompressed tensor {names[0]!r} of shape {shape} "
+                f"that {where} describes, and {CONFIG_NAME} does not cover it"
+            )
+        if stored[name] != shape:
+            raise ValueError(f"tensor {name!r}: {os.path.join(directory, WEIGHTS_NAME)} holds shape {stored[name]}, "
+                             f"this model needs {shape}")
+    wanted = _gnet_values_wanted(model, info["gb_config"])
+    held = sum(_prod(s) for k, s in header["shapes"].items() if k.startswith(_GNET_PREFIX))
+    if wanted > 2 * held + 1024:
+        raise ValueError(
+            f"{config_path}: hidden_dim={info['gb_config'].hidden_dim} with these tiles calls for {wanted:,} g-net "
+            f"values, but {WEIGHTS_NAME} holds {held:,}; the two files do not belong together"
+        )
+
+
+def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
+    """About how many values the g-nets of ``config`` over ``model`` hold (one-hidden-layer MLP count), from the
+    shapes alone: the same module rules, geometry and ``min_compression`` as `GenomicBottleneck`, ties ignored."""
+    from .bottleneck import DEFAULT_TILE_SIZE
+    from .layers import coverable, name_matches, view3d
+    from .tiling import choose_geometry, compression_of, grid
+
+    if getattr(config, "family", "mlp") != "mlp":
+        return 0  # other families count their values differently; the shape checks still hold
+    explicit_tile = config.tile_size is not None or config.compression is not None
+    tile_size = config.tile_size if explicit_tile else DEFAULT_TILE_SIZE
+    explicit, total, seen = config.target_modules is not None, 0, set()
+    for mod_name, module in model.named_modules():
+        wanted = name_matches(mod_name, config.target_modules) if explicit else True
+        if not wanted or name_matches(mod_name, config.exclude_modules):
+            continue
+        for spec in coverable(module, opt_in=explicit) or []:
+            param = getattr(module, spec.attr, None)
+            if param is None or param.dim() < 2 or id(param) in seen:
+                continue
+            seen.add(id(param))
+            shape = tuple(view3d(param.detach(), spec.layout).shape)
+            geometry = choose_geometry(shape, config.hidden_dim, config.compression, tile_size)
+            if compression_of(shape, geometry, config.hidden_dim) >= config.min_compression:
+                total += _prod(grid(shape, geometry)) * geometry.gnet_params(config.hidden_dim)
+    return total
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def load_checkpoint_state(gb: GenomicBottleneck, directory: str, info: dict[str, Any] | None = None) -> None:
+    """Load the g-net and uncompressed tensors of the checkpoint in ``directory`` into ``gb`` and its model (in
+    place: an optimizer keeps its parameters), checking names, shapes and the save id; then predict the weights."""
+    info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
+    read_header(directory, info["save_id"])
+    _check_layout(gb, info["tensors"], directory)
+    load_state(gb, read_tensors(directory), directory)
+
+
 def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], directory: str) -> None:
     """Load g-net and uncompressed tensors into ``gb`` and its model, checking every name and shape."""
     where = os.path.join(directory, WEIGHTS_NAME)
+    unknown = sorted(k for k in tensors if not k.startswith((_GNET_PREFIX, _MODEL_PREFIX)))
+    if unknown:
+        raise ValueError(f"{where} holds tensors that are neither g-net nor model tensors: {unknown[:5]}")
     gnet = {k[len(_GNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_GNET_PREFIX)}
     plain = {k[len(_MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     own = gb.state_dict()
@@ -253,16 +321,23 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
     unexpected = sorted(set(gnet) - own.keys())
     if unexpected:
         raise ValueError(f"{where} holds g-net tensors this model has no place for: {unexpected[:5]}")
+    cast = sorted(f"{k} ({gnet[k].dtype} -> {v.dtype})" for k, v in own.items() if gnet[k].dtype != v.dtype)
+    if cast:
+        logger.warning("%s: g-net tensors stored in another dtype than the g-nets use are cast: %s", where,
+                       ", ".join(cast[:5]) + (f" and {len(cast) - 5} more" if len(cast) > 5 else ""))
+    warn_non_finite(gnet, where)
     gb.load_state_dict(gnet)
     targets = gb.uncompressed_state_dict()
     by_id: dict[int, list[str]] = {}
     for name, value in targets.items():
         by_id.setdefault(id(value), []).append(name)
+    placed = set()
     with torch.no_grad():
         for names in by_id.values():
             name = next((n for n in names if n in plain), None)
             if name is None:
                 raise ValueError(f"{where} lacks uncompressed tensor {names[0]!r}")
+            placed.update(n for n in names if n in plain)
             value, target = plain[name], targets[name]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(
@@ -270,33 +345,55 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
                     f"this model needs {tuple(target.shape)}"
                 )
             target.copy_(value)
+    extra = sorted(set(plain) - placed)
+    if extra:
+        raise ValueError(f"{where} holds model tensors this model has no place for: {extra[:5]}")
     gb.predict_weights(sample=False)
     gb._tables = None
 
 
-def _build_model(directory: str, device: str | torch.device | None, dtype: Any) -> nn.Module:
-    """The architecture named in ``config.json``, with parameters allocated once and left uninitialised."""
+def _build_model(directory: str, device: str | torch.device | None, dtype: Any, check=None) -> nn.Module:
+    """The architecture named in ``config.json``, with parameters allocated once and left uninitialised.
+
+    ``check(model)`` runs on the meta-device model, before any parameter is allocated.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    config_path = os.path.join(directory, "config.json")
+    config_path = os.path.join(directory, MODEL_CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(
             f"{directory} has no config.json; pass `model=` to rebuild a model that is not a transformers model"
         )
-    config = AutoConfig.from_pretrained(directory)
-    model_class = _model_class(config)
-    with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path} is not a valid transformers config: {_first_line(e)}") from e
+    model_class = _model_class(config, config_path)
+    if dtype is None:
+        dtype = _config_dtype(config, config_path)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = model_class._from_config(config, **({"dtype": dtype} if dtype else {}))
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{config_path}: {model_class.__name__} cannot be built from it: {_first_line(e)}") from e
+    if check is not None:
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # ties declared in the config, so that tied tensors are checked once
+        check(model)
     # Materialise meta parameters without initialising them; parameters shared by several modules stay shared.
     fresh: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None or not param.is_meta:
-                continue
-            if id(param) not in fresh:
-                fresh[id(param)] = nn.Parameter(torch.empty_like(param, device=device or "cpu"), param.requires_grad)
-            module._parameters[name] = fresh[id(param)]
+    try:
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.is_meta:
+                    continue
+                if id(param) not in fresh:
+                    fresh[id(param)] = nn.Parameter(torch.empty_like(param, device=device or "cpu"),
+                                                    param.requires_grad)
+                module.register_parameter(name, fresh[id(param)])
+    except (RuntimeError, MemoryError) as e:  # e.g. a config.json asking for more memory than there is
+        raise ValueError(f"{config_path}: the model it describes cannot be allocated: {_first_line(e)}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # ties declared in the config (e.g. lm_head to the input embedding)
     if device is not None:
@@ -304,16 +401,39 @@ def _build_model(directory: str, device: str | torch.device | None, dtype: Any) 
     return model
 
 
-def _model_class(config: Any) -> type:
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _config_dtype(config: Any, config_path: str) -> torch.dtype | None:
+    """The ``dtype`` recorded in ``config.json`` (as transformers writes it), or None."""
+    dtype = getattr(config, "dtype", None)
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{config_path}: dtype must name a torch floating-point dtype, got dtype={dtype!r}")
+    return value
+
+
+def _model_class(config: Any, config_path: str = MODEL_CONFIG_NAME) -> type:
+    """The class named in ``architectures`` (a transformers model class), else the base model of the config."""
     import transformers
+    from transformers import MODEL_MAPPING, PreTrainedModel
 
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
+    architectures = getattr(config, "architectures", None) or []
+    if not isinstance(architectures, (list, tuple)):
+        raise ValueError(f"{config_path}: architectures must be a list of class names, got {architectures!r:.80}")
+    for arch in architectures:
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls
-    from transformers import AutoModel
-
-    return AutoModel._model_mapping[type(config)]
+        raise ValueError(f"{config_path}: architectures names {arch!r:.80}, which is not a transformers model class")
+    try:
+        return MODEL_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"{config_path}: no transformers model class for {type(config).__name__}; "
+                         "name one in `architectures`") from None
 
 
 def bottleneck_from_pretrained(
@@ -325,18 +445,24 @@ def bottleneck_from_pretrained(
 ) -> GenomicBottleneck:
     """Rebuild the bottleneck (and, without ``model``, the model from ``config.json``) from a checkpoint.
 
-    ``torch_dtype`` is accepted as the older name of ``dtype``, as in transformers.
+    ``dtype`` defaults to the one ``config.json`` records (the saved model's); ``torch_dtype`` is accepted as the
+    older name of ``dtype``, as in transformers.
     """
     dtype = hub_kwargs.pop("torch_dtype", None) if dtype is None else dtype
     directory = resolve_checkpoint(path_or_repo, **hub_kwargs)
     info = read_config_json(os.path.join(directory, CONFIG_NAME))
-    config = GBConfig.from_dict(info["config"])
-    tensors = read_tensors(directory)
+    header = read_header(directory, info["save_id"])
+
+    def check(m: nn.Module) -> None:
+        _check_sizes(m, info, header, directory)
+
     if model is None:
-        model = _build_model(directory, device, dtype)
-    gb = GenomicBottleneck(model, config)
+        model = _build_model(directory, device, dtype, check=check)
+    else:
+        check(model)
+    gb = GenomicBottleneck(model, info["gb_config"])
     _check_layout(gb, info["tensors"], directory)
-    load_state(gb, tensors, directory)
+    load_state(gb, read_tensors(directory), directory)
     return gb
 
 
@@ -344,8 +470,8 @@ def load_compressed(path_or_repo: PathLike, **kwargs: Any) -> nn.Module:
     """Load a compressed checkpoint as a plain model (e.g. a transformers ``PreTrainedModel``) in eval mode.
 
     ``path_or_repo`` is a local folder or a Hub repo id; ``revision``, ``token``, ``cache_dir`` and
-    ``local_files_only`` go to ``huggingface_hub``; ``device``, ``dtype`` and ``model`` (an instance
-    to load into instead of building one from ``config.json``) are honoured too.
+    ``local_files_only`` go to ``huggingface_hub``; ``device``, ``dtype`` (default: the saved model's) and
+    ``model`` (an instance to load into instead of building one from ``config.json``) are honoured too.
 
     Example::
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,17 @@ from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
 from .bottleneck import GenomicBottleneck
-from .checkpoint import WEIGHTS_NAME, _check_layout, load_state, read_tensors
-from .config import CONFIG_NAME, GBConfig, read_config_json
+from .checkpoint import load_checkpoint_state
+from .config import GBConfig, read_config_json
+from .files import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    MODEL_CONFIG_NAME,
+    TRAINER_STATE_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    remove_stale_staging,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -364,19 +374,35 @@ class GBTrainer(Trainer):
             logger.warning("GBTrainer saves the g-nets and uncompressed tensors; ignoring the given state_dict")
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving compressed checkpoint to %s", output_dir)
+        if _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
+            # Staging folders left by saves that were killed in sibling checkpoints (this one cleans its own).
+            run_dir = os.path.dirname(os.path.normpath(output_dir))
+            for name in os.listdir(run_dir):
+                if _CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
+                    remove_stale_staging(os.path.join(run_dir, name))
         processing_class = self.processing_class
         if processing_class is None:
             processing_class = getattr(self.data_collator, "tokenizer", None)
         card = {"trainer_state": self.state, "training_args": self.args}
         self.gb.save_pretrained(output_dir, processing_class=processing_class, model_card_kwargs=card)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        atomic_write(os.path.join(output_dir, TRAINING_ARGS_NAME), lambda tmp: torch.save(self.args, tmp))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of ``output_dir``
+        (see `last_complete_checkpoint`), skipping incomplete ones with a warning."""
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = found
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_compressed_state(self, checkpoint: str) -> None:
         """Load the g-nets and uncompressed tensors of a compressed checkpoint folder into ``trainer.gb`` (and the
         model), in place (the optimizer keeps its parameters), and predict the weights."""
         gb = self._ensure_bottleneck()
         info = read_config_json(os.path.join(checkpoint, CONFIG_NAME))
-        saved = GBConfig.from_dict(info["config"])
+        saved = info["gb_config"]
         for f in dataclasses.fields(GBConfig):
             if f.name in _IGNORED_ON_LOAD:
                 continue
@@ -386,9 +412,7 @@ class GBTrainer(Trainer):
                     f"{os.path.join(checkpoint, CONFIG_NAME)} has {f.name}={theirs!r}, but this trainer's g-nets "
                     f"have {f.name}={ours!r}"
                 )
-        tensors = read_tensors(checkpoint)
-        _check_layout(gb, info["tensors"], checkpoint)
-        load_state(gb, tensors, checkpoint)  # predicts (noise-free); training predicts again on_train_begin
+        load_checkpoint_state(gb, checkpoint, info)  # predicts (noise-free); training predicts again on_train_begin
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         logger.info("Loading compressed checkpoint from %s", resume_from_checkpoint)
@@ -419,12 +443,53 @@ class GBTrainer(Trainer):
         in_progress = getattr(self, "push_in_progress", None)
         if not self.args.hub_always_push and in_progress is not None and not in_progress.is_done():
             return
-        for name in (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json"):
+        for name in (MODEL_CONFIG_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME):  # the hf_gb pair last
             source = os.path.join(checkpoint_folder, name)
-            if os.path.isfile(source):
-                shutil.copy(source, os.path.join(self.args.output_dir, name))
+            if os.path.isfile(source) and not os.path.islink(source):
+                target = os.path.join(self.args.output_dir, name)
+                atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
         self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
+
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be resumed from (a missing or mismatched file), or None when it is complete.
+
+    Complete: Trainer's ``trainer_state.json`` (written last) and both hf_gb files, from the same save.
+    """
+    from .checkpoint import read_header
+
+    for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"{name} is missing"
+    try:
+        info = read_config_json(os.path.join(folder, CONFIG_NAME))
+        read_header(folder, info["save_id"])
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that `checkpoint_problem` finds complete, or None.
+
+    Newer incomplete ones (a save that was killed) are skipped with a warning and left in place: they are the
+    user's files, and Trainer's ``save_total_limit`` rotation removes them in time.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(((int(m[1]), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
+                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
+    for _, name in steps:
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("Not resuming from %s, which is incomplete (%s); trying an older checkpoint", folder, problem)
+    return None
 
 
 def _refuse_sharded(args: TrainingArguments, fsdp: bool = False, deepspeed: bool = False) -> None:
