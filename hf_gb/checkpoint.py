@@ -22,6 +22,7 @@ g-net values, are loaded with a warning.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -51,6 +52,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["bottleneck_from_pretrained", "load_checkpoint_state", "load_compressed", "read_header",
            "save_compressed"]
 
+# GBConfig fields that change what the g-nets predict without changing any tensor's shape: also written into the
+# safetensors metadata, so that a gb_config.json edited (or mixed up) after the save is caught, not loaded silently.
+_SHAPELESS_FIELDS = ("encoding", "center", "init_noise")
 _GNET_PREFIX = "gnet."
 _MODEL_PREFIX = "model."
 # Kept importable from here for code written against earlier versions.
@@ -107,7 +111,7 @@ def save_compressed(
         tensors = gb_state_tensors(gb)
         warn_non_finite({k: v for k, v in tensors.items() if k.startswith(_GNET_PREFIX)}, save_directory)
         metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__,
-                    "save_id": save_id}
+                    "save_id": save_id, "gb_settings": _settings_json(gb.config)}
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(config_json(gb.config, [t.to_json() for t in gb.covered], save_id))
@@ -137,12 +141,17 @@ def save_compressed(
     return save_directory
 
 
+def _settings_json(config: GBConfig) -> str:
+    return json.dumps({k: getattr(config, k) for k in _SHAPELESS_FIELDS if hasattr(config, k)}, sort_keys=True)
+
+
 # ----------------------------------------------------------------------------- load
-def read_header(directory: str, save_id: str | None = None) -> dict[str, Any]:
+def read_header(directory: str, save_id: str | None = None, config: GBConfig | None = None) -> dict[str, Any]:
     """Check the safetensors file's header (format, version, save id) without reading its data.
 
     Returns ``{"metadata": ..., "shapes": {key: shape}, "dtypes": {key: dtype}}``. ``save_id`` is the one
     ``gb_config.json`` names: a file of another save means an interrupted save over an existing checkpoint.
+    ``config`` (gb_config.json's) must agree with the settings the file was saved with.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -174,6 +183,17 @@ def read_header(directory: str, save_id: str | None = None) -> dict[str, Any]:
             f"{save_id!r} vs {metadata.get('save_id')!r}): a save over this checkpoint was interrupted between "
             "writing the two; save it again, or restore the folder from a copy"
         )
+    if config is not None and "gb_settings" in metadata:
+        try:
+            saved = json.loads(metadata["gb_settings"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: metadata gb_settings is not valid JSON: {e}") from e
+        for key, value in (saved.items() if isinstance(saved, dict) else []):
+            if key in _SHAPELESS_FIELDS and getattr(config, key, value) != value:
+                raise ValueError(
+                    f"{os.path.join(directory, CONFIG_NAME)} has {key}={getattr(config, key)!r}, but the g-nets in "
+                    f"{WEIGHTS_NAME} were trained with {key}={value!r}; they would predict other weights"
+                )
     return {"metadata": metadata, "shapes": shapes, "dtypes": dtypes}
 
 
@@ -296,7 +316,7 @@ def load_checkpoint_state(gb: GenomicBottleneck, directory: str, info: dict[str,
     """Load the g-net and uncompressed tensors of the checkpoint in ``directory`` into ``gb`` and its model (in
     place: an optimizer keeps its parameters), checking names, shapes and the save id; then predict the weights."""
     info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
-    read_header(directory, info["save_id"])
+    read_header(directory, info["save_id"], info["gb_config"])
     _check_layout(gb, info["tensors"], directory)
     load_state(gb, read_tensors(directory), directory)
 
@@ -451,7 +471,7 @@ def bottleneck_from_pretrained(
     dtype = hub_kwargs.pop("torch_dtype", None) if dtype is None else dtype
     directory = resolve_checkpoint(path_or_repo, **hub_kwargs)
     info = read_config_json(os.path.join(directory, CONFIG_NAME))
-    header = read_header(directory, info["save_id"])
+    header = read_header(directory, info["save_id"], info["gb_config"])
 
     def check(m: nn.Module) -> None:
         _check_sizes(m, info, header, directory)
