@@ -228,7 +228,8 @@ def _check_layout(gb: GenomicBottleneck, saved: list[dict[str, Any]] | None, dir
         for key in ("shape", "tile"):
             if list(t[key]) != now[key]:
                 raise ValueError(
-                    f"tensor {t['name']}: {key} in {CONFIG_NAME} is {list(t[key])} but this model gives {now[key]}"
+                    f"tensor {t['name']}: {key} in {CONFIG_NAME} is {list(t[key])} but this model gives {now[key]} "
+                    f"({os.path.join(directory, CONFIG_NAME)})"
                 )
 
 
@@ -249,7 +250,7 @@ def _check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any],
                              "is it a checkpoint for another architecture?")
         if list(params[name].shape) != entry["shape"]:
             raise ValueError(f"tensor {name}: shape in {CONFIG_NAME} is {entry['shape']} but this model gives "
-                             f"{list(params[name].shape)}")
+                             f"{list(params[name].shape)} ({config_path})")
     state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
     for name, value in state.items():

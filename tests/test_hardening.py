@@ -402,3 +402,52 @@ def test_info_reports_training_state_apart_and_help_shows_defaults(copy_of, caps
         main(["compress", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: 500)" in help_text and "(default: 32)" in help_text and "--overwrite" in help_text
+
+
+# ----------------------------------------------------------------------------- 5. fuzz of gb_config.json
+def test_fuzzed_gb_config_loads_the_same_model_or_fails_naming_the_file(saved, tmp_path_factory):
+    hypothesis = pytest.importorskip("hypothesis", reason="the test extra installs hypothesis")
+    st = hypothesis.strategies
+    _, good, expected = saved
+    original = json.loads((good / CONFIG_NAME).read_text())
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(max_size=6), inner, max_size=4), max_leaves=12)
+    keys = st.sampled_from(sorted(original) + ["made_up"])
+    entry_keys = st.sampled_from(["name", "shape", "tile", "n_tiles", "layout", "module_type"])
+    edit = st.one_of(
+        st.tuples(st.just("set"), keys, values),
+        st.tuples(st.just("delete"), keys, st.none()),
+        st.tuples(st.just("entry"), entry_keys, values),
+        st.tuples(st.just("whole"), st.none(), values),
+    )
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(edits=st.lists(edit, min_size=1, max_size=3))
+    def check(edits):
+        folder = tmp_path_factory.mktemp("fuzz")
+        for name in (CONFIG_NAME, WEIGHTS_NAME, "config.json"):
+            shutil.copy(good / name, folder / name)
+        data = json.loads(json.dumps(original))
+        for kind, key, value in edits:
+            if kind != "whole" and not isinstance(data, dict):
+                continue
+            if kind == "set":
+                data[key] = value
+            elif kind == "delete":
+                data.pop(key, None)
+            elif kind == "entry" and isinstance(data.get("tensors"), list) and data["tensors"] \
+                    and isinstance(data["tensors"][0], dict):
+                data["tensors"][0][key] = value
+            elif kind == "whole":
+                data = value
+        (folder / CONFIG_NAME).write_text(json.dumps(data))
+        try:
+            model = hf_gb.load_compressed(str(folder))
+        except (ValueError, FileNotFoundError) as e:
+            assert str(folder) in str(e), f"{type(e).__name__} without the file: {e}"
+            return
+        torch.testing.assert_close(logits(model), expected, rtol=0, atol=0, msg=lambda m: f"{data}: {m}")
+
+    check()
