@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
-from .checkpoint import warn_non_finite
+from .checkpoint_checks import warn_non_finite
 from .config import GBConfig
 from .files import FORMAT_NAME, PLUGIN_STATE_NAME, atomic_write
 

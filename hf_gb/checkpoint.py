@@ -22,7 +22,6 @@ g-net values, are loaded with a warning.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,16 @@ import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
-from .config import FORMAT_VERSION, GBConfig, config_json, read_config_json
+from .checkpoint_checks import (
+    GNET_PREFIX,
+    MODEL_PREFIX,
+    check_layout,
+    check_sizes,
+    read_header,
+    settings_json,
+    warn_non_finite,
+)
+from .config import FORMAT_VERSION, config_json, read_config_json
 from .files import (
     CONFIG_NAME,
     FORMAT_NAME,
@@ -52,13 +60,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["bottleneck_from_pretrained", "load_checkpoint_state", "load_compressed", "read_header",
            "save_compressed"]
 
-# GBConfig fields that change what the g-nets predict without changing any tensor's shape: also written into the
-# safetensors metadata, so that a gb_config.json edited (or mixed up) after the save is caught, not loaded silently.
-_SHAPELESS_FIELDS = ("encoding", "center", "init_noise")
-_GNET_PREFIX = "gnet."
-_MODEL_PREFIX = "model."
+_GNET_PREFIX, _MODEL_PREFIX = GNET_PREFIX, MODEL_PREFIX
+_check_layout = check_layout
 # Kept importable from here for code written against earlier versions.
-_COMPAT = (atomic_write_text, resolve_checkpoint, FORMAT_NAME)
+_COMPAT = (atomic_write_text, resolve_checkpoint, FORMAT_NAME, read_header)
 
 
 # ----------------------------------------------------------------------------- save
@@ -72,15 +77,6 @@ def gb_state_tensors(gb: GenomicBottleneck) -> dict[str, torch.Tensor]:
         seen[id(value)] = name
         tensors[_MODEL_PREFIX + name] = value
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
-def warn_non_finite(tensors: dict[str, torch.Tensor], where: str) -> list[str]:
-    """Log a warning naming the g-net tensors of ``tensors`` that hold NaN or Inf; returns their names."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        logger.warning("%s: g-net tensors hold NaN or Inf values (%s), so every weight they predict is non-finite; "
-                       "an earlier training step probably diverged", where, ", ".join(bad[:5]))
-    return bad
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -111,7 +107,7 @@ def save_compressed(
         tensors = gb_state_tensors(gb)
         warn_non_finite({k: v for k, v in tensors.items() if k.startswith(_GNET_PREFIX)}, save_directory)
         metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__,
-                    "save_id": save_id, "gb_settings": _settings_json(gb.config)}
+                    "save_id": save_id, "gb_settings": settings_json(gb.config)}
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(config_json(gb.config, [t.to_json() for t in gb.covered], save_id))
@@ -141,62 +137,7 @@ def save_compressed(
     return save_directory
 
 
-def _settings_json(config: GBConfig) -> str:
-    return json.dumps({k: getattr(config, k) for k in _SHAPELESS_FIELDS if hasattr(config, k)}, sort_keys=True)
-
-
 # ----------------------------------------------------------------------------- load
-def read_header(directory: str, save_id: str | None = None, config: GBConfig | None = None) -> dict[str, Any]:
-    """Check the safetensors file's header (format, version, save id) without reading its data.
-
-    Returns ``{"metadata": ..., "shapes": {key: shape}, "dtypes": {key: dtype}}``. ``save_id`` is the one
-    ``gb_config.json`` names: a file of another save means an interrupted save over an existing checkpoint.
-    ``config`` (gb_config.json's) must agree with the settings the file was saved with.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} is not a compressed checkpoint: {WEIGHTS_NAME} is missing")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            shapes, dtypes = {}, {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                shapes[key], dtypes[key] = tuple(sl.get_shape()), sl.get_dtype()
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} is corrupt or truncated: {e}") from e
-    if metadata.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not an hf_gb checkpoint (metadata format={metadata.get('format')!r})")
-    version = metadata.get("format_version", "1")
-    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
-        if version.isdigit() and int(version) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has format_version={version} (hf_gb {metadata.get('hf_gb_version')}); "
-                f"this hf_gb {__version__} reads <= {FORMAT_VERSION}; upgrade hf_gb"
-            )
-        raise ValueError(f"{path}: metadata format_version must be a positive int, got {version!r}")
-    if metadata.get("save_id") != save_id:
-        raise ValueError(
-            f"{directory} holds {CONFIG_NAME} and {WEIGHTS_NAME} of two different saves (save_id "
-            f"{save_id!r} vs {metadata.get('save_id')!r}): a save over this checkpoint was interrupted between "
-            "writing the two; save it again, or restore the folder from a copy"
-        )
-    if config is not None and "gb_settings" in metadata:
-        try:
-            saved = json.loads(metadata["gb_settings"])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: metadata gb_settings is not valid JSON: {e}") from e
-        for key, value in (saved.items() if isinstance(saved, dict) else []):
-            if key in _SHAPELESS_FIELDS and getattr(config, key, value) != value:
-                raise ValueError(
-                    f"{os.path.join(directory, CONFIG_NAME)} has {key}={getattr(config, key)!r}, but the g-nets in "
-                    f"{WEIGHTS_NAME} were trained with {key}={value!r}; they would predict other weights"
-                )
-    return {"metadata": metadata, "shapes": shapes, "dtypes": dtypes}
-
-
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:
     """Load the checkpoint's safetensors file, with errors that name it (no save-id check; see `read_header`)."""
     from safetensors import SafetensorError
@@ -211,114 +152,12 @@ def read_tensors(directory: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated: {e}") from e
 
 
-def _check_layout(gb: GenomicBottleneck, saved: list[dict[str, Any]] | None, directory: str) -> None:
-    """The model rebuilt here must cover the same tensors, with the same shapes and tiles, as the saved one."""
-    if saved is None:
-        return
-    current = {t.name: t.to_json() for t in gb.covered}
-    names = {t["name"] for t in saved}
-    missing, extra = sorted(names - current.keys()), sorted(current.keys() - names)
-    if missing or extra:
-        raise ValueError(
-            f"{os.path.join(directory, CONFIG_NAME)} covers tensors this model does not "
-            f"(checkpoint only: {missing[:5]}; model only: {extra[:5]}); is it a checkpoint for another architecture?"
-        )
-    for t in saved:
-        now = current[t["name"]]
-        for key in ("shape", "tile"):
-            if list(t[key]) != now[key]:
-                raise ValueError(
-                    f"tensor {t['name']}: {key} in {CONFIG_NAME} is {list(t[key])} but this model gives {now[key]} "
-                    f"({os.path.join(directory, CONFIG_NAME)})"
-                )
-
-
-def _check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], directory: str) -> None:
-    """Before anything large is allocated: every model tensor is covered or stored with its shape, and the g-nets
-    the config asks for are no larger than the ones the file holds."""
-
-    config_path = os.path.join(directory, CONFIG_NAME)
-    entries = info["tensors"]
-    if entries is None:
-        raise ValueError(f"{config_path} has no 'tensors' list; it describes a config, not a checkpoint")
-    covered = {e["name"]: e for e in entries}
-    stored = {k[len(_MODEL_PREFIX):]: v for k, v in header["shapes"].items() if k.startswith(_MODEL_PREFIX)}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for name, entry in covered.items():
-        if name not in params:
-            raise ValueError(f"{config_path} covers tensor {name!r}, which this model does not have; "
-                             "is it a checkpoint for another architecture?")
-        if list(params[name].shape) != entry["shape"]:
-            raise ValueError(f"tensor {name}: shape in {CONFIG_NAME} is {entry['shape']} but this model gives "
-                             f"{list(params[name].shape)} ({config_path})")
-    state = model.state_dict(keep_vars=True)
-    groups: dict[int, list[str]] = {}
-    for name, value in state.items():
-        groups.setdefault(id(value), []).append(name)
-    for names in groups.values():
-        if any(n in covered for n in names):
-            continue
-        name = next((n for n in names if n in stored), None)
-        shape = tuple(state[names[0]].shape)
-        if name is None:
-            where = MODEL_CONFIG_NAME if os.path.isfile(os.path.join(directory, MODEL_CONFIG_NAME)) else "the model"
-            raise ValueError(
-                f"{os.path.join(directory, WEIGHTS_NAME)} lacks uncompressed tensor {names[0]!r} of shape {shape} "
-                f"that {where} describes, and {CONFIG_NAME} does not cover it"
-            )
-        if stored[name] != shape:
-            raise ValueError(f"tensor {name!r}: {os.path.join(directory, WEIGHTS_NAME)} holds shape {stored[name]}, "
-                             f"this model needs {shape}")
-    wanted = _gnet_values_wanted(model, info["gb_config"])
-    held = sum(_prod(s) for k, s in header["shapes"].items() if k.startswith(_GNET_PREFIX))
-    if wanted > 2 * held + 1024:
-        raise ValueError(
-            f"{config_path}: hidden_dim={info['gb_config'].hidden_dim} with these tiles calls for {wanted:,} g-net "
-            f"values, but {WEIGHTS_NAME} holds {held:,}; the two files do not belong together"
-        )
-
-
-def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
-    """About how many values the g-nets of ``config`` over ``model`` hold (one-hidden-layer MLP count), from the
-    shapes alone: the same module rules, geometry and ``min_compression`` as `GenomicBottleneck`, ties ignored."""
-    from .bottleneck import DEFAULT_TILE_SIZE
-    from .layers import coverable, name_matches, view3d
-    from .tiling import choose_geometry, compression_of, grid
-
-    if getattr(config, "family", "mlp") != "mlp":
-        return 0  # other families count their values differently; the shape checks still hold
-    explicit_tile = config.tile_size is not None or config.compression is not None
-    tile_size = config.tile_size if explicit_tile else DEFAULT_TILE_SIZE
-    explicit, total, seen = config.target_modules is not None, 0, set()
-    for mod_name, module in model.named_modules():
-        wanted = name_matches(mod_name, config.target_modules) if explicit else True
-        if not wanted or name_matches(mod_name, config.exclude_modules):
-            continue
-        for spec in coverable(module, opt_in=explicit) or []:
-            param = getattr(module, spec.attr, None)
-            if param is None or param.dim() < 2 or id(param) in seen:
-                continue
-            seen.add(id(param))
-            shape = tuple(view3d(param.detach(), spec.layout).shape)
-            geometry = choose_geometry(shape, config.hidden_dim, config.compression, tile_size)
-            if compression_of(shape, geometry, config.hidden_dim) >= config.min_compression:
-                total += _prod(grid(shape, geometry)) * geometry.gnet_params(config.hidden_dim)
-    return total
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 def load_checkpoint_state(gb: GenomicBottleneck, directory: str, info: dict[str, Any] | None = None) -> None:
     """Load the g-net and uncompressed tensors of the checkpoint in ``directory`` into ``gb`` and its model (in
     place: an optimizer keeps its parameters), checking names, shapes and the save id; then predict the weights."""
     info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
     read_header(directory, info["save_id"], info["gb_config"])
-    _check_layout(gb, info["tensors"], directory)
+    check_layout(gb, info["tensors"], directory)
     load_state(gb, read_tensors(directory), directory)
 
 
@@ -475,14 +314,14 @@ def bottleneck_from_pretrained(
     header = read_header(directory, info["save_id"], info["gb_config"])
 
     def check(m: nn.Module) -> None:
-        _check_sizes(m, info, header, directory)
+        check_sizes(m, info, header, directory)
 
     if model is None:
         model = _build_model(directory, device, dtype, check=check)
     else:
         check(model)
     gb = GenomicBottleneck(model, info["gb_config"])
-    _check_layout(gb, info["tensors"], directory)
+    check_layout(gb, info["tensors"], directory)
     load_state(gb, read_tensors(directory), directory)
     return gb
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +32,13 @@ from transformers.training_args import ParallelMode
 
 from .bottleneck import GenomicBottleneck
 from .checkpoint import load_checkpoint_state
+from .checkpoint_checks import CHECKPOINT_RE as _CHECKPOINT_RE
+from .checkpoint_checks import last_complete_checkpoint
 from .config import GBConfig, read_config_json
 from .files import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     MODEL_CONFIG_NAME,
-    TRAINER_STATE_NAME,
     WEIGHTS_NAME,
     atomic_write,
     remove_stale_staging,
@@ -450,46 +450,6 @@ class GBTrainer(Trainer):
                 atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
         self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
-
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
-
-
-def checkpoint_problem(folder: str) -> str | None:
-    """Why ``folder`` cannot be resumed from (a missing or mismatched file), or None when it is complete.
-
-    Complete: Trainer's ``trainer_state.json`` (written last) and both hf_gb files, from the same save.
-    """
-    from .checkpoint import read_header
-
-    for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME):
-        if not os.path.isfile(os.path.join(folder, name)):
-            return f"{name} is missing"
-    try:
-        info = read_config_json(os.path.join(folder, CONFIG_NAME))
-        read_header(folder, info["save_id"])
-    except (OSError, ValueError) as e:
-        return str(e)
-    return None
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` folder of ``output_dir`` that `checkpoint_problem` finds complete, or None.
-
-    Newer incomplete ones (a save that was killed) are skipped with a warning and left in place: they are the
-    user's files, and Trainer's ``save_total_limit`` rotation removes them in time.
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted(((int(m[1]), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
-                    and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
-    for _, name in steps:
-        folder = os.path.join(output_dir, name)
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        logger.warning("Not resuming from %s, which is incomplete (%s); trying an older checkpoint", folder, problem)
-    return None
 
 
 def _refuse_sharded(args: TrainingArguments, fsdp: bool = False, deepspeed: bool = False) -> None:
