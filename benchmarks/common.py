@@ -97,5 +97,4 @@ def sparse_gnet_init(gb: GenomicBottleneck, shift: float) -> None:
         for bank in gb.banks.values():
             bank.b1.copy_(torch.randn(bank.b1.shape, generator=gen) * 0.5 - shift)
     gb._calibrate()
-    gb.predict_weights(sample=False)
-    gb._tables = None
+    gb.predict_weights(sample=False, keep_graph=False)

@@ -99,8 +99,7 @@ def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS
 @torch.no_grad()
 def accuracy(model: nn.Module, gb: GenomicBottleneck | None, X: torch.Tensor, y: torch.Tensor) -> float:
     if gb is not None:
-        gb.predict_weights(sample=False)
-        gb._tables = None
+        gb.predict_weights(sample=False, keep_graph=False)
     model.eval()
     acc = (model(X).argmax(1) == y).float().mean().item()
     model.train()

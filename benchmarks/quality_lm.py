@@ -63,8 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate(model, gb, validation, batch_size: int) -> float:
     """Mean next-token cross-entropy over the validation blocks (weights predicted fresh when ``gb``)."""
     if gb is not None:
-        gb.predict_weights(sample=False)
-        gb._tables = None
+        gb.predict_weights(sample=False, keep_graph=False)
     model.eval()
     total, count = 0.0, 0
     blocks = validation.blocks

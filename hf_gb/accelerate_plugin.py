@@ -2,13 +2,14 @@
 
 Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
 explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
-and registers it for ``accelerator.save_state()`` / ``load_state()``. The loop then calls two hooks per micro-batch::
+and hooks it into ``accelerator.save_state()`` / ``load_state()`` (no pickle). The loop then calls two hooks per
+micro-batch::
 
-    plugin.before_step()      # first micro-batch of an optimizer step: g-nets -> weights (DESIGN.md §2, phase 1)
+    plugin.before_step()      # first micro-batch of an optimizer step: g-nets -> weights (docs/design.md §2, phase 1)
     accelerator.backward(loss)
     plugin.after_backward()   # sync micro-batch: accumulated (all-reduced) weight grads -> g-net grads (phase 3)
 
-Under DDP the g-nets are replicated (DESIGN.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
+Under DDP the g-nets are replicated (docs/design.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
 and every rank pushes the same gradient, so no g-net communication is needed after `prepare`.
 """
 
@@ -16,17 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
 from .checkpoint_checks import warn_non_finite
 from .config import GBConfig
+from .distributed import broadcast_gnets
 from .files import FORMAT_NAME, PLUGIN_STATE_NAME, atomic_write
+from .settings import add_config_fields, config_from, settings
 
 logger = logging.getLogger(__name__)
 
@@ -40,43 +41,8 @@ _FORWARD = "forward"  # before_step() done; this micro-batch's after_backward() 
 _ACCUMULATING = "accumulating"  # a non-sync micro-batch finished; weights stay predicted until the sync one
 
 
-def _parse_tile_size(value: str) -> int | list[int]:
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?", value)
-    if match is None:
-        raise ValueError("expected an int or 'rows,cols'")
-    rows, cols = match.groups()
-    return int(rows) if cols is None else [int(rows), int(cols)]
-
-
-def _parse_modules(value: str) -> str | list[str]:
-    # A comma-separated value is a list of name suffixes; anything else is a regex over the full module name.
-    return [p.strip() for p in value.split(",") if p.strip()] if "," in value else value
-
-
-def _parse_bool(value: str) -> bool:
-    from accelerate.utils import str_to_bool
-
-    return bool(str_to_bool(value))
-
-
-# How each HF_GB_<FIELD> environment variable is read.
-_ENV_PARSERS = {
-    "hidden_dim": int,
-    "compression": float,
-    "tile_size": _parse_tile_size,
-    "target_modules": _parse_modules,
-    "exclude_modules": _parse_modules,
-    "encoding": str,
-    "stochastic": _parse_bool,
-    "center": _parse_bool,
-    "init_noise": float,
-    "min_compression": float,
-    "kernel": str,
-    "seed": int,
-}
-
-
 @dataclass
+@add_config_fields("", optional=True, help_format="{help} ({env})")
 class GBPlugin:
     """Genomic bottleneck for custom Accelerate loops, configured in code or through ``HF_GB_*`` variables.
 
@@ -86,8 +52,8 @@ class GBPlugin:
     `GBConfig` is ``plugin.gb_config``.
 
     Args:
-        hidden_dim, compression, tile_size, target_modules, exclude_modules, encoding, stochastic, center,
-        init_noise, min_compression, kernel, seed: as in `GBConfig`.
+        every `GBConfig` field (``hidden_dim``, ``compression``, ``tile_size``, ...): as in `GBConfig`, read from
+            ``HF_GB_<FIELD>`` when left ``None``.
         gb_config (`GBConfig`, *optional*): base configuration for the fields that neither the call nor the
             environment sets.
 
@@ -111,38 +77,6 @@ class GBPlugin:
         ...     optimizer.zero_grad()
     """
 
-    hidden_dim: int | None = field(
-        default=None, metadata={"help": "Width of each g-net's hidden layer (HF_GB_HIDDEN_DIM)."}
-    )
-    compression: float | None = field(
-        default=None, metadata={"help": "Target covered weights / g-net parameters ratio (HF_GB_COMPRESSION)."}
-    )
-    tile_size: int | list[int] | None = field(
-        default=None, metadata={"help": "Tile size, an int or [rows, cols]; overrides compression (HF_GB_TILE_SIZE)."}
-    )
-    target_modules: str | list[str] | None = field(
-        default=None, metadata={"help": "Modules to cover: regex or list of name suffixes (HF_GB_TARGET_MODULES)."}
-    )
-    exclude_modules: str | list[str] | None = field(
-        default=None, metadata={"help": "Modules never to cover: regex or list of suffixes (HF_GB_EXCLUDE_MODULES)."}
-    )
-    encoding: str | None = field(
-        default=None, metadata={"help": "Position code, 'binary' or 'gray' (HF_GB_ENCODING)."}
-    )
-    stochastic: bool | None = field(
-        default=None, metadata={"help": "Sample weights with learned per-tile noise in training (HF_GB_STOCHASTIC)."}
-    )
-    center: bool | None = field(
-        default=None, metadata={"help": "Remove each predicted tile's row and column means (HF_GB_CENTER)."}
-    )
-    init_noise: float | None = field(
-        default=None, metadata={"help": "Initial noise std relative to the weight scale (HF_GB_INIT_NOISE)."}
-    )
-    min_compression: float | None = field(
-        default=None, metadata={"help": "Tensors compressed less than this stay uncompressed (HF_GB_MIN_COMPRESSION)."}
-    )
-    kernel: str | None = field(default=None, metadata={"help": "'compiled', 'eager' or 'auto' (HF_GB_KERNEL)."})
-    seed: int | None = field(default=None, metadata={"help": "Seed of the g-net initialisation (HF_GB_SEED)."})
     gb_config: GBConfig | None = field(
         default=None, metadata={"help": "Base GBConfig for fields set neither here nor in the environment."}
     )
@@ -152,22 +86,22 @@ class GBPlugin:
         if not isinstance(base, GBConfig):
             raise TypeError(f"gb_config must be a GBConfig, got {type(base).__name__}: {base!r}")
         values = {}
-        for name, parse in _ENV_PARSERS.items():
-            value = getattr(self, name)
-            env = ENV_PREFIX + name.upper()
+        for setting in settings():
+            value = getattr(self, setting.name)
+            env = ENV_PREFIX + setting.name.upper()
             if value is None and os.environ.get(env, "").strip():
                 raw = os.environ[env].strip()
                 try:
-                    value = parse(raw)
+                    value = setting.parse_env(raw)
                 except ValueError as e:
-                    raise ValueError(f"{env}={raw!r} is not a valid {name}: {e}") from e
-            values[name] = getattr(base, name) if value is None else value
+                    raise ValueError(f"{env}={raw!r} is not a valid {setting.name}: {e}") from e
+            values[setting.name] = value
         try:
-            self.gb_config = GBConfig(**values)
+            self.gb_config = config_from(values, base)
         except ValueError as e:
             raise ValueError(f"GBPlugin: {e}") from e
-        for name in _ENV_PARSERS:  # show the effective values, as Accelerate's plugins do
-            setattr(self, name, getattr(self.gb_config, name))
+        for setting in settings():  # show the effective values, as Accelerate's plugins do
+            setattr(self, setting.name, getattr(self.gb_config, setting.name))
         self._accelerator = None
         self._bottleneck: GenomicBottleneck | None = None
         self._phase = _IDLE
@@ -199,10 +133,8 @@ class GBPlugin:
         inner = accelerator.unwrap_model(model)
         inner.to(accelerator.device)
         gb = GenomicBottleneck(inner, self.gb_config)
-        if accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            with torch.no_grad():
-                for tensor in gb.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
+        if accelerator.num_processes > 1:
+            broadcast_gnets(gb)
         self._accelerator = accelerator
         self._bottleneck = gb
         self._predict_for_eval()
@@ -238,13 +170,8 @@ class GBPlugin:
             return
         self._require_step_finished("GBPlugin.before_step()")
         self._steps += 1
-        if gb.config.stochastic and gb.training:
-            # The noise seed must be the same on every rank and after a resume: derive it from the step count.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(gb.config.seed * 1_000_003 + self._steps)
-                gb.predict_weights()
-        else:
-            gb.predict_weights()
+        # The noise seed must be the same on every rank and after a resume: derived from the step count.
+        gb.predict_weights(step=self._steps)
         self._phase = _FORWARD
 
     def after_backward(self) -> None:
@@ -277,9 +204,7 @@ class GBPlugin:
         self._predict_for_eval()
 
     def _predict_for_eval(self) -> None:
-        gb = self.bottleneck
-        gb.predict_weights(sample=False)
-        gb._tables = None  # nothing to push through this prediction
+        self.bottleneck.predict_weights(sample=False, keep_graph=False)  # nothing will be pushed through it
 
     def _require_step_finished(self, what: str) -> None:
         if self._phase != _IDLE:

@@ -156,7 +156,7 @@ def load_checkpoint_state(gb: GenomicBottleneck, directory: str, info: dict[str,
     """Load the g-net and uncompressed tensors of the checkpoint in ``directory`` into ``gb`` and its model (in
     place: an optimizer keeps its parameters), checking names, shapes and the save id; then predict the weights."""
     info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
-    read_header(directory, info["save_id"], info["gb_config"])
+    read_header(directory, info["save_id"], info["gb_config"], info["format_version"])
     check_layout(gb, info["tensors"], directory)
     load_state(gb, read_tensors(directory), directory)
 
@@ -170,6 +170,8 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
     gnet = {k[len(_GNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_GNET_PREFIX)}
     plain = {k[len(_MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     own = gb.state_dict()
+    # Format 1 stored a frozen, always-zero b2 for centred banks; format 2 has none (centring removes it).
+    gnet = {k: v for k, v in gnet.items() if k in own or not (k.endswith(".b2") and gb.config.center)}
     for name, value in own.items():
         if name not in gnet:
             raise ValueError(f"{where} lacks g-net tensor {name!r}; is it a checkpoint for another architecture?")
@@ -208,8 +210,7 @@ def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], director
     extra = sorted(set(plain) - placed)
     if extra:
         raise ValueError(f"{where} holds model tensors this model has no place for: {extra[:5]}")
-    gb.predict_weights(sample=False)
-    gb._tables = None
+    gb.predict_weights(sample=False, keep_graph=False)
 
 
 def _build_model(directory: str, device: str | torch.device | None, dtype: Any, check=None) -> nn.Module:
@@ -311,7 +312,7 @@ def bottleneck_from_pretrained(
     dtype = hub_kwargs.pop("torch_dtype", None) if dtype is None else dtype
     directory = resolve_checkpoint(path_or_repo, **hub_kwargs)
     info = read_config_json(os.path.join(directory, CONFIG_NAME))
-    header = read_header(directory, info["save_id"], info["gb_config"])
+    header = read_header(directory, info["save_id"], info["gb_config"], info["format_version"])
 
     def check(m: nn.Module) -> None:
         check_sizes(m, info, header, directory)
@@ -320,7 +321,7 @@ def bottleneck_from_pretrained(
         model = _build_model(directory, device, dtype, check=check)
     else:
         check(model)
-    gb = GenomicBottleneck(model, info["gb_config"])
+    gb = GenomicBottleneck(model, info["gb_config"], init_gnets=False)  # the checkpoint replaces the init
     check_layout(gb, info["tensors"], directory)
     load_state(gb, read_tensors(directory), directory)
     return gb

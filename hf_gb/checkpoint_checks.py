@@ -46,12 +46,14 @@ def warn_non_finite(tensors: dict[str, torch.Tensor], where: str) -> list[str]:
     return bad
 
 
-def read_header(directory: str, save_id: str | None = None, config: GBConfig | None = None) -> dict[str, Any]:
+def read_header(directory: str, save_id: str | None = None, config: GBConfig | None = None,
+                config_version: int | None = None) -> dict[str, Any]:
     """Check the safetensors file's header (format, version, save id) without reading its data.
 
     Returns ``{"metadata": ..., "shapes": {key: shape}, "dtypes": {key: dtype}}``. ``save_id`` is the one
     ``gb_config.json`` names: a file of another save means an interrupted save over an existing checkpoint.
-    ``config`` (gb_config.json's) must agree with the settings the file was saved with.
+    ``config`` (gb_config.json's) must agree with the settings the file was saved with. Save ids exist from
+    format 2 on: when both files are format 1 (``config_version``, and the file's metadata) there is none to check.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -77,7 +79,8 @@ def read_header(directory: str, save_id: str | None = None, config: GBConfig | N
                 f"this hf_gb {__version__} reads <= {FORMAT_VERSION}; upgrade hf_gb"
             )
         raise ValueError(f"{path}: metadata format_version must be a positive int, got {version!r}")
-    if metadata.get("save_id") != save_id:
+    both_v1 = config_version == 1 and int(version) == 1
+    if not both_v1 and metadata.get("save_id") != save_id:
         raise ValueError(
             f"{directory} holds {CONFIG_NAME} and {WEIGHTS_NAME} of two different saves (save_id "
             f"{save_id!r} vs {metadata.get('save_id')!r}): a save over this checkpoint was interrupted between "
@@ -155,7 +158,10 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
         if stored[name] != shape:
             raise ValueError(f"tensor {name!r}: {os.path.join(directory, WEIGHTS_NAME)} holds shape {stored[name]}, "
                              f"this model needs {shape}")
-    wanted = _gnet_values_wanted(model, info["gb_config"])
+    try:
+        wanted = _gnet_values_wanted(model, info["gb_config"])
+    except ValueError as e:  # e.g. target_modules that match no module of this model
+        raise ValueError(f"{config_path}: {e}") from e
     held = sum(_prod(s) for k, s in header["shapes"].items() if k.startswith(GNET_PREFIX))
     if wanted > 2 * held + 1024:
         raise ValueError(
@@ -165,31 +171,27 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
 
 
 def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
-    """About how many values the g-nets of ``config`` over ``model`` hold (one-hidden-layer MLP count), from the
-    shapes alone: the same module rules, geometry and ``min_compression`` as `GenomicBottleneck`, ties ignored."""
+    """How many values the g-nets of ``config`` over ``model`` hold, from the shapes alone: the same targets,
+    geometry and ``min_compression`` as `GenomicBottleneck`, counted by the family's `GNetBank.params_per_tile`."""
+    from .bank import family_class
     from .bottleneck import DEFAULT_TILE_SIZE
-    from .layers import coverable, name_matches, view3d
+    from .layers import find_targets, view3d
     from .tiling import choose_geometry, compression_of, grid
 
-    if getattr(config, "family", "mlp") != "mlp":
-        return 0  # other families count their values differently; the shape checks still hold
+    family = family_class(config.family)
+
+    def per_tile(geometry):
+        return family.params_per_tile(geometry, config)
+
     explicit_tile = config.tile_size is not None or config.compression is not None
     tile_size = config.tile_size if explicit_tile else DEFAULT_TILE_SIZE
-    explicit, total, seen = config.target_modules is not None, 0, set()
-    for mod_name, module in model.named_modules():
-        wanted = name_matches(mod_name, config.target_modules) if explicit else True
-        if not wanted or name_matches(mod_name, config.exclude_modules):
-            continue
-        for spec in coverable(module, opt_in=explicit) or []:
-            param = getattr(module, spec.attr, None)
-            if param is None or param.dim() < 2 or id(param) in seen:
-                continue
-            seen.add(id(param))
-            shape = tuple(view3d(param.detach(), spec.layout).shape)
-            geometry = choose_geometry(shape, config.hidden_dim, config.compression, tile_size)
-            if compression_of(shape, geometry, config.hidden_dim) >= config.min_compression:
-                total += _prod(grid(shape, geometry)) * geometry.gnet_params(config.hidden_dim)
-    return total
+    total = 0
+    for target in find_targets(model, config)[0]:
+        shape = tuple(view3d(target.param.detach(), target.layout).shape)
+        geometry = choose_geometry(shape, per_tile, config.compression, tile_size)
+        if compression_of(shape, geometry, per_tile(geometry)) >= config.min_compression:
+            total += _prod(grid(shape, geometry)) * per_tile(geometry)
+    return round(total)
 
 
 def _prod(values) -> int:
@@ -209,7 +211,7 @@ def checkpoint_problem(folder: str) -> str | None:
             return f"{name} is missing"
     try:
         info = read_config_json(os.path.join(folder, CONFIG_NAME))
-        read_header(folder, info["save_id"])
+        read_header(folder, info["save_id"], info["gb_config"], info["format_version"])
     except (OSError, ValueError) as e:
         return str(e)
     return None

@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress an existing model by regression",
                        description="Fit g-nets to an existing model's weights by minimising the relative squared "
-                       "error; prints a per-tensor relative error and writes a compressed checkpoint. "
+                       "error (docs/design.md §5); prints a per-tensor relative error and writes a compressed "
+                       "checkpoint. "
                        "Pretrained weights look close to random: expect large errors at high compression.")
     p.add_argument("model", metavar="MODEL_DIR", help="transformers model folder (or Hub id)")
     p.add_argument("out", metavar="OUT", help="output folder for the compressed checkpoint")

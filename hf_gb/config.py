@@ -18,7 +18,7 @@ __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "GBConfig", "check_pattern", "config
 logger = logging.getLogger(__name__)
 
 # Bumped only when a saved checkpoint can no longer be read by older code. Readers accept 1 .. FORMAT_VERSION.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: centred banks store no b2 (version 1 files still load)
 
 # Keys of gb_config.json that describe the file, not the config.
 _META_KEYS = ("hf_gb_version", "format_version", "tensors", "save_id")
@@ -94,6 +94,17 @@ class GBConfig:
         metadata={"help": "'compiled' (torch.compile fused kernels), 'eager' (chunked reference), or 'auto'."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
+    family: str = field(
+        default="mlp",
+        metadata={"help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile)."},
+    )
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the g-net update of a step whose gradients are NaN or Inf (with a warning); one bad step "
+            "would otherwise turn every predicted weight into NaN."
+        },
+    )
 
     def __post_init__(self):
         self.hidden_dim = _int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
@@ -115,7 +126,7 @@ class GBConfig:
         for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS)):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
                 raise ValueError(f"{name} must be one of {choices}, got {name}={getattr(self, name)!r}")
-        for name in ("stochastic", "center"):  # strict: "no" or null must not read as a boolean
+        for name in ("stochastic", "center", "skip_nonfinite"):  # strict: "no" or null must not read as a boolean
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
         for name in ("init_noise", "min_compression"):
@@ -124,6 +135,10 @@ class GBConfig:
                 raise ValueError(f"{name} must be a positive number, got {name}={getattr(self, name)!r}")
             setattr(self, name, value)
         self.seed = _int("seed", self.seed, 0, 2**63 - 1)
+        from .bank import families  # local import: the bank module imports this one's type for hints only
+
+        if not (isinstance(self.family, str) and self.family in families()):
+            raise ValueError(f"family must be one of {families()}, got family={self.family!r:.80}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import GBConfig
 
 # How a stored parameter maps to the (out, in, K) view the tiles are cut from.
 LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -117,3 +121,56 @@ def unmatched_patterns(names: list[str], pattern: None | str | list[str]) -> lis
     if isinstance(pattern, str):
         return [] if any(name_matches(n, pattern) for n in names) else [pattern]
     return [p for p in pattern if not any(name_matches(n, [p]) for n in names)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A tensor the bottleneck will cover: its first full name, module type, layout, and the parameter."""
+
+    name: str
+    module_type: str
+    layout: str
+    param: nn.Parameter
+
+
+def find_targets(model: nn.Module, config: GBConfig) -> tuple[list[Target], list[tuple[str, str]]]:
+    """The tensors of ``model`` to cover (each parameter once, in model order) and ``(name, reason)`` of skipped ones.
+
+    A tensor tied to one that must not be covered (e.g. an output head tied to an uncovered input embedding) is
+    skipped. Raises ``ValueError`` when ``config.target_modules`` names no module of the model (a typo would
+    otherwise train a plain model without a word).
+    """
+    explicit = config.target_modules is not None
+    owners: dict[int, list[tuple[str, bool]]] = {}  # id(param) -> [(param name, coverable here)]
+    found: dict[int, Target] = {}
+    skipped: list[tuple[str, str]] = []
+    matched_any = False
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        wanted = name_matches(mod_name, config.target_modules) if explicit else True
+        matched_any = matched_any or (explicit and wanted)
+        if name_matches(mod_name, config.exclude_modules):
+            wanted = False
+        specs = coverable(module, opt_in=explicit) or []
+        spec_attrs = {s.attr: s for s in specs}
+        for attr, param in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            spec = spec_attrs.get(attr)
+            ok = wanted and spec is not None and param.dim() >= 2
+            owners.setdefault(id(param), []).append((full, ok))
+            if ok and id(param) not in found:
+                found[id(param)] = Target(full, type(module).__name__, spec.layout, param)
+            elif wanted and explicit and spec is None and param.dim() >= 2 and not specs:
+                skipped.append((full, f"unsupported module type {type(module).__name__}"))
+    if explicit and not matched_any:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}; module names "
+            f"look like {[n for n, _ in model.named_modules() if n][:5]}"
+        )
+    targets = []
+    for pid, target in found.items():
+        refused = [n for n, ok in owners[pid] if not ok]
+        if refused:  # tied to a tensor we must not cover (e.g. lm_head tied to the input embedding)
+            skipped.append((target.name, f"tied to {refused[0]}, which is not covered"))
+        else:
+            targets.append(target)
+    return targets, skipped

@@ -1,6 +1,6 @@
 """`GBTrainer` and `GBTrainingArguments`: train a transformers model through its genomic bottleneck.
 
-Where the bottleneck hooks into ``transformers.Trainer`` (DESIGN.md §2), per optimizer step:
+Where the bottleneck hooks into ``transformers.Trainer`` (docs/design.md §2), per optimizer step:
 
 - ``training_step`` (every micro-batch): Trainer's forward and backward; the covered weights' ``.grad`` accumulate
   (and DDP averages them on the sync micro-batch). On the sync micro-batch only, `GenomicBottleneck.push_gradients`
@@ -35,6 +35,7 @@ from .checkpoint import load_checkpoint_state
 from .checkpoint_checks import CHECKPOINT_RE as _CHECKPOINT_RE
 from .checkpoint_checks import last_complete_checkpoint
 from .config import GBConfig, read_config_json
+from .distributed import broadcast_gnets, check_replicas
 from .files import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -43,24 +44,25 @@ from .files import (
     atomic_write,
     remove_stale_staging,
 )
+from .settings import add_config_fields, config_from, settings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GBTrainer", "GBTrainingArguments"]
 
 # GBConfig fields whose disagreement between a checkpoint and the trainer makes the checkpoint unusable.
-_IGNORED_ON_LOAD = ("kernel", "seed")
-
-
-def _gb_field(name: str, default: Any, help_suffix: str = "") -> Any:
-    """A `GBTrainingArguments` field whose help text is the one of ``GBConfig.<name>``."""
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(GBConfig)}
-    return field(default=default, metadata={"help": f"Genomic bottleneck: {helps[name]}{help_suffix}"})
+_IGNORED_ON_LOAD = ("kernel", "seed", "skip_nonfinite")
 
 
 @dataclass
+@add_config_fields(
+    "gb_",
+    optional=False,
+    help_format="Genomic bottleneck: {help}",
+    overrides={"seed": {"type": int | None, "default": None, "help": " Default: the Trainer's `seed`."}},
+)
 class GBTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the genomic-bottleneck settings, each prefixed ``gb_``.
+    """`TrainingArguments` plus the genomic-bottleneck settings: every `GBConfig` field, prefixed ``gb_``.
 
     Every field parses through ``HfArgumentParser`` from the command line, JSON or YAML like any other Trainer
     argument; `to_gb_config` builds the `GBConfig` that `GBTrainer` uses.
@@ -75,22 +77,6 @@ class GBTrainingArguments(TrainingArguments):
         50.0
     """
 
-    gb_hidden_dim: int = _gb_field("hidden_dim", 32)
-    gb_compression: float | None = _gb_field("compression", None)
-    gb_tile_size: list[int] | None = _gb_field("tile_size", None, " On the command line: one or two ints.")
-    gb_target_modules: list[str] | None = _gb_field(
-        "target_modules", None, " On the command line: name suffixes; a single regex string from JSON/YAML."
-    )
-    gb_exclude_modules: list[str] | None = _gb_field(
-        "exclude_modules", None, " On the command line: name suffixes; a single regex string from JSON/YAML."
-    )
-    gb_encoding: str = _gb_field("encoding", "binary")
-    gb_stochastic: bool = _gb_field("stochastic", False)
-    gb_center: bool = _gb_field("center", True)
-    gb_init_noise: float = _gb_field("init_noise", 0.1)
-    gb_min_compression: float = _gb_field("min_compression", 1.0)
-    gb_kernel: str = _gb_field("kernel", "auto")
-    gb_seed: int | None = _gb_field("seed", None, " Default: the Trainer's `seed`.")
     gb_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -117,26 +103,18 @@ class GBTrainingArguments(TrainingArguments):
 
     def to_gb_config(self) -> GBConfig:
         """The `GBConfig` these arguments describe."""
-        tile = self.gb_tile_size
-        if isinstance(tile, (list, tuple)) and len(tile) == 1:
-            tile = tile[0]
+        values = {s.name: getattr(self, "gb_" + s.name) for s in settings()}
+        values["seed"] = self.seed if self.gb_seed is None else self.gb_seed
         try:
-            return GBConfig(
-                hidden_dim=self.gb_hidden_dim,
-                compression=self.gb_compression,
-                tile_size=tile,
-                target_modules=self.gb_target_modules,
-                exclude_modules=self.gb_exclude_modules,
-                encoding=self.gb_encoding,
-                stochastic=self.gb_stochastic,
-                center=self.gb_center,
-                init_noise=self.gb_init_noise,
-                min_compression=self.gb_min_compression,
-                kernel=self.gb_kernel,
-                seed=self.seed if self.gb_seed is None else self.gb_seed,
-            )
+            return config_from(values)
         except ValueError as e:
-            raise ValueError(f"Invalid gb_* training argument: {e} (the argument is the same name with gb_)") from e
+            # GBConfig names the field first ("compression must be ..."): name the argument the user typed.
+            message = str(e)
+            field_name = message.split(" ", 1)[0]
+            if field_name in values:
+                message = message.replace(f"{field_name}=", f"gb_{field_name}=")
+                message = message.replace(field_name, f"gb_{field_name}", 1)
+            raise ValueError(f"Invalid training argument: {message}") from e
 
 
 class _BottleneckCallback(TrainerCallback):
@@ -216,7 +194,7 @@ class GBTrainer(Trainer):
                 f"DistributedDataParallel (parallel_mode={self.args.parallel_mode.value}), so the ranks' g-nets would "
                 "drift apart; on a machine without GPUs pass use_cpu=True (--use_cpu) to train over gloo"
             )
-        self._ensure_bottleneck()
+        self._check_trainable(self._ensure_bottleneck())
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
         # First in line, so that every other callback's on_optimizer_step / on_step_end sees the new weights.
@@ -236,30 +214,36 @@ class GBTrainer(Trainer):
             self.gb.to(device)
         return self.gb
 
+    @staticmethod
+    def _check_trainable(gb: GenomicBottleneck) -> None:
+        frozen = [t.name for t in gb.covered if not t.param.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{len(frozen)} covered weights have requires_grad=False (e.g. {frozen[0]}), so no gradient would "
+                "reach their g-nets; unfreeze them (model.requires_grad_(True)) or leave them out of the "
+                "bottleneck (gb_exclude_modules)"
+            )
+        if not gb.covered and not gb.uncompressed_parameters():
+            raise ValueError("Nothing to train: the bottleneck covers no weight and no model parameter requires grad")
+
     def _predict_weights(self, train: bool, completed_steps: int | None = None) -> None:
-        """Predict the covered weights; in training with ``stochastic``, noise seeded by (seed, optimizer steps done).
+        """Predict the covered weights; in training with ``stochastic``, noise seeded by the optimizer steps done.
 
         The seed makes every rank draw the same noise, a resumed run draw the noise of the uninterrupted one, and
         a re-prediction within one step (after evaluation) reproduce the prediction its gradients will be pushed to.
         """
         gb = self._ensure_bottleneck()
         if not (train and gb.config.stochastic):
-            gb.predict_weights(sample=False)
+            gb.predict_weights(sample=False, keep_graph=train)
             return
-        with torch.random.fork_rng(devices=[]):
-            step = self.state.global_step if completed_steps is None else completed_steps
-            torch.manual_seed((gb.config.seed * 1_000_003 + step) % (2**63))
-            gb.predict_weights(sample=True)
+        step = self.state.global_step if completed_steps is None else completed_steps
+        gb.predict_weights(sample=True, step=step)
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.accelerator.num_processes > 1 and distributed:
-            # Replicated g-nets: start every rank from rank 0's (calibration reads the model's initial weights, which
-            # may differ between ranks); DDP has already broadcast the uncompressed parameters.
-            with torch.no_grad():
-                for tensor in [*gb.parameters(), *gb.buffers()]:
-                    torch.distributed.broadcast(tensor.data, src=0)
+        if self.accelerator.num_processes > 1:
+            # DDP has already broadcast the uncompressed parameters; the g-nets follow rank 0's too.
+            broadcast_gnets(gb)
         self._predict_weights(train=True)
         self.check_replicas()
 
@@ -269,20 +253,9 @@ class GBTrainer(Trainer):
         Compares float64 checksums of the g-net tensors and of the covered weights across processes; a no-op in a
         single process.
         """
-        gb = self.gb
-        if self.accelerator.num_processes <= 1 or not gb.covered:
+        if self.accelerator.num_processes <= 1:
             return
-        with torch.no_grad():
-            local = torch.stack(
-                [
-                    torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(),
-                    torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum(),
-                    torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum(),
-                ]
-            ).to(self.args.device)
-            everyone = self.accelerator.gather(local[None]).cpu()  # (world, 3)
-        if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
-            raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
+        check_replicas(self.gb, lambda x: self.accelerator.gather(x.to(self.args.device)))
 
     # ----------------------------------------------------------------- the step
     def training_step(

@@ -451,3 +451,13 @@ def test_fuzzed_gb_config_loads_the_same_model_or_fails_naming_the_file(saved, t
         torch.testing.assert_close(logits(model), expected, rtol=0, atol=0, msg=lambda m: f"{data}: {m}")
 
     check()
+
+
+def test_a_killed_save_over_a_format_1_checkpoint_is_detected(copy_of):
+    """A format-1 weights file (no save id) beside a newer gb_config.json (with one) is a mix, not a format-1 pair."""
+    path = copy_of / WEIGHTS_NAME
+    save_file(load_file(str(path)), str(path), metadata={"format": "hf_gb", "format_version": "1"})
+    with pytest.raises(ValueError, match="of two different saves"):
+        hf_gb.load_compressed(str(copy_of))
+    edit_json(copy_of / CONFIG_NAME, format_version=1, save_id=None)  # a true format-1 pair has no ids at all
+    hf_gb.load_compressed(str(copy_of))

@@ -19,8 +19,6 @@ import hf_gb
 from hf_gb import GBConfig, GBTrainer, GBTrainingArguments, GenomicBottleneck
 from hf_gb.checkpoint import WEIGHTS_NAME
 
-os.environ.setdefault("HF_GB_DISABLE_COMPILE", "1")  # tiny banks; keep inductor out of the test run
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 64, 16
 
@@ -65,11 +63,7 @@ def assert_states_close(a, b, atol=0.0):
 
 def repredicted(gb: GenomicBottleneck) -> GenomicBottleneck:
     """A copy of ``gb`` and its model whose covered weights are predicted afresh from ``gb``'s current g-nets."""
-    tables, gb._tables = gb._tables, None  # the kept prediction graph cannot be deep-copied
-    try:
-        twin = copy.deepcopy(gb)  # deep-copies the model too
-    finally:
-        gb._tables = tables
+    twin = copy.deepcopy(gb)  # deep-copies the model too (a kept prediction graph is not copied)
     for t in twin.covered:
         t.param.data.zero_()
     twin.predict_weights(sample=False)
@@ -113,7 +107,7 @@ def test_predict_once_per_step_push_on_sync_microbatch_before_clipping(tmp_path)
 
     class AfterStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            # Trainer zeroes only the model's grads; the g-nets must be zeroed too (DESIGN.md trap).
+            # Trainer zeroes only the model's grads; the g-nets must be zeroed too (docs/design.md §2).
             assert all(p.grad is None for p in gb.parameters())
             events.append("step-end")
 
@@ -504,3 +498,23 @@ def test_gb_learning_rate_sets_the_gnet_group_and_is_validated(tmp_path):
     assert lrs == {"gnet": 3e-2, "model": 1e-2}
     with pytest.raises(ValueError, match="gb_learning_rate=0"):
         make_args(tmp_path, gb_learning_rate=0.0)
+
+
+def test_frozen_model_gets_a_clear_error(tmp_path):
+    model = tiny_model()
+    model.requires_grad_(False)
+    args = GBTrainingArguments(str(tmp_path), report_to="none", use_cpu=True, gb_hidden_dim=4, gb_tile_size=[16])
+    with pytest.raises(ValueError, match="requires_grad=False.*unfreeze"):
+        GBTrainer(model=model, args=args)
+
+
+def test_bad_gb_argument_names_the_flag():
+    from transformers import HfArgumentParser
+
+    with pytest.raises(ValueError, match="gb_compression must be .* got gb_compression=-3"):
+        HfArgumentParser(GBTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", "o", "--gb_compression", "-3"])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train.py"), "--gb_compression", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[0].endswith("got gb_compression=-3.0")
