@@ -29,6 +29,7 @@ import concurrent.futures as futures
 import copy
 import hashlib
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -45,7 +46,7 @@ from common import RESULTS, machine, pyplot, table, write_json  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-MAX_LENGTH = 48
+MAX_LENGTH = 32
 
 
 # ----------------------------------------------------------------------------- data
@@ -251,6 +252,15 @@ def scores(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
             "retrieval_agreement": (nn_s == nn_t).double().mean().item()}
 
 
+def gb_budget(teacher, args, level: float) -> dict[str, int]:
+    """Stored values and g-net parameters of the GB student of ``level`` (built, not trained)."""
+    from hf_gb import GBConfig, GenomicBottleneck
+
+    gb = GenomicBottleneck(copy.deepcopy(teacher), GBConfig(hidden_dim=args.hidden_dim, compression=level,
+                                                            seed=args.seed))
+    return {"stored_values": gb_stored_values(gb), "gnet_params": gb.stats()["gnet_params"]}
+
+
 # ----------------------------------------------------------------------------- one student
 def _training_args(args, out: str, **extra):
     from hf_gb.distill import GBDistillationArguments
@@ -329,14 +339,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few sentences and steps, one level: a smoke run")
     p.add_argument("--levels", nargs="+", type=float, default=[4, 10, 30], help="GB covered compression targets")
     p.add_argument("--inits", nargs="+", default=["regression", "scratch"], choices=["regression", "scratch"])
+    p.add_argument("--scratch_levels", nargs="*", type=float, default=[10],
+                   help="levels at which the 'scratch' init runs too (regression runs at every level)")
     p.add_argument("--methods", nargs="+", default=["gb", "dense", "lowrank"], choices=["gb", "dense", "lowrank"])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW LR of dense tensors (all students)")
-    p.add_argument("--gnet_lr", type=float, default=1e-2, help="AdamW LR of the g-nets")
+    p.add_argument("--gnet_lr", type=float, default=3e-3, help="AdamW LR of the g-nets")
     p.add_argument("--hidden_dim", type=int, default=16, help="g-net hidden width")
     p.add_argument("--hidden_weight", type=float, default=0.0, help="GB only: weight of the hidden-state MSE")
-    p.add_argument("--regression_steps", type=int, default=100)
+    p.add_argument("--regression_steps", type=int, default=30)
     p.add_argument("--held_out", type=int, default=512, help="held-out sentences scored")
     p.add_argument("--jobs", type=int, default=2, help="students trained at once (one torch thread each)")
     p.add_argument("--threads", type=int, default=1)
@@ -345,7 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "or a temporary folder with --quick)")
     args = p.parse_args(argv)
     if args.quick:
-        args.levels, args.steps, args.held_out, args.regression_steps = [10], 30, 64, 20
+        args.levels, args.steps, args.held_out, args.regression_steps = [10], 20, 64, 10
         args.inits = ["regression"]
         if args.out is None:
             args.out = os.path.join(tempfile.gettempdir(), "hf_gb_quick", "distill_minilm")
@@ -368,20 +380,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = embed(teacher, tokenizer, held)
     common = {"args": vars(args), "threads": args.threads, "train": train_used, "held": held,
               "reference": reference.tolist()}
-    gb_jobs = [{**common, "kind": "gb", "level": lv, "init": init}
-               for lv in args.levels for init in args.inits] if "gb" in args.methods else []
+    budgets = {lv: gb_budget(teacher, args, lv) for lv in args.levels}  # storage of the GB student of each level
+    jobs = [{**common, "kind": "gb", "level": lv, "init": init} for lv in args.levels for init in args.inits
+            if "gb" in args.methods and (init == "regression" or lv in args.scratch_levels)]
+    jobs += [{**common, "kind": m, "level": lv, "budget": budgets[lv]}
+             for lv in args.levels for m in args.methods if m != "gb"]
     ctx = multiprocessing.get_context("spawn")
     rows: list[dict[str, Any]] = []
-    with futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        gb_rows = list(pool.map(run_student, gb_jobs))
-        rows += gb_rows
-        budgets = {}
-        for r in gb_rows:  # the alternatives get the storage of the smallest GB student of the level
-            if r["level"] not in budgets or r["stored_values"] < budgets[r["level"]]["stored_values"]:
-                budgets[r["level"]] = {"stored_values": r["stored_values"], "gnet_params": r["gnet_params"]}
-        other = [{**common, "kind": m, "level": lv, "budget": budgets[lv]}
-                 for lv in args.levels for m in args.methods if m != "gb" and lv in budgets]
-        rows += list(pool.map(run_student, other))
+    partial = args.out + ".partial.jsonl"  # one line per finished student, in case a long run is cut short
+    os.makedirs(os.path.dirname(partial) or ".", exist_ok=True)
+    with futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool, \
+            open(partial, "w", encoding="utf-8") as log:
+        for done in futures.as_completed([pool.submit(run_student, job) for job in jobs]):
+            rows.append(done.result())
+            log.write(json.dumps(rows[-1]) + "\n")
+            log.flush()
+    order = {(j["kind"], j["level"], j.get("init")): i for i, j in enumerate(jobs)}
+    rows.sort(key=lambda r: order[(r["method"], r["level"], r["init"])])
     teacher_values = stored_values(teacher)
     for r in rows:
         r["overall_compression"] = teacher_values / r["stored_values"]
