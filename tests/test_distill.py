@@ -302,3 +302,28 @@ def test_minilm_benchmark_quick_mode(tmp_path):
     gb = rows["gb"]
     assert gb["covered_compression"] > 2
     assert gb["cosine_mean"] > gb["init_cosine_mean"]  # distillation beats the untrained student
+
+
+def test_two_process_ddp_each_rank_holds_its_own_frozen_teacher(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_GB_DISABLE_COMPILE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    reports = tmp_path / "reports"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), os.path.join(ROOT, "tests", "scripts", "ddp_distill.py"), str(tmp_path / "out"),
+               str(reports)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (json.loads((reports / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world_size"] == 2 and rank0["wrapped"] == "DistributedDataParallel"
+    assert len(rank0["steps"]) == 3 and rank0["steps"] == rank1["steps"] and rank0["steps"][0] != rank0["steps"][-1]
+    for r in (rank0, rank1):  # a plain, frozen, eval-mode teacher per rank, never wrapped or updated
+        assert r["teacher_type"] == "LlamaForCausalLM" and r["teacher_unchanged"]
+        assert not r["teacher_training"] and not r["teacher_requires_grad"]
