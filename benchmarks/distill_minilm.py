@@ -337,20 +337,21 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few sentences and steps, one level: a smoke run")
-    p.add_argument("--levels", nargs="+", type=float, default=[4, 10, 30], help="GB covered compression targets")
+    p.add_argument("--levels", nargs="+", type=float, default=[10, 4, 30],
+                   help="GB covered compression targets, run in this order")
     p.add_argument("--inits", nargs="+", default=["regression", "scratch"], choices=["regression", "scratch"])
     p.add_argument("--scratch_levels", nargs="*", type=float, default=[10],
-                   help="levels at which the 'scratch' init runs too (regression runs at every level)")
+                   help="levels at which GB also runs from the 'scratch' init (after all others)")
     p.add_argument("--methods", nargs="+", default=["gb", "dense", "lowrank"], choices=["gb", "dense", "lowrank"])
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW LR of dense tensors (all students)")
     p.add_argument("--gnet_lr", type=float, default=3e-3, help="AdamW LR of the g-nets")
     p.add_argument("--hidden_dim", type=int, default=16, help="g-net hidden width")
     p.add_argument("--hidden_weight", type=float, default=0.0, help="GB only: weight of the hidden-state MSE")
-    p.add_argument("--regression_steps", type=int, default=30)
+    p.add_argument("--regression_steps", type=int, default=10)
     p.add_argument("--held_out", type=int, default=512, help="held-out sentences scored")
-    p.add_argument("--jobs", type=int, default=2, help="students trained at once (one torch thread each)")
+    p.add_argument("--jobs", type=int, default=3, help="students trained at once (one torch thread each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="path prefix of .json/.png (default results/distill_minilm, "
@@ -358,7 +359,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.levels, args.steps, args.held_out, args.regression_steps = [10], 20, 64, 10
-        args.inits = ["regression"]
+        args.inits, args.scratch_levels = ["regression"], []
         if args.out is None:
             args.out = os.path.join(tempfile.gettempdir(), "hf_gb_quick", "distill_minilm")
     if args.out is None:
@@ -381,10 +382,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = {"args": vars(args), "threads": args.threads, "train": train_used, "held": held,
               "reference": reference.tolist()}
     budgets = {lv: gb_budget(teacher, args, lv) for lv in args.levels}  # storage of the GB student of each level
-    jobs = [{**common, "kind": "gb", "level": lv, "init": init} for lv in args.levels for init in args.inits
-            if "gb" in args.methods and (init == "regression" or lv in args.scratch_levels)]
-    jobs += [{**common, "kind": m, "level": lv, "budget": budgets[lv]}
-             for lv in args.levels for m in args.methods if m != "gb"]
+    # Level by level (the first level's comparison is complete first if a long run is cut short), GB first.
+    jobs = [{**common, "kind": m, "level": lv, "init": "regression" if m == "gb" else None, "budget": budgets[lv]}
+            for lv in args.levels for m in args.methods]
+    jobs += [{**common, "kind": "gb", "level": lv, "init": "scratch"} for lv in args.scratch_levels
+             if "gb" in args.methods and "scratch" in args.inits]
     ctx = multiprocessing.get_context("spawn")
     rows: list[dict[str, Any]] = []
     partial = args.out + ".partial.jsonl"  # one line per finished student, in case a long run is cut short
