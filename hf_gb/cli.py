@@ -234,7 +234,6 @@ def cmd_compress_distill(args: argparse.Namespace) -> int:
         )
     gb = trainer.gb
     print(gb.summary(per_tensor=False))
-    used = {k: v for k, v in trainer.loss_weights.items() if v}
     print(f"held-out ({len(held_texts)} texts), untrained student -> distilled: "
           + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after))
     base = args.base_model or (args.model if is_hub_model_id(args.model) else None)
@@ -242,8 +241,7 @@ def cmd_compress_distill(args: argparse.Namespace) -> int:
             "training": {"method": f"distillation from {base or 'the original model'} (hf-gb compress --distill)",
                          "distillation_data": f"{os.path.basename(os.path.abspath(args.data))} "
                          f"({len(train_texts)} train / {len(held_texts)} held-out texts)",
-                         "distillation_loss": " + ".join(f"{w:g} * {k}" for k, w in used.items())
-                         + (f" (temperature {args.temperature:g})" if "kl" in used else ""),
+                         "distillation_loss": trainer.describe_loss(),
                          "student_init": args.init, "steps": args.steps, "batch_size": args.batch_size,
                          "learning_rate": args.learning_rate, "gnet_learning_rate": args.gnet_learning_rate}}
     save_compressed(gb, args.out, processing_class=tokenizer, model_card_kwargs=card)

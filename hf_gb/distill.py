@@ -298,6 +298,24 @@ class GBDistillationTrainer(GBTrainer):
             self.last_losses = {**parts, "loss": float(loss.detach())}
         return (loss, student) if return_outputs else loss
 
+    def describe_loss(self) -> str:
+        """The loss in use, e.g. ``"1 * kl (temperature 2)"``, for logs and model cards."""
+        used = " + ".join(f"{w:g} * {k}" for k, w in self.loss_weights.items() if w)
+        return used + (f" (temperature {self.temperature:g})" if self.loss_weights["kl"] else "")
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The compressed checkpoint of `GBTrainer`, its model card also naming the teacher, loss and init."""
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        from .model_card import write_model_card
+
+        name = getattr(getattr(self.teacher, "config", None), "_name_or_path", None) or None
+        rows = {"method": f"distillation from {name or type(self.teacher).__name__}",
+                "distillation_loss": self.describe_loss(), "student_init": getattr(self.args, "distill_init", "given")}
+        write_model_card(self.gb, output_dir if output_dir is not None else self.args.output_dir,
+                         trainer_state=self.state, training_args=self.args, training=rows, base_model=name)
+
     @torch.no_grad()
     def distillation_scores(self, dataset: Any = None) -> dict[str, float]:
         """Agreement with the teacher on ``dataset`` (default ``eval_dataset``): the mean distillation loss and its

@@ -160,6 +160,9 @@ def test_causal_lm_student_learns_the_teacher_which_stays_frozen(tmp_path):
     assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
     assert trainer.gb.model is trainer.model and trainer.model is not teacher
     trainer.save_model(str(tmp_path / "final"))
+    card = load_card(str(tmp_path / "final"))
+    assert "distillation from LlamaForCausalLM" in card.text and "1 * kl + 0.5 * task (temperature 2)" in card.text
+    assert card.data.base_model is None  # a teacher built from a config has no Hub id
     reloaded = hf_gb.load_compressed(str(tmp_path / "final"))
     ids = torch.tensor(lm_data(2, 3)["input_ids"])
     with torch.no_grad():
