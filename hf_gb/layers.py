@@ -6,6 +6,7 @@ not import transformers: GPT-2's ``Conv1D`` (weight stored ``(in, out)``) is rec
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .config import GBConfig
+
+logger = logging.getLogger(__name__)
 
 # How a stored parameter maps to the (out, in, K) view the tiles are cut from.
 LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -166,6 +169,11 @@ def find_targets(model: nn.Module, config: GBConfig) -> tuple[list[Target], list
             f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}; module names "
             f"look like {[n for n, _ in model.named_modules() if n][:5]}"
         )
+    if explicit and not isinstance(config.target_modules, str):
+        unmatched = unmatched_patterns([n for n, _ in model.named_modules(remove_duplicate=False)],
+                                       config.target_modules)
+        if unmatched:  # the others matched: maybe a list shared across architectures, maybe a typo
+            logger.warning("target_modules entries %s match no module of %s", unmatched, type(model).__name__)
     targets = []
     for pid, target in found.items():
         refused = [n for n, ok in owners[pid] if not ok]

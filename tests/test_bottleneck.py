@@ -521,3 +521,11 @@ def test_prediction_without_graph_cannot_be_pushed():
     _loss(model(x), y).backward()
     with pytest.raises(RuntimeError, match="predict_weights"):
         gb.push_gradients()
+
+
+def test_one_unmatched_target_entry_warns(caplog):
+    model = _blocks()
+    with caplog.at_level("WARNING", logger="hf_gb.layers"):
+        gb = GenomicBottleneck(model, GBConfig(hidden_dim=2, tile_size=8, target_modules=["q", "q_prj"]))
+    assert {t.name for t in gb.covered} == {"0.q.weight", "1.q.weight"}
+    assert "['q_prj'] match no module" in caplog.text
