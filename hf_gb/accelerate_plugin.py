@@ -1,4 +1,4 @@
-"""`GBPlugin`: the genomic bottleneck in a custom Accelerate training loop (one process or DDP).
+"""`GBPlugin`: the genomic bottleneck in a custom Accelerate training loop (one process, DDP or FSDP2).
 
 Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
 explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
@@ -10,7 +10,11 @@ micro-batch::
     plugin.after_backward()   # sync micro-batch: accumulated (all-reduced) weight grads -> g-net grads (phase 3)
 
 Under DDP the g-nets are replicated (docs/design.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
-and every rank pushes the same gradient, so no g-net communication is needed after `prepare`.
+and every rank pushes the same gradient, so no g-net communication is needed after `prepare`. Under FSDP2
+(``fsdp_version=2``) the g-nets are replicated too, but each rank predicts and pushes only the tiles of its own rows
+and the g-net gradients are summed over ranks (`hf_gb.sharding`); prepare the model and optimizer with
+`GBPlugin.accelerator_prepare` instead of ``accelerator.prepare`` so that the g-nets stay out of Accelerate's
+FSDP2 parameter remapping.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
@@ -106,6 +111,7 @@ class GBPlugin:
         self._bottleneck: GenomicBottleneck | None = None
         self._phase = _IDLE
         self._steps = 0  # optimizer steps begun; seeds the weight noise of stochastic g-nets
+        self._kind = "single"  # "single", "ddp" or "fsdp2" (hf_gb.distributed.check_setup), set by prepare
 
     # ----------------------------------------------------------------- attaching
     @property
@@ -130,8 +136,13 @@ class GBPlugin:
                 f"WORLD_SIZE={world_size} but the Accelerator runs num_processes=1; on a machine without GPUs, "
                 "`accelerate launch --multi_gpu` needs Accelerator(cpu=True) to start the gloo process group"
             )
+        from .distributed import check_setup
+
+        fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+        self._kind = check_setup(accelerator, fsdp_requested, False, "GBPlugin")
         inner = accelerator.unwrap_model(model)
-        inner.to(accelerator.device)
+        if not any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+            inner.to(accelerator.device)
         gb = GenomicBottleneck(inner, self.gb_config)
         if accelerator.num_processes > 1:
             broadcast_gnets(gb)
@@ -146,6 +157,27 @@ class GBPlugin:
         if accelerator.is_main_process:
             logger.info("Genomic bottleneck attached:\n%s", gb.summary(per_tensor=False))
         return model, gb
+
+    def accelerator_prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *others: Any) -> tuple:
+        """``accelerator.prepare(model, optimizer, *others)`` that also works under FSDP2; returns what it returns.
+
+        FSDP2's prepare maps every optimizer parameter to a model parameter and the g-nets are none, so they are
+        taken out of ``optimizer`` for the call and put back after, and the bottleneck is bound to the sharded
+        weights (each rank then predicts only its own rows). Under one process or DDP it is ``accelerator.prepare``.
+        """
+        from . import distributed
+        from .sharding import rebind
+
+        accelerator, gb = self._accelerator, self.bottleneck
+        if self._kind != "fsdp2":
+            return accelerator.prepare(model, optimizer, *others)
+        taken = distributed.detach_params(optimizer, gb.parameters())
+        prepared = accelerator.prepare(model, optimizer, *others)
+        model = prepared[0]
+        distributed.reattach_params(getattr(prepared[1], "optimizer", prepared[1]), taken)
+        rebind(gb, accelerator.unwrap_model(model))
+        self._predict_for_eval()
+        return prepared
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer (and gradient clipping) must cover: g-net parameters and uncompressed parameters."""
@@ -237,14 +269,20 @@ class GBPlugin:
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
         """Write the compressed checkpoint (as `GenomicBottleneck.save_pretrained`) from the main process only.
 
-        Loadable with `hf_gb.load_compressed`. All processes must call it; they wait for the write to finish.
+        Loadable with `hf_gb.load_compressed`. All processes must call it; they wait for the write to finish. Under
+        FSDP2 the uncompressed tensors are gathered for it (the covered weights never are).
         """
+        from contextlib import nullcontext
+
+        from .sharding import gathered
+
         accelerator = self._accelerator
         if accelerator is None:
             raise RuntimeError("GBPlugin.save_pretrained() needs plugin.prepare(accelerator, model) first")
         save_directory = os.fspath(save_directory)
-        if accelerator.is_main_process:
-            self.bottleneck.save_pretrained(save_directory, **kwargs)
+        with gathered(self.bottleneck) if self.bottleneck._shards else nullcontext():
+            if accelerator.is_main_process:
+                self.bottleneck.save_pretrained(save_directory, **kwargs)
         accelerator.wait_for_everyone()
         return save_directory
 

@@ -105,12 +105,19 @@ class GenomicBottleneck(nn.Module):
         self.skipped: list[tuple[str, str]] = []  # (name, reason) of weights left uncompressed
         self.banks = nn.ModuleDict()
         self._predicted = False  # a prediction with kept tables is waiting for its push
+        # Sharded models (FSDP2 DTensors, see hf_gb.sharding): this rank's rows of each covered weight and, per
+        # bank, the tiles that intersect them; empty on an unsharded model.
+        self._shards: dict[str, Any] = {}
+        self._plans: dict[str, Any] = {}
+        self._shard_group: Any = None
+        self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `sharding.gathered` saves
 
         family = family_class(config.family)
         targets, self.skipped = find_targets(model, config)
         by_geometry: dict[TileGeometry, list[CoveredTensor]] = {}
         for target in targets:
-            shape = tuple(view3d(target.param.detach(), target.layout).shape)
+            # The full (out, in, K) shape, also of a DTensor shard (a meta tensor holds no data).
+            shape = tuple(view3d(torch.empty(target.param.shape, device="meta"), target.layout).shape)
             geometry = self._geometry(shape, family)
             ratio = compression_of(shape, geometry, family.params_per_tile(geometry, config))
             if ratio < config.min_compression:
@@ -132,6 +139,10 @@ class GenomicBottleneck(nn.Module):
         if device is not None:
             self.to(device)
         object.__setattr__(model, _ATTACHED, weakref.ref(self))
+        if any(type(t.param).__name__ == "DTensor" for t in self.covered):  # e.g. FSDP2: plan shard-local work
+            from .sharding import rebind
+
+            rebind(self, model)
         if init_gnets:
             self._calibrate()
             self.predict_weights(sample=False, keep_graph=False)
@@ -148,8 +159,13 @@ class GenomicBottleneck(nn.Module):
         for key, bank in self.banks.items():
             target = torch.empty(bank.n_tiles)
             for t in self._members[key]:
-                w = t.param.detach().float()
-                std = w.std().item() if w.numel() > 1 else 0.0
+                if t.name in self._shards:  # exact std of the whole weight from the shards (one all-reduce)
+                    from .sharding import exact_std
+
+                    std = exact_std(t.param, self._shards[t.name])
+                else:
+                    w = t.param.detach().float()
+                    std = w.std().item() if w.numel() > 1 else 0.0
                 if not std > 0:  # zero or constant init: fall back to the fan-in rule
                     std = 1 / math.sqrt(t.shape[1] * t.shape[2])
                 target[t.offset : t.offset + t.n_tiles] = std
@@ -193,6 +209,16 @@ class GenomicBottleneck(nn.Module):
             seed = self.noise_seed(step) if step is not None else int(torch.randint(0, 2**62, ()))
         for i, (key, bank) in enumerate(self.banks.items()):
             bank_seed = None if seed is None else (seed * 1_000_003 + i) % (2**63)  # distinct noise per bank
+            plan = self._plans.get(key)
+            if plan is not None:  # sharded: only the whole tiles that intersect this rank's rows
+                from .sharding import write_bank
+
+                if not len(plan.index):
+                    bank.discard()
+                    continue
+                out = bank.predict(plan.index.to(bank.scale.device), noise_seed=bank_seed, keep_graph=keep_graph)
+                write_bank(out, plan)
+                continue
             out = bank.predict(noise_seed=bank_seed, keep_graph=keep_graph)
             with torch.no_grad():
                 for t in self._members[key]:
@@ -213,12 +239,19 @@ class GenomicBottleneck(nn.Module):
         self._predicted = False
         for key, bank in self.banks.items():
             members = self._members[key]
-            if all(t.param.grad is None for t in members):
+            plan = self._plans.get(key)
+            if all(t.param.grad is None for t in members) or (plan is not None and not len(plan.index)):
                 bank.discard()
+                for t in members:
+                    t.param.grad = None
                 continue
             g0 = bank.geometry
-            G = bank.scale.new_empty(bank.n_tiles, g0.rows, g0.cols * g0.kernel)
-            for t in members:
+            G = bank.scale.new_empty(bank.n_tiles if plan is None else len(plan.index), g0.rows, g0.cols * g0.kernel)
+            if plan is not None:  # this rank's rows of each tile, zeros elsewhere; summed over ranks below
+                from .sharding import grad_bank
+
+                grad_bank(G, plan)
+            for t in members if plan is None else ():
                 dst = G[t.offset : t.offset + t.n_tiles]
                 if t.param.grad is None:  # this tensor took no part in the loss
                     dst.zero_()
@@ -229,6 +262,10 @@ class GenomicBottleneck(nn.Module):
             del G
         for t in self.covered:
             t.param.grad = None
+        if self._shards:  # each rank pushed its rows: the sum over ranks is the gradient of the whole weights
+            from .sharding import all_reduce_gradients
+
+            all_reduce_gradients(self.parameters(), self._shard_group)  # before the finiteness check: all agree
         if self.config.skip_nonfinite and not self._gradients_finite():
             logger.warning(
                 "Skipping the g-net update of this step: its gradients are not finite (NaN or Inf; "
@@ -261,7 +298,10 @@ class GenomicBottleneck(nn.Module):
     def uncompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """Model tensors (parameters and persistent buffers) that the g-nets do not predict, by model name."""
         covered = {id(t.param) for t in self.covered}
-        return {k: v for k, v in self._model.state_dict(keep_vars=True).items() if id(v) not in covered}
+        state = {k: v for k, v in self._model.state_dict(keep_vars=True).items() if id(v) not in covered}
+        if self._full_uncompressed is not None:  # gathered copies of sharded tensors, for saving
+            state = {k: self._full_uncompressed.get(k, v) for k, v in state.items()}
+        return state
 
     def stats(self) -> dict[str, Any]:
         """Sizes and compression ratios: totals and one row per covered tensor."""

@@ -53,6 +53,7 @@ from .files import (
     publish,
 )
 from .hub import resolve_checkpoint
+from .sharding import model_class as built_class
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def save_compressed(
         model_config = getattr(gb.model, "config", None)
         if model_config is not None and hasattr(model_config, "save_pretrained"):
             model_config = copy.deepcopy(model_config)
-            model_config.architectures = [type(gb.model).__name__]  # what load_compressed rebuilds
+            model_config.architectures = [built_class(gb.model).__name__]  # what load_compressed rebuilds
             dtype = model_dtype(gb.model)
             if dtype is not None:
                 model_config.dtype = dtype  # what load_compressed restores, as transformers' save_pretrained does
@@ -158,7 +159,12 @@ def load_checkpoint_state(gb: GenomicBottleneck, directory: str, info: dict[str,
     info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
     read_header(directory, info["save_id"], info["gb_config"], info["format_version"])
     check_layout(gb, info["tensors"], directory)
-    load_state(gb, read_tensors(directory), directory)
+    tensors = read_tensors(directory)
+    if gb._shards:  # FSDP2: each rank loads its own rows of the sharded uncompressed tensors
+        from .sharding import distribute_like
+
+        distribute_like(gb.uncompressed_state_dict(), tensors, prefix=_MODEL_PREFIX)
+    load_state(gb, tensors, directory)
 
 
 def load_state(gb: GenomicBottleneck, tensors: dict[str, torch.Tensor], directory: str) -> None:
@@ -323,7 +329,12 @@ def bottleneck_from_pretrained(
         check(model)
     gb = GenomicBottleneck(model, info["gb_config"], init_gnets=False)  # the checkpoint replaces the init
     check_layout(gb, info["tensors"], directory)
-    load_state(gb, read_tensors(directory), directory)
+    tensors = read_tensors(directory)
+    if gb._shards:  # FSDP2: each rank loads its own rows of the sharded uncompressed tensors
+        from .sharding import distribute_like
+
+        distribute_like(gb.uncompressed_state_dict(), tensors, prefix=_MODEL_PREFIX)
+    load_state(gb, tensors, directory)
     return gb
 
 

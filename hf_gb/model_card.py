@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any
 
 from .files import README_NAME, TRAINING_STATE_PATTERNS, atomic_write_text
+from .sharding import model_class
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
     dense_dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
     load_path = kwargs.get("load_path") or kwargs.get("repo_id") or kwargs.get("target_directory") or directory
     model_name = kwargs.get("model_name") or (
-        str(kwargs["repo_id"]).split("/")[-1] if kwargs.get("repo_id") else f"{type(gb.model).__name__} (hf_gb)"
+        str(kwargs["repo_id"]).split("/")[-1] if kwargs.get("repo_id") else f"{model_class(gb.model).__name__} (hf_gb)"
     )
     tensors = stats["tensors"]
     template_vars = dict(

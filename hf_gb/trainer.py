@@ -30,6 +30,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
+from . import distributed
 from .bottleneck import GenomicBottleneck
 from .checkpoint import load_checkpoint_state
 from .checkpoint_checks import CHECKPOINT_RE as _CHECKPOINT_RE
@@ -45,6 +46,7 @@ from .files import (
     remove_stale_staging,
 )
 from .settings import add_config_fields, config_from, settings
+from .trainer_fsdp import FSDP2TrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ class _BottleneckCallback(TrainerCallback):
             logger.warning("%s; the main process's g-nets are the ones saved", e)
 
 
-class GBTrainer(Trainer):
+class GBTrainer(FSDP2TrainerMixin, Trainer):
     """`transformers.Trainer` that trains the g-nets of a genomic bottleneck instead of the model's weights.
 
     Takes every ``Trainer`` argument plus ``gb_config`` (default: ``args.to_gb_config()`` for
@@ -148,8 +150,9 @@ class GBTrainer(Trainer):
     (e.g. from ``GenomicBottleneck.from_pretrained`` to continue training). The bottleneck is ``trainer.gb``.
     The optimizer holds the g-net parameters and the uncompressed model parameters only; an optimizer passed in
     ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
-    format, loadable with `hf_gb.load_compressed`. FSDP and DeepSpeed are not supported yet; DDP is (every rank
-    keeps the same g-nets and predicts the same weights).
+    format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
+    weights; under FSDP2 (``fsdp_version=2``) every rank keeps the same g-nets and predicts only the tiles of its own
+    rows (`hf_gb.sharding`). FSDP1 and DeepSpeed are refused at start (`hf_gb.distributed.check_setup`).
 
     Example::
 
@@ -173,7 +176,7 @@ class GBTrainer(Trainer):
         **trainer_kwargs: Any,
     ):
         if args is not None:
-            _refuse_sharded(args)
+            distributed.check_arguments(args, "GBTrainer")
         if gb is not None:
             if model is None:
                 model = gb.model
@@ -186,8 +189,9 @@ class GBTrainer(Trainer):
             gb_config = args.to_gb_config()
         self.gb_config = gb_config if gb_config is not None else GBConfig()
         self.gb: GenomicBottleneck | None = gb
+        self._detached_gnets: list | None = None  # g-net groups kept out of Accelerate's FSDP2 prepare
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        _refuse_sharded(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        self._run_kind = distributed.check_setup(self.accelerator, *distributed.requested(self.args), "GBTrainer")
         if self.accelerator.num_processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
             raise RuntimeError(
                 f"{self.accelerator.num_processes} processes were launched but Trainer will not wrap the model in "
@@ -197,6 +201,7 @@ class GBTrainer(Trainer):
         self._check_trainable(self._ensure_bottleneck())
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
+            self._detach_for_fsdp2()
         # First in line, so that every other callback's on_optimizer_step / on_step_end sees the new weights.
         self.callback_handler.callbacks.insert(0, _BottleneckCallback(self))
         logger.info("Genomic bottleneck:\n%s", self.gb.summary(per_tensor=False))
@@ -241,6 +246,8 @@ class GBTrainer(Trainer):
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
+        if self._sharded and not gb._shards:
+            raise RuntimeError("GBTrainer runs under FSDP2 but the covered weights are not sharded DTensors")
         if self.accelerator.num_processes > 1:
             # DDP has already broadcast the uncompressed parameters; the g-nets follow rank 0's too.
             broadcast_gnets(gb)
@@ -248,9 +255,10 @@ class GBTrainer(Trainer):
         self.check_replicas()
 
     def check_replicas(self) -> None:
-        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights (DDP).
+        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights.
 
-        Compares float64 checksums of the g-net tensors and of the covered weights across processes; a no-op in a
+        Compares float64 checksums of the g-net tensors (and output scales) and, under DDP, of the covered weights
+        across processes (under FSDP2 each rank holds other rows, predicted from the same g-nets); a no-op in a
         single process.
         """
         if self.accelerator.num_processes <= 1:
@@ -312,6 +320,7 @@ class GBTrainer(Trainer):
                 "trainer.gb.parameters() and trainer.gb.uncompressed_parameters()"
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        self._detach_for_fsdp2()
         return self.optimizer
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -338,8 +347,7 @@ class GBTrainer(Trainer):
                 self._predict_weights(train=True)  # same seed: the sample this step's gradients belong to
 
     # ----------------------------------------------------------------- checkpoints
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the compressed checkpoint (main process only) plus ``training_args.bin``."""
+    def _save_compressed(self, output_dir: str | None, state_dict: dict | None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -423,22 +431,3 @@ class GBTrainer(Trainer):
                 atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
         self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
-
-
-def _refuse_sharded(args: TrainingArguments, fsdp: bool = False, deepspeed: bool = False) -> None:
-    """FSDP and DeepSpeed shard the weights the g-nets predict whole: not supported yet."""
-    def env(name: str) -> bool:
-        return os.environ.get(name, "false").lower() in ("1", "true")
-
-    fsdp = fsdp or bool(args.fsdp) or env("ACCELERATE_USE_FSDP")
-    deepspeed = deepspeed or bool(args.deepspeed) or env("ACCELERATE_USE_DEEPSPEED")
-    if deepspeed:
-        raise NotImplementedError(
-            "GBTrainer does not support DeepSpeed yet: ZeRO shards the weights that the g-nets predict whole. "
-            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
-        )
-    if fsdp:
-        raise NotImplementedError(
-            "GBTrainer does not support FSDP yet: FSDP shards the weights that the g-nets predict whole. "
-            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
-        )

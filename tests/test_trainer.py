@@ -3,6 +3,7 @@
 import concurrent.futures
 import copy
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -387,18 +388,28 @@ def test_trainer_takes_gb_config_from_arguments_or_keyword(tmp_path):
     assert trainer.gb.config == explicit
 
 
-@pytest.mark.parametrize("env,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_fsdp_and_deepspeed_are_refused(tmp_path, monkeypatch, env, name):
+def test_deepspeed_is_refused(tmp_path, monkeypatch):
     args = make_args(tmp_path)
-    monkeypatch.setenv(env, "true")  # what `accelerate launch --use_fsdp / --use_deepspeed` sets
-    with pytest.raises(NotImplementedError, match=f"does not support {name} yet"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeed .*FSDP2 \\(fsdp_version=2\\)"):
         GBTrainer(model=tiny_model(), args=args)
 
 
-def test_fsdp_argument_is_refused(tmp_path):
+def test_fsdp_that_does_not_engage_warns(tmp_path, monkeypatch, caplog):
+    """On CPU Accelerate never enables FSDP: the run is DDP-like, and the user who asked for FSDP must hear so."""
+    args = make_args(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with caplog.at_level(logging.WARNING, logger="hf_gb.distributed"):
+        trainer = GBTrainer(model=tiny_model(), args=args)
+    assert not trainer.is_fsdp_enabled
+    assert "FSDP was requested but Accelerate did not enable it" in caplog.text
+
+
+def test_fsdp1_argument_is_refused(tmp_path):
     args = make_args(tmp_path)
     args.fsdp = ["full_shard"]  # as parsed from --fsdp full_shard
-    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+    args.fsdp_config = {"version": 1}
+    with pytest.raises(NotImplementedError, match="only as FSDP2 .*fsdp_version=1"):
         GBTrainer(model=tiny_model(), args=args)
 
 
@@ -518,3 +529,14 @@ def test_bad_gb_argument_names_the_flag():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[0].endswith("got gb_compression=-3.0")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_is_refused_naming_the_stage(tmp_path, stage, monkeypatch):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+              "zero_allow_untested_optimizer": True}
+    args = GBTrainingArguments(str(tmp_path), report_to="none", use_cpu=True, deepspeed=config)
+    with pytest.raises(NotImplementedError, match=f"ZeRO stage {stage}\\).*FSDP2"):
+        GBTrainer(model=tiny_model(), args=args)
