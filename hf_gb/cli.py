@@ -182,6 +182,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if existing:
             raise UserError(f"{args.out} already holds a compressed checkpoint ({existing[0]}); pass --overwrite "
                             "to replace it")
+    if args.distill:
+        return cmd_compress_distill(args)
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -220,6 +222,102 @@ def cmd_compress(args: argparse.Namespace) -> int:
             json.dump({"relative_errors": errors, "mean_relative_error": mean, **gb.stats()}, f, indent=2)
     print(f"wrote compressed checkpoint to {args.out}")
     return 0
+
+
+def cmd_compress_distill(args: argparse.Namespace) -> int:
+    """``hf-gb compress --distill``: a student of the model's architecture, distilled from it on ``--data``."""
+    import tempfile
+
+    import torch
+
+    from .checkpoint import _model_class, save_compressed
+    from .distill import GBDistillationArguments, compress_by_distillation
+    from .distill_data import load_texts, tokenize
+    from .model_card import is_hub_model_id
+
+    if args.data is None:
+        raise UserError("--distill needs --data (a text file, a folder of text files or a saved datasets dataset)")
+    if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
+        raise UserError(f"no model folder at {args.model}")
+    if os.path.isfile(os.path.join(args.model, "gb_model.safetensors")):
+        raise UserError(f"{args.model} is already a compressed checkpoint; run `hf-gb decompress` on it first")
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
+
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.model} is not a transformers model folder with a tokenizer: "
+                        f"{str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_texts, held_texts = load_texts(args.data, args.held_out_fraction)
+    teacher = _model_class(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
+    weights = {"distill_kl_weight": args.kl_weight, "distill_embedding_cosine_weight": args.cosine_weight,
+               "distill_embedding_mse_weight": args.mse_weight, "distill_hidden_weight": args.hidden_weight}
+    with tempfile.TemporaryDirectory(prefix="hf-gb-distill-") as scratch:
+        training_args = GBDistillationArguments(
+            output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate,
+            gb_learning_rate=args.gnet_learning_rate, lr_scheduler_type="cosine",
+            warmup_steps=max(1, args.steps // 10), max_grad_norm=1.0, save_strategy="no", report_to="none",
+            use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_strategy="no", seed=args.seed,
+            remove_unused_columns=False, gb_hidden_dim=args.hidden_dim, gb_compression=args.compression,
+            gb_tile_size=[args.tile_size] if args.tile_size else None, gb_target_modules=args.target_modules,
+            gb_exclude_modules=args.exclude_modules, distill_init=args.init, distill_temperature=args.temperature,
+            distill_regression_steps=args.regression_steps, distill_regression_lr=args.lr,
+            **{k: v for k, v in weights.items() if v is not None},
+        )
+        trainer, before, after = compress_by_distillation(
+            teacher, tokenize(train_texts, tokenizer, args.max_length), tokenize(held_texts, tokenizer,
+                                                                                  args.max_length),
+            training_args, data_collator=DataCollatorWithPadding(tokenizer), progress=not args.quiet,
+        )
+    gb = trainer.gb
+    print(gb.summary(per_tensor=False))
+    print(f"held-out ({len(held_texts)} texts), untrained student -> distilled: "
+          + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after))
+    base = args.base_model or (args.model if is_hub_model_id(args.model) else None)
+    card = {"base_model": base, "metrics": {f"held_out_{k}": v for k, v in after.items()},
+            "training": {"method": f"distillation from {base or 'the original model'} (hf-gb compress --distill)",
+                         "distillation_data": f"{os.path.basename(os.path.abspath(args.data))} "
+                         f"({len(train_texts)} train / {len(held_texts)} held-out texts)",
+                         "distillation_loss": trainer.describe_loss(),
+                         "student_init": args.init, "steps": args.steps, "batch_size": args.batch_size,
+                         "learning_rate": args.learning_rate, "gnet_learning_rate": args.gnet_learning_rate}}
+    save_compressed(gb, args.out, processing_class=tokenizer, model_card_kwargs=card)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump({"held_out_before": before, "held_out_after": after, "loss_weights": trainer.loss_weights,
+                       **gb.stats()}, f, indent=2)
+    print(f"wrote compressed checkpoint to {args.out}")
+    return 0
+
+
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation", "With --distill, the student (the model's architecture, covered weights "
+                             "predicted by g-nets) is trained to reproduce the original model on --data; --steps "
+                             "counts distillation steps, --lr is the regression init's learning rate.")
+    g.add_argument("--distill", action="store_true", help="distil from the original model instead of regression")
+    g.add_argument("--data", help="text file, folder of text files, or a dataset saved with save_to_disk")
+    g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=16, help="texts per step")
+    g.add_argument("--learning-rate", type=_positive(float, "--learning-rate"), default=5e-4,
+                   help="peak learning rate of the uncompressed tensors (embeddings, norms, biases)")
+    g.add_argument("--gnet-learning-rate", type=_positive(float, "--gnet-learning-rate"), default=3e-3,
+                   help="peak learning rate of the g-nets")
+    g.add_argument("--init", choices=["regression", "scratch"], default="regression",
+                   help="g-nets fitted to the weights first (--regression-steps) or calibrated only")
+    g.add_argument("--regression-steps", type=_positive(int, "--regression-steps", 0, inclusive=True), default=100)
+    g.add_argument("--temperature", type=_positive(float, "--temperature"), default=2.0, help="of the KL on logits")
+    for flag, what in (("kl", "KL on logits (default 1 for models with logits)"),
+                       ("cosine", "1 - cosine of mean-pooled embeddings (default 1 for models without logits)"),
+                       ("mse", "MSE of mean-pooled embeddings (default 0)"),
+                       ("hidden", "MSE of hidden states, layer by layer (default 0)")):
+        g.add_argument(f"--{flag}-weight", type=_positive(float, f"--{flag}-weight", 0, inclusive=True),
+                       help=f"weight of the {what}")
+    g.add_argument("--max-length", type=_positive(int, "--max-length"), default=128, help="tokens per text")
+    g.add_argument("--held-out-fraction", type=_positive(float, "--held-out-fraction"), default=0.05,
+                   help="share of files (or lines) held out for the final score")
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -278,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a compressed checkpoint already in OUT, or write into the model's own folder")
+    _add_distill_flags(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("push", help="push a compressed checkpoint folder to the Hub",
