@@ -67,8 +67,10 @@ def is_inside(path: str, root: str) -> bool:
     repo's ``blobs`` folder, ``root`` is the repo's cache folder.
     """
     root = os.path.realpath(root)
-    if os.path.basename(os.path.dirname(root)) == "snapshots":
-        root = os.path.dirname(os.path.dirname(root))
+    repo = os.path.dirname(os.path.dirname(root))
+    if os.path.basename(os.path.dirname(root)) == "snapshots" and os.path.basename(repo).startswith(
+            ("models--", "datasets--", "spaces--")) and os.path.isdir(os.path.join(repo, "blobs")):
+        root = repo
     return os.path.realpath(path).startswith(root + os.sep)
 
 

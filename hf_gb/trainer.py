@@ -82,8 +82,8 @@ class GBTrainingArguments(TrainingArguments):
     gb_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Peak learning rate of the g-net parameters (default: `learning_rate`). The schedule scales it "
-            "like the other groups'. g-nets often want a larger one than the model's tensors."
+            "help": "Peak learning rate of the g-net parameters; None: the same as `learning_rate`. The schedule "
+            "scales it like the other groups'. g-nets often want a larger one than the model's tensors."
         },
     )
     gb_weight_decay: float = field(

@@ -461,3 +461,16 @@ def test_a_killed_save_over_a_format_1_checkpoint_is_detected(copy_of):
         hf_gb.load_compressed(str(copy_of))
     edit_json(copy_of / CONFIG_NAME, format_version=1, save_id=None)  # a true format-1 pair has no ids at all
     hf_gb.load_compressed(str(copy_of))
+
+
+def test_training_argument_help_says_what_none_means_without_contradicting_defaults(capsys):
+    from transformers import HfArgumentParser
+
+    from hf_gb import GBTrainingArguments
+
+    HfArgumentParser(GBTrainingArguments).print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    compression = text[text.index("--gb_compression GB_COMPRESSION,"):][:400]
+    assert "None: the tiles of `tile_size`" in compression
+    rate = text[text.index("--gb_learning_rate GB_LEARNING_RATE,"):][:400]
+    assert "None: the same as `learning_rate`" in rate and "(default: `learning_rate`)" not in rate
