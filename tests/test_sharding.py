@@ -223,6 +223,6 @@ def test_fsdp_example_runs(tmp_path):
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     losses = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("step")]
-    assert len(losses) == 3 and losses[-1] < losses[0], result.stdout
+    assert len(losses) == 2 and losses[-1] < losses[0], result.stdout  # steps 0 and 5
     assert "max |logit difference| 0.00e+00" in result.stdout, result.stdout
     assert "rank 0: predicts 60 of 120 tiles" in result.stdout and "rank 1: predicts 68 of 120 tiles" in result.stdout
