@@ -36,11 +36,6 @@ def is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def sharded_parameters(model: nn.Module) -> list[str]:
-    """Names of the parameters of ``model`` that are DTensors (e.g. after ``fully_shard``)."""
-    return [n for n, p in model.named_parameters() if is_dtensor(p)]
-
-
 def model_class(model: nn.Module) -> type:
     """The class ``model`` was built as: ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
     cls = type(model)
@@ -211,16 +206,6 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> N
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind ``value`` (a collective for a DTensor: every rank must call it)."""
     return value.full_tensor() if is_dtensor(value) else value
-
-
-def load_local(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy the full tensor ``value`` into ``target``: only this rank's rows when ``target`` is a sharded DTensor."""
-    shard = row_shard(target)
-    with torch.no_grad():
-        if shard is None:
-            target.copy_(value)
-        else:
-            target.to_local().copy_(value[shard.start : shard.stop])
 
 
 # ----------------------------------------------------------------------------- the engine, shard-local
