@@ -2,7 +2,8 @@
 
 Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
 explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
-and registers it for ``accelerator.save_state()`` / ``load_state()``. The loop then calls two hooks per micro-batch::
+and hooks it into ``accelerator.save_state()`` / ``load_state()`` (no pickle). The loop then calls two hooks per
+micro-batch::
 
     plugin.before_step()      # first micro-batch of an optimizer step: g-nets -> weights (docs/design.md §2, phase 1)
     accelerator.backward(loss)
@@ -27,8 +28,10 @@ import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
+from .checkpoint_checks import warn_non_finite
 from .config import GBConfig
 from .distributed import broadcast_gnets
+from .files import FORMAT_NAME, PLUGIN_STATE_NAME, atomic_write
 from .settings import add_config_fields, config_from, settings
 
 logger = logging.getLogger(__name__)
@@ -146,7 +149,9 @@ class GBPlugin:
         self._accelerator = accelerator
         self._bottleneck = gb
         self._predict_for_eval()
-        accelerator.register_for_checkpointing(_CheckpointState(self))
+        # Not `register_for_checkpointing`: Accelerate pickles those objects and unpickles them on load_state.
+        self._checkpoint = _CheckpointState(self)
+        inner.register_load_state_dict_post_hook(self._checkpoint.after_model_load)
         accelerator.register_save_state_pre_hook(self._save_state_pre_hook)
         accelerator.register_load_state_pre_hook(self._load_state_pre_hook)
         if accelerator.is_main_process:
@@ -251,12 +256,15 @@ class GBPlugin:
     def _save_state_pre_hook(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         # Gradients are not part of the state: saving before the step they belong to would lose them.
         self._require_step_finished("accelerator.save_state()")
+        self._checkpoint.save(output_dir)
 
     def _load_state_pre_hook(self, models: list[nn.Module], input_dir: str) -> None:
-        # The model and optimizer load next, our g-nets last (_CheckpointState), which then predicts again.
+        # The model and optimizer load after this hook; the model's load_state_dict post-hook then predicts the
+        # weights of the g-nets restored here (the model file holds the prediction of an earlier step).
         for t in self.bottleneck.covered:
             t.param.grad = None
         self._phase = _IDLE
+        self._checkpoint.load(input_dir)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
         """Write the compressed checkpoint (as `GenomicBottleneck.save_pretrained`) from the main process only.
@@ -280,22 +288,69 @@ class GBPlugin:
 
 
 class _CheckpointState:
-    """What `accelerator.save_state` stores for the plugin: the g-nets and the step count.
+    """What `accelerator.save_state` stores for the plugin: the g-nets and the step count, as safetensors.
 
-    Accelerate loads registered objects after the model and the optimizer, so loading here is the right moment
-    to predict the weights again from the restored g-nets (the model file holds the previous step's prediction).
+    ``hf_gb_plugin_state.safetensors`` in the state folder holds the bottleneck's ``state_dict``; its metadata
+    holds the step count. Nothing is pickled, so a replaced file cannot run code on ``load_state``.
     """
 
     def __init__(self, plugin: GBPlugin):
         self.plugin = plugin
+        self.predict_after_load = False
 
-    def state_dict(self) -> dict[str, Any]:
-        gnets = {k: v.detach().cpu().clone() for k, v in self.plugin.bottleneck.state_dict().items()}
-        return {"gnets": gnets, "steps": self.plugin._steps}
+    def save(self, output_dir: str) -> None:
+        from safetensors.torch import save_file
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        plugin = self.plugin
-        plugin.bottleneck.load_state_dict(state["gnets"])
-        plugin._steps = int(state["steps"])
+        accelerator = self.plugin._accelerator
+        writer = accelerator.is_local_main_process if _save_on_each_node(accelerator) else accelerator.is_main_process
+        if not writer:  # every rank holds the same g-nets
+            return
+        gnets = {k: v.detach().cpu().contiguous() for k, v in self.plugin.bottleneck.state_dict().items()}
+        warn_non_finite(gnets, output_dir)
+        metadata = {"format": FORMAT_NAME, "steps": str(self.plugin._steps)}
+        atomic_write(os.path.join(output_dir, PLUGIN_STATE_NAME), lambda tmp: save_file(gnets, tmp, metadata))
+
+    def load(self, input_dir: str) -> None:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        plugin, gb = self.plugin, self.plugin.bottleneck
+        path = os.path.join(input_dir, PLUGIN_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{input_dir} has no {PLUGIN_STATE_NAME}, so the g-nets cannot be restored; it was not written by "
+                "accelerator.save_state() with this GBPlugin (earlier hf_gb versions stored them in a pickle, "
+                "custom_checkpoint_0.pkl, which is never loaded)"
+            )
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+            gnets = load_file(path)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{path} is corrupt or truncated: {e}") from e
+        steps = metadata.get("steps", "")
+        if metadata.get("format") != FORMAT_NAME or not steps.isdigit():
+            raise ValueError(f"{path} is not a GBPlugin state (metadata format={metadata.get('format')!r}, "
+                             f"steps={steps!r})")
+        own = gb.state_dict()
+        if set(gnets) != set(own) or any(tuple(gnets[k].shape) != tuple(v.shape) for k, v in own.items()):
+            wrong = sorted(set(gnets) ^ set(own)) or [k for k, v in own.items() if gnets[k].shape != v.shape]
+            raise ValueError(f"{path} holds other g-nets than this plugin's (e.g. {wrong[0]!r}); was it saved with "
+                             "another GBConfig or model?")
+        warn_non_finite(gnets, path)
+        gb.load_state_dict(gnets)
+        plugin._steps = int(steps)
         plugin._phase = _IDLE
-        plugin._predict_for_eval()
+        plugin._predict_for_eval()  # covered weights stay the prediction whether or not the model loads next
+        self.predict_after_load = True
+
+    def after_model_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """Load-state-dict post-hook of the model: its file held the prediction of an earlier step; predict the
+        restored g-nets' weights again (only on the load that `accelerator.load_state` does after `load`)."""
+        if self.predict_after_load:
+            self.predict_after_load = False
+            self.plugin._predict_for_eval()
+
+
+def _save_on_each_node(accelerator: Any) -> bool:
+    return bool(getattr(getattr(accelerator, "project_configuration", None), "save_on_each_node", False))

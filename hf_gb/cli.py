@@ -16,19 +16,34 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from .files import CONFIG_NAME, GB_FILES, README_NAME, TOKENIZER_NAMES, WEIGHTS_NAME, is_training_state
+
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-# Files of a compressed checkpoint that `decompress` must not copy into a plain transformers folder.
-_GB_FILES = ("gb_model.safetensors", "gb_config.json", "config.json", "generation_config.json", "README.md")
+_GB_FILES = GB_FILES  # files `decompress` must not copy into a plain transformers folder
 
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, no traceback."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows each option's default, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -51,8 +66,7 @@ def _positive(kind: type, name: str, minimum: float = 0.0, inclusive: bool = Fal
 
 # ----------------------------------------------------------------------------- helpers
 def _resolve(path_or_repo: str, args: argparse.Namespace) -> str:
-    from .checkpoint import resolve_checkpoint
-    from .hub import check_compressed_folder
+    from .hub import check_compressed_folder, resolve_checkpoint
 
     directory = resolve_checkpoint(path_or_repo, revision=getattr(args, "revision", None),
                                    token=getattr(args, "token", None), cache_dir=getattr(args, "cache_dir", None))
@@ -60,8 +74,9 @@ def _resolve(path_or_repo: str, args: argparse.Namespace) -> str:
 
 
 def _files(directory: str) -> list[tuple[str, int]]:
-    return sorted((n, os.path.getsize(os.path.join(directory, n))) for n in os.listdir(directory)
-                  if os.path.isfile(os.path.join(directory, n)))
+    from .files import regular_files
+
+    return [(n, os.path.getsize(os.path.join(directory, n))) for n in regular_files(directory)]
 
 
 def _dense_bytes(gb) -> tuple[int, str]:
@@ -74,8 +89,7 @@ def _has_tokenizer(model: str) -> bool:
     """Whether ``model`` (a folder; Hub ids are assumed to) has tokenizer files worth carrying along."""
     if not os.path.isdir(model):
         return True
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
-    return any(os.path.isfile(os.path.join(model, n)) for n in names)
+    return any(os.path.isfile(os.path.join(model, n)) for n in TOKENIZER_NAMES)
 
 
 def _add_hub_flags(p: argparse.ArgumentParser) -> None:
@@ -91,11 +105,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     directory = _resolve(args.path, args)
     gb = bottleneck_from_pretrained(directory)
     files = _files(directory)
-    on_disk = sum(size for name, size in files if name != "README.md")
+    training = sum(size for name, size in files if is_training_state(name))
+    on_disk = sum(size for name, size in files if name != README_NAME and not is_training_state(name))
     dense, dtype = _dense_bytes(gb)
     if args.json:
         print(json.dumps({**gb.stats(), "directory": directory, "files": dict(files), "bytes_on_disk": on_disk,
-                          "dense_bytes": dense}, indent=2))
+                          "training_state_bytes": training, "dense_bytes": dense}, indent=2))
         return 0
     print(f"checkpoint: {directory}  ({type(gb.model).__name__}, hidden_dim={gb.config.hidden_dim})")
     print(gb.summary(per_tensor=True))
@@ -103,13 +118,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(n) for n, _ in files)
     for name, size in files:
         print(f"{name:<{width}}  {size:>14,} bytes")
-    print(f"bytes on disk: {on_disk:,} (without README.md); dense {dtype}: {dense:,} ({dense / on_disk:.2f}x larger)")
+    print(f"bytes on disk: {on_disk:,} (the compressed model, without README.md); dense {dtype}: {dense:,} "
+          f"({dense / on_disk:.2f}x larger)")
+    if training:
+        print(f"training state: {training:,} bytes (optimizer, scheduler, RNG and trainer state; not counted above)")
     return 0
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     from .checkpoint import load_compressed
-    from .hub import TRAINING_STATE_PATTERNS
+    from .files import make_staging, publish, regular_files
+    from .hub import is_inside
 
     directory = _resolve(args.path, args)
     if os.path.isfile(args.out):
@@ -117,14 +136,29 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     model = load_compressed(directory)
     if not hasattr(model, "save_pretrained"):
         raise UserError(f"{directory} holds a {type(model).__name__}, which has no save_pretrained")
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    skip = shutil.ignore_patterns(*_GB_FILES, *TRAINING_STATE_PATTERNS)
-    ignored = skip(directory, os.listdir(directory))
-    for name in os.listdir(directory):  # tokenizer / processor files travel with the model
-        src = os.path.join(directory, name)
-        if os.path.isfile(src) and name not in ignored and not name.startswith("."):
-            shutil.copy2(src, os.path.join(args.out, name))
+    # Everything is written into a staging folder and renamed in, weights last: a crash leaves each file of the
+    # folder either the old or the new one, never a partial one.
+    staging = make_staging(args.out)
+    try:
+        model.save_pretrained(staging)
+        for name in os.listdir(directory):  # tokenizer / processor files travel with the model
+            src = os.path.join(directory, name)
+            if name in GB_FILES or is_training_state(name) or name.startswith(".") or not os.path.isfile(src):
+                continue
+            if os.path.islink(src) and not is_inside(src, directory):
+                logger.warning("Not copying %s: a symbolic link to %s, outside %s", src, os.path.realpath(src),
+                               directory)
+                continue
+            shutil.copyfile(src, os.path.join(staging, name))
+        written = set(os.listdir(staging))
+        weights = sorted(n for n in written if n.startswith("model") and ".safetensors" in n)
+        publish(staging, args.out, last=weights)
+        for name in regular_files(args.out):  # weight files of an earlier save that this one does not replace
+            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
+                    and name not in written:
+                os.remove(os.path.join(args.out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote a standard transformers folder ({type(model).__name__}) to {args.out}")
     return 0
 
@@ -139,8 +173,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
         raise UserError(f"no model folder at {args.model}")
-    if os.path.isfile(os.path.join(args.model, "gb_model.safetensors")):
+    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
         raise UserError(f"{args.model} is already a compressed checkpoint; run `hf-gb decompress` on it first")
+    if not args.overwrite:
+        if os.path.isdir(args.model) and os.path.realpath(args.out) == os.path.realpath(args.model):
+            raise UserError(f"OUT is the model's own folder {args.model}; choose another folder (or --overwrite)")
+        existing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if os.path.exists(os.path.join(args.out, n))]
+        if existing:
+            raise UserError(f"{args.out} already holds a compressed checkpoint ({existing[0]}); pass --overwrite "
+                            "to replace it")
+    if args.distill:
+        return cmd_compress_distill(args)
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -179,6 +222,102 @@ def cmd_compress(args: argparse.Namespace) -> int:
             json.dump({"relative_errors": errors, "mean_relative_error": mean, **gb.stats()}, f, indent=2)
     print(f"wrote compressed checkpoint to {args.out}")
     return 0
+
+
+def cmd_compress_distill(args: argparse.Namespace) -> int:
+    """``hf-gb compress --distill``: a student of the model's architecture, distilled from it on ``--data``."""
+    import tempfile
+
+    import torch
+
+    from .checkpoint import _model_class, save_compressed
+    from .distill import GBDistillationArguments, compress_by_distillation
+    from .distill_data import load_texts, tokenize
+    from .model_card import is_hub_model_id
+
+    if args.data is None:
+        raise UserError("--distill needs --data (a text file, a folder of text files or a saved datasets dataset)")
+    if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
+        raise UserError(f"no model folder at {args.model}")
+    if os.path.isfile(os.path.join(args.model, "gb_model.safetensors")):
+        raise UserError(f"{args.model} is already a compressed checkpoint; run `hf-gb decompress` on it first")
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
+
+    try:
+        model_config = AutoConfig.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.model} is not a transformers model folder with a tokenizer: "
+                        f"{str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_texts, held_texts = load_texts(args.data, args.held_out_fraction)
+    teacher = _model_class(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
+    weights = {"distill_kl_weight": args.kl_weight, "distill_embedding_cosine_weight": args.cosine_weight,
+               "distill_embedding_mse_weight": args.mse_weight, "distill_hidden_weight": args.hidden_weight}
+    with tempfile.TemporaryDirectory(prefix="hf-gb-distill-") as scratch:
+        training_args = GBDistillationArguments(
+            output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate,
+            gb_learning_rate=args.gnet_learning_rate, lr_scheduler_type="cosine",
+            warmup_steps=max(1, args.steps // 10), max_grad_norm=1.0, save_strategy="no", report_to="none",
+            use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_strategy="no", seed=args.seed,
+            remove_unused_columns=False, gb_hidden_dim=args.hidden_dim, gb_compression=args.compression,
+            gb_tile_size=[args.tile_size] if args.tile_size else None, gb_target_modules=args.target_modules,
+            gb_exclude_modules=args.exclude_modules, distill_init=args.init, distill_temperature=args.temperature,
+            distill_regression_steps=args.regression_steps, distill_regression_lr=args.lr,
+            **{k: v for k, v in weights.items() if v is not None},
+        )
+        trainer, before, after = compress_by_distillation(
+            teacher, tokenize(train_texts, tokenizer, args.max_length), tokenize(held_texts, tokenizer,
+                                                                                  args.max_length),
+            training_args, data_collator=DataCollatorWithPadding(tokenizer), progress=not args.quiet,
+        )
+    gb = trainer.gb
+    print(gb.summary(per_tensor=False))
+    print(f"held-out ({len(held_texts)} texts), untrained student -> distilled: "
+          + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in after))
+    base = args.base_model or (args.model if is_hub_model_id(args.model) else None)
+    card = {"base_model": base, "metrics": {f"held_out_{k}": v for k, v in after.items()},
+            "training": {"method": f"distillation from {base or 'the original model'} (hf-gb compress --distill)",
+                         "distillation_data": f"{os.path.basename(os.path.abspath(args.data))} "
+                         f"({len(train_texts)} train / {len(held_texts)} held-out texts)",
+                         "distillation_loss": trainer.describe_loss(),
+                         "student_init": args.init, "steps": args.steps, "batch_size": args.batch_size,
+                         "learning_rate": args.learning_rate, "gnet_learning_rate": args.gnet_learning_rate}}
+    save_compressed(gb, args.out, processing_class=tokenizer, model_card_kwargs=card)
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump({"held_out_before": before, "held_out_after": after, "loss_weights": trainer.loss_weights,
+                       **gb.stats()}, f, indent=2)
+    print(f"wrote compressed checkpoint to {args.out}")
+    return 0
+
+
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation", "With --distill, the student (the model's architecture, covered weights "
+                             "predicted by g-nets) is trained to reproduce the original model on --data; --steps "
+                             "counts distillation steps, --lr is the regression init's learning rate.")
+    g.add_argument("--distill", action="store_true", help="distil from the original model instead of regression")
+    g.add_argument("--data", help="text file, folder of text files, or a dataset saved with save_to_disk")
+    g.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=16, help="texts per step")
+    g.add_argument("--learning-rate", type=_positive(float, "--learning-rate"), default=5e-4,
+                   help="peak learning rate of the uncompressed tensors (embeddings, norms, biases)")
+    g.add_argument("--gnet-learning-rate", type=_positive(float, "--gnet-learning-rate"), default=3e-3,
+                   help="peak learning rate of the g-nets")
+    g.add_argument("--init", choices=["regression", "scratch"], default="regression",
+                   help="g-nets fitted to the weights first (--regression-steps) or calibrated only")
+    g.add_argument("--regression-steps", type=_positive(int, "--regression-steps", 0, inclusive=True), default=100)
+    g.add_argument("--temperature", type=_positive(float, "--temperature"), default=2.0, help="of the KL on logits")
+    for flag, what in (("kl", "KL on logits (default 1 for models with logits)"),
+                       ("cosine", "1 - cosine of mean-pooled embeddings (default 1 for models without logits)"),
+                       ("mse", "MSE of mean-pooled embeddings (default 0)"),
+                       ("hidden", "MSE of hidden states, layer by layer (default 0)")):
+        g.add_argument(f"--{flag}-weight", type=_positive(float, f"--{flag}-weight", 0, inclusive=True),
+                       help=f"weight of the {what}")
+    g.add_argument("--max-length", type=_positive(int, "--max-length"), default=128, help="tokens per text")
+    g.add_argument("--held-out-fraction", type=_positive(float, "--held-out-fraction"), default=0.05,
+                   help="share of files (or lines) held out for the final score")
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -235,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="Hub id of the original model, for the model card")
     p.add_argument("--report", help="also write the per-tensor errors and sizes as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a compressed checkpoint already in OUT, or write into the model's own folder")
+    _add_distill_flags(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("push", help="push a compressed checkpoint folder to the Hub",

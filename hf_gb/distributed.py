@@ -154,7 +154,7 @@ def save_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank:
 
     from safetensors.torch import save_file
 
-    from .checkpoint import _atomic  # the one atomic-write helper of the package
+    from .files import atomic_write  # the one atomic-write helper of the package
 
     state = optimizer.state_dict()
     tensors = {}
@@ -167,7 +167,7 @@ def save_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank:
             tensors[f"state.{index}.{key}"] = local.detach().contiguous().cpu()
     metadata = {"param_groups": json.dumps(state["param_groups"]), "world_size": str(world_size)}
     path = os.path.join(directory, optimizer_shard_name(rank, world_size))
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -6,7 +6,6 @@ not import transformers: GPT-2's ``Conv1D`` (weight stored ``(in, out)``) is rec
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -80,13 +79,48 @@ def coverable(module: nn.Module, opt_in: bool) -> list[Coverable] | None:
     return None
 
 
+# Longest a regex may take to match one module name. Patterns come from user files (gb_config.json): a crafted
+# one must fail, not hang. Sane patterns match a module name in microseconds.
+MATCH_TIMEOUT_S = 0.5
+
+
 def name_matches(name: str, pattern: None | str | list[str]) -> bool:
-    """PEFT-style matching: a string is a regex over the full name, a list matches exact names or name suffixes."""
+    """PEFT-style matching: a string is a regex over the full name, a list matches exact names or name suffixes.
+
+    Raises ``ValueError`` when a regex takes longer than `MATCH_TIMEOUT_S` on one name (catastrophic
+    backtracking), naming the pattern.
+    """
     if pattern is None:
         return False
     if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
+        import regex  # like `re`, plus a time bound per match
+
+        try:
+            return regex.fullmatch(pattern, name, timeout=MATCH_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise ValueError(
+                f"module pattern {pattern[:80]!r} took longer than {MATCH_TIMEOUT_S} s to match the module name "
+                f"{name!r}; simplify it (nested repeats such as (a+)+ backtrack catastrophically)"
+            ) from None
     return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def unmatched_patterns(names: list[str], pattern: None | str | list[str]) -> list[str]:
+    """The parts of ``pattern`` that match none of ``names``: the regex itself, or each list entry that matches
+    no name (an empty list when every part matches something, or for ``None``).
+
+    For `GenomicBottleneck` to raise on ``target_modules`` that cover nothing, as PEFT does::
+
+        >>> unmatched_patterns(["model.q_proj", "model.v_proj"], ["q_proj", "q_prj"])
+        ['q_prj']
+        >>> unmatched_patterns(["model.q_proj"], "k_proj")
+        ['k_proj']
+    """
+    if pattern is None:
+        return []
+    if isinstance(pattern, str):
+        return [] if any(name_matches(n, pattern) for n in names) else [pattern]
+    return [p for p in pattern if not any(name_matches(n, [p]) for n in names)]
 
 
 @dataclass(frozen=True)

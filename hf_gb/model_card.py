@@ -25,6 +25,7 @@ import re
 from importlib import resources
 from typing import Any
 
+from .files import README_NAME, TRAINING_STATE_PATTERNS, atomic_write_text
 from .sharding import model_class
 from .version import __version__
 
@@ -35,13 +36,7 @@ __all__ = ["SECTION_END", "SECTION_START", "TEMPLATE_NAME", "is_hub_model_id", "
 TEMPLATE_NAME = "model_card.md"
 SECTION_START = "<!-- hf_gb:model-card:start -->"
 SECTION_END = "<!-- hf_gb:model-card:end -->"
-README_NAME = "README.md"
 TAGS = ["hf_gb", "genomic-bottleneck", "compressed"]
-# Files of a Trainer checkpoint that resume training but are not part of the compressed model.
-TRAINING_STATE_PATTERNS = [
-    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin",
-    "trainer_state.json", "gb_trainer_state.json",
-]
 # Rows of the per-tensor table before it is cut short (a card for a 100-layer model stays readable).
 MAX_TENSOR_ROWS = 64
 # Trainer metrics that describe the run, not the model.
@@ -108,7 +103,7 @@ def _files(directory: str) -> list[dict[str, Any]]:
     rows = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        skip = name == README_NAME or name.startswith((".", "_")) or not os.path.isfile(path)
+        skip = name == README_NAME or name.startswith((".", "_")) or os.path.islink(path) or not os.path.isfile(path)
         if not skip and not any(fnmatch.fnmatch(name, p) for p in TRAINING_STATE_PATTERNS):
             rows.append({"name": name, "size": os.path.getsize(path)})
     return rows
@@ -257,9 +252,11 @@ def write_model_card(gb: Any, directory: str, target_directory: str | None = Non
     """
     card = render_card(gb, directory, target_directory=target_directory, **kwargs)
     existing = os.path.join(target_directory or directory, README_NAME)
-    if os.path.isfile(existing):
+    if os.path.islink(existing):  # never read (and later upload) whatever a link points at
+        logger.warning("%s is a symbolic link; it is replaced by the new card, not merged into it", existing)
+    elif os.path.isfile(existing):
         card = _merge(card, existing)
     path = os.path.join(directory, README_NAME)
-    card.save(path)
+    atomic_write_text(path, str(card))  # replaces a link at `path` instead of writing through it
     load_card(path)  # the card must parse back as valid metadata; fails loudly here rather than on the Hub
     return path

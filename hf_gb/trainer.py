@@ -32,9 +32,19 @@ from transformers.training_args import ParallelMode
 
 from . import distributed
 from .bottleneck import GenomicBottleneck
-from .checkpoint import _MODEL_PREFIX, WEIGHTS_NAME, _check_layout, load_state, read_tensors
-from .config import CONFIG_NAME, GBConfig, read_config_json
+from .checkpoint import load_checkpoint_state
+from .checkpoint_checks import CHECKPOINT_RE as _CHECKPOINT_RE
+from .checkpoint_checks import last_complete_checkpoint
+from .config import GBConfig, read_config_json
 from .distributed import broadcast_gnets, check_replicas
+from .files import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    MODEL_CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    remove_stale_staging,
+)
 from .settings import add_config_fields, config_from, settings
 from .trainer_fsdp import FSDP2TrainerMixin
 
@@ -43,7 +53,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GBTrainer", "GBTrainingArguments"]
 
 # GBConfig fields whose disagreement between a checkpoint and the trainer makes the checkpoint unusable.
-_IGNORED_ON_LOAD = ("kernel", "seed")
+_IGNORED_ON_LOAD = ("kernel", "seed", "skip_nonfinite")
 
 
 @dataclass
@@ -345,19 +355,35 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
             logger.warning("GBTrainer saves the g-nets and uncompressed tensors; ignoring the given state_dict")
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving compressed checkpoint to %s", output_dir)
+        if _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
+            # Staging folders left by saves that were killed in sibling checkpoints (this one cleans its own).
+            run_dir = os.path.dirname(os.path.normpath(output_dir))
+            for name in os.listdir(run_dir):
+                if _CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
+                    remove_stale_staging(os.path.join(run_dir, name))
         processing_class = self.processing_class
         if processing_class is None:
             processing_class = getattr(self.data_collator, "tokenizer", None)
         card = {"trainer_state": self.state, "training_args": self.args}
         self.gb.save_pretrained(output_dir, processing_class=processing_class, model_card_kwargs=card)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        atomic_write(os.path.join(output_dir, TRAINING_ARGS_NAME), lambda tmp: torch.save(self.args, tmp))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of ``output_dir``
+        (see `last_complete_checkpoint`), skipping incomplete ones with a warning."""
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = found
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_compressed_state(self, checkpoint: str) -> None:
         """Load the g-nets and uncompressed tensors of a compressed checkpoint folder into ``trainer.gb`` (and the
         model), in place (the optimizer keeps its parameters), and predict the weights."""
         gb = self._ensure_bottleneck()
         info = read_config_json(os.path.join(checkpoint, CONFIG_NAME))
-        saved = GBConfig.from_dict(info["config"])
+        saved = info["gb_config"]
         for f in dataclasses.fields(GBConfig):
             if f.name in _IGNORED_ON_LOAD:
                 continue
@@ -367,13 +393,7 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
                     f"{os.path.join(checkpoint, CONFIG_NAME)} has {f.name}={theirs!r}, but this trainer's g-nets "
                     f"have {f.name}={ours!r}"
                 )
-        tensors = read_tensors(checkpoint)
-        _check_layout(gb, info["tensors"], checkpoint)
-        if gb._shards:  # each rank loads its own rows of the sharded uncompressed tensors
-            from .sharding import distribute_like
-
-            distribute_like(gb.uncompressed_state_dict(), tensors, prefix=_MODEL_PREFIX)
-        load_state(gb, tensors, checkpoint)  # predicts (noise-free); training predicts again on_train_begin
+        load_checkpoint_state(gb, checkpoint, info)  # predicts (noise-free); training predicts again on_train_begin
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         logger.info("Loading compressed checkpoint from %s", resume_from_checkpoint)
@@ -404,9 +424,10 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
         in_progress = getattr(self, "push_in_progress", None)
         if not self.args.hub_always_push and in_progress is not None and not in_progress.is_done():
             return
-        for name in (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json"):
+        for name in (MODEL_CONFIG_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME):  # the hf_gb pair last
             source = os.path.join(checkpoint_folder, name)
-            if os.path.isfile(source):
-                shutil.copy(source, os.path.join(self.args.output_dir, name))
+            if os.path.isfile(source) and not os.path.islink(source):
+                target = os.path.join(self.args.output_dir, name)
+                atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
         self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
