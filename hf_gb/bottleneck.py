@@ -169,7 +169,12 @@ class GenomicBottleneck(nn.Module):
                 if not std > 0:  # zero or constant init: fall back to the fan-in rule
                     std = 1 / math.sqrt(t.shape[1] * t.shape[2])
                 target[t.offset : t.offset + t.n_tiles] = std
-            bank.calibrate(target)
+            if key in self._plans:  # sharded: from this rank's tiles, statistics summed over ranks
+                from .sharding import calibrate_bank
+
+                calibrate_bank(bank, target, self._plans[key], self._shard_group)
+            else:
+                bank.calibrate(target)
 
     def detach_model(self) -> None:
         """Release the model so that another bottleneck may attach to it; this one then predicts nothing."""

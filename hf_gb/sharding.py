@@ -36,11 +36,6 @@ def is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def sharded_parameters(model: nn.Module) -> list[str]:
-    """Names of the parameters of ``model`` that are DTensors (e.g. after ``fully_shard``)."""
-    return [n for n, p in model.named_parameters() if is_dtensor(p)]
-
-
 def model_class(model: nn.Module) -> type:
     """The class ``model`` was built as: ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
     cls = type(model)
@@ -213,16 +208,6 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if is_dtensor(value) else value
 
 
-def load_local(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy the full tensor ``value`` into ``target``: only this rank's rows when ``target`` is a sharded DTensor."""
-    shard = row_shard(target)
-    with torch.no_grad():
-        if shard is None:
-            target.copy_(value)
-        else:
-            target.to_local().copy_(value[shard.start : shard.stop])
-
-
 # ----------------------------------------------------------------------------- the engine, shard-local
 @dataclass
 class _Member:
@@ -279,6 +264,31 @@ def shard_group(shards: dict[str, RowShard]) -> Any:
     if len(groups) > 1:
         raise ValueError(f"covered weights are sharded over {len(groups)} different process groups; use one mesh")
     return next(iter(groups.values()), None)
+
+
+@torch.no_grad()
+def calibrate_bank(bank: nn.Module, target_std: torch.Tensor, plan: BankPlan, group: Any = None) -> None:
+    """`GNetBank.calibrate` from this rank's tiles only: each rank predicts its tiles, and the per-tile std and
+    mean are summed over ranks with a count (a tile two ranks share is computed identically by both), so every rank
+    ends with the scales one process would set, and no rank ever predicts the whole bank."""
+    import torch.distributed as dist
+
+    bank.scale.fill_(1.0)
+    stats = bank.scale.new_zeros(bank.n_tiles, 3, dtype=torch.float64)  # (std, mean, count) per tile
+    if len(plan.index):
+        index = plan.index.to(bank.scale.device)
+        out = bank.predict(index, keep_graph=False)
+        std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
+        stats[index] = torch.stack([std.double(), mean.double(), torch.ones_like(std, dtype=torch.float64)], 1)
+        del out
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    if not bool((stats[:, 2] > 0).all()):
+        raise RuntimeError("some tiles are predicted by no rank; the shard plan does not cover the bank")
+    std, mean = (stats[:, :2] / stats[:, 2:]).to(bank.scale.dtype).unbind(1)
+    bank._remove_mean_(mean)
+    target = target_std.to(bank.scale)
+    # As in GNetBank.calibrate: a tile without spread keeps unit gain.
+    bank.scale.copy_(torch.where(std > 1e-6, target / std.clamp_min(1e-6), target))
 
 
 def write_bank(out: torch.Tensor, plan: BankPlan) -> None:

@@ -34,10 +34,15 @@ class Checksums(TrainerCallback):
             self.steps.append({"step": state.global_step, "gnet": [float(p.double().sum()) for p in gb.parameters()]})
 
 
-def main(output_dir: str, report_dir: str, max_steps: str, resume: str) -> None:
-    force_fsdp2()
+def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: str = "fsdp") -> None:
+    """``mode``: "fsdp" (AdamW, rank-dependent initial weights), or "fsdp-sgd" / "ddp-sgd" (plain SGD, the same
+    initial weights on every rank) for comparing FSDP2 with DDP: Adam would turn rounding-level differences of
+    near-zero gradients into full-size steps, and FSDP2 does not broadcast the uncompressed tensors as DDP does."""
+    if mode.startswith("fsdp"):
+        force_fsdp2()
     rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(100 + rank)  # different initial weights per rank: the trainer must replicate the g-nets
+    # Different initial weights per rank in "fsdp": the trainer must replicate the g-nets.
+    torch.manual_seed(100 + (rank if mode == "fsdp" else 0))
     config = LlamaConfig(vocab_size=63, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                          tie_word_embeddings=False)
@@ -46,13 +51,14 @@ def main(output_dir: str, report_dir: str, max_steps: str, resume: str) -> None:
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = GBTrainingArguments(output_dir, max_steps=int(max_steps), per_device_train_batch_size=2,
                                gradient_accumulation_steps=3, learning_rate=1e-2, save_steps=2, report_to="none",
-                               disable_tqdm=True, use_cpu=True, seed=7, data_seed=7,
-                               accelerator_config={"use_configured_state": True},
+                               disable_tqdm=True, use_cpu=True, seed=7, data_seed=7, ddp_backend="gloo",
+                               optim="adamw_torch" if mode == "fsdp" else "sgd",
+                               accelerator_config={"use_configured_state": mode.startswith("fsdp")},
                                gb_hidden_dim=4, gb_tile_size=[16], gb_exclude_modules=["embed_tokens"])
     checksums = Checksums()
     trainer = GBTrainer(model=model, args=args, train_dataset=data, callbacks=[checksums])
     checksums.trainer = trainer
-    assert trainer.is_fsdp_enabled
+    assert trainer.is_fsdp_enabled == mode.startswith("fsdp")
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.check_replicas()
     gb = trainer.gb
@@ -68,4 +74,4 @@ def main(output_dir: str, report_dir: str, max_steps: str, resume: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
