@@ -47,7 +47,6 @@ from .files import (
     MODEL_CONFIG_NAME,
     WEIGHTS_NAME,
     PathLike,
-    atomic_write,
     atomic_write_text,
     make_staging,
     new_save_id,
@@ -66,7 +65,6 @@ _GNET_PREFIX, _MODEL_PREFIX = GNET_PREFIX, MODEL_PREFIX
 _check_layout = check_layout
 # Kept importable from here for code written against earlier versions (new code imports them from hf_gb.files).
 _COMPAT = (atomic_write_text, resolve_checkpoint, FORMAT_NAME, read_header)
-_atomic = atomic_write
 
 
 # ----------------------------------------------------------------------------- save
