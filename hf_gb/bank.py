@@ -13,6 +13,7 @@ rows of a weight predicts just the tiles that intersect them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -184,11 +185,30 @@ class GNetBank(nn.Module):
         return center_tiles(out) if self.center else out
 
     @torch.no_grad()
-    def calibrate(self, target_std: torch.Tensor) -> None:
-        """Set each tile's scale so that its noise-free prediction has std ``target_std[t]`` over its positions."""
+    def calibrate(
+        self,
+        target_std: torch.Tensor,
+        index: torch.Tensor | None = None,
+        reduce: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """Set each tile's scale so that its noise-free prediction has std ``target_std[t]`` over its positions.
+
+        ``index`` predicts only those tiles and ``reduce`` sums, in place, the ``(n_tiles, 3)`` float64 table of
+        per-tile (std, mean, count) over processes (e.g. an all-reduce), so that processes that each hold some
+        tiles end with the scales one process would set.
+        """
         self.scale.fill_(1.0)
-        out = self.predict(keep_graph=False)
-        std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
+        stats = self.scale.new_zeros(self.n_tiles, 3, dtype=torch.float64)  # (std, mean, count) per tile
+        if index is None or len(index):
+            std, mean = torch.std_mean(self.predict(index, keep_graph=False).flatten(1), dim=1, correction=0)
+            stats[slice(None) if index is None else index] = torch.stack(
+                [std.double(), mean.double(), torch.ones_like(std, dtype=torch.float64)], 1
+            )
+        if reduce is not None:
+            reduce(stats)
+        if not bool((stats[:, 2] > 0).all()):
+            raise RuntimeError("calibrate: some tiles were predicted by no process")
+        std, mean = (stats[:, :2] / stats[:, 2:]).to(self.scale.dtype).unbind(1)
         self._remove_mean_(mean)
         target = target_std.to(self.scale)
         # A tile of one position (or a degenerate g-net) has no spread to match: keep unit gain there.

@@ -268,27 +268,13 @@ def shard_group(shards: dict[str, RowShard]) -> Any:
 
 @torch.no_grad()
 def calibrate_bank(bank: nn.Module, target_std: torch.Tensor, plan: BankPlan, group: Any = None) -> None:
-    """`GNetBank.calibrate` from this rank's tiles only: each rank predicts its tiles, and the per-tile std and
-    mean are summed over ranks with a count (a tile two ranks share is computed identically by both), so every rank
-    ends with the scales one process would set, and no rank ever predicts the whole bank."""
+    """`GNetBank.calibrate` from this rank's tiles only: the per-tile (std, mean, count) are summed over ranks (a
+    tile two ranks share is computed identically by both), so every rank ends with the scales one process would
+    set, and no rank ever predicts the whole bank."""
     import torch.distributed as dist
 
-    bank.scale.fill_(1.0)
-    stats = bank.scale.new_zeros(bank.n_tiles, 3, dtype=torch.float64)  # (std, mean, count) per tile
-    if len(plan.index):
-        index = plan.index.to(bank.scale.device)
-        out = bank.predict(index, keep_graph=False)
-        std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
-        stats[index] = torch.stack([std.double(), mean.double(), torch.ones_like(std, dtype=torch.float64)], 1)
-        del out
-    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    if not bool((stats[:, 2] > 0).all()):
-        raise RuntimeError("some tiles are predicted by no rank; the shard plan does not cover the bank")
-    std, mean = (stats[:, :2] / stats[:, 2:]).to(bank.scale.dtype).unbind(1)
-    bank._remove_mean_(mean)
-    target = target_std.to(bank.scale)
-    # As in GNetBank.calibrate: a tile without spread keeps unit gain.
-    bank.scale.copy_(torch.where(std > 1e-6, target / std.clamp_min(1e-6), target))
+    bank.calibrate(target_std, index=plan.index.to(bank.scale.device),
+                   reduce=lambda stats: dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group))
 
 
 def write_bank(out: torch.Tensor, plan: BankPlan) -> None:
