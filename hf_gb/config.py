@@ -84,7 +84,13 @@ class GBConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
     family: str = field(
         default="mlp",
-        metadata={"help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile)."},
+        metadata={
+            "help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile) or 'deep' (a "
+            "second hidden layer of `second_hidden_dim` units after the first; hf_gb.families)."
+        },
+    )
+    second_hidden_dim: int = field(
+        default=8, metadata={"help": "Width of the second hidden layer of the 'deep' family (other families: unused)."}
     )
     skip_nonfinite: bool = field(
         default=True,
@@ -124,6 +130,14 @@ class GBConfig:
 
         if self.family not in families():
             raise ValueError(f"family must be one of {families()}, got family={self.family!r}")
+        if (
+            isinstance(self.second_hidden_dim, bool)
+            or not isinstance(self.second_hidden_dim, int)
+            or self.second_hidden_dim < 1
+        ):
+            raise ValueError(
+                f"second_hidden_dim must be a positive int, got second_hidden_dim={self.second_hidden_dim!r}"
+            )
         if self.kernel not in _KERNELS:
             raise ValueError(f"kernel must be one of {_KERNELS}, got kernel={self.kernel!r}")
         if not (math.isfinite(float(self.init_noise)) and self.init_noise > 0):
