@@ -131,6 +131,7 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
                "total_ms_per_M": _median_ms(totals) * 1e6 / numel,
                "best_total_ms_per_M": min(totals) * 1e3 * 1e6 / numel}
         rows.append(row)
+        gb.detach_model()  # the next family attaches its own bottleneck to the same layers
         print(f"  {config.family:<5} h={config.hidden_dim:<3} {row['covered_compression']:6.1f}x  "
               f"~{row['flops_per_weight']:.0f} flops/weight  predict+push {row['total_ms_per_M']:8.2f}  "
               f"best {row['best_total_ms_per_M']:8.2f} ms per 1M weights", flush=True)
