@@ -437,6 +437,11 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
         ax.set_xscale("log")
+        xs = [r["stored"] for r in rows if r.get("stored")]
+        if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+        for r in (r for r in rows if r["method"] == "plain"):
+            ax.plot([r["stored"]], [r["mean"]], "k*", ms=9)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("stored values (every tensor the checkpoint holds)")
         ax.set_ylabel("test accuracy (mean of seeds, best LR)")

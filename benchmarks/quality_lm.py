@@ -333,6 +333,11 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
             if pts:
                 ax.plot(*zip(*pts), style, ms=4, label=label)
         ax.set_xscale("log")
+        xs = [r["stored"] for r in rows if r.get("stored")]
+        if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+        for r in (r for r in rows if r["method"] == "plain"):
+            ax.plot([r["stored"]], [r["val_loss"]], "k*", ms=9)
         ax.set_xlabel("stored values (every tensor the checkpoint holds)")
         ax.set_ylabel("validation loss (nats / byte), best LR")
         ax.set_title(f"stdlib causal LM, {steps} steps ({rows[0]['tokens']:,} tokens)")
