@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     sparse_gnet_init(gb, args.gnet_bias_shift)
                     acc = train(model, gb, data, args.epochs, args.lr, lr, args.batch_size, seed)
                     label = "gb" if cfg.family == "mlp" else f"gb_{cfg.family}"  # a line per family
-                log({**common, "method": label, "seed": seed, "lr": lr, "accuracy": acc,
-                     "ratio": gb.stats()["covered_compression"], "stored": stored_values(gb)})
+                    log({**common, "method": label, "seed": seed, "lr": lr, "accuracy": acc,
+                         "ratio": gb.stats()["covered_compression"], "stored": stored_values(gb)})
             spec, _ = narrow_spec(name, budget)
             for lr in args.lrs if "narrow" in methods else []:
                 for seed in seeds:
