@@ -3,7 +3,8 @@
 Two parts, both printed as tables and written to JSON (default ``benchmarks/results/engine.json``):
 
 1. ``predict_weights() + push_gradients()`` in milliseconds per million covered weights, for hidden widths
-   16, 32 and 64, on the eager reference kernels and on the fast (``torch.compile``) path.
+   16, 32 and 64, on the eager reference kernels and on the fast (``torch.compile``) path; then for each g-net
+   family at compression 20 with its default kernel choice, next to an estimate of its flops per weight.
 2. One AdamW training step of a Llama-style causal LM built from a config (hidden 512, intermediate 1536, 4 layers,
    8 heads, vocab 8192, untied embeddings) at batch 8 x 128, plain and with a bottleneck. Step times are measured in
    one process, plain and GB steps interleaved after warm-up, and compared by their medians; peak RSS (VmHWM) is
@@ -83,6 +84,57 @@ def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) 
             print(f"  h={h:<3} {kernel:<8} predict {row['predict_ms_per_M']:8.2f}  push {row['push_ms_per_M']:8.2f}"
                   f"  total {row['total_ms_per_M']:8.2f}  best {row['best_total_ms_per_M']:8.2f} ms per 1M weights",
                   flush=True)
+    return rows
+
+
+def flops_per_weight(config: GBConfig) -> float:
+    """Estimated flops per predicted weight of predict + push (forward once, backward about twice the forward).
+
+    mlp: ``relu(A[i] + B[j]) . w2`` is about 3h flops per weight forward. deep: the same first layer (2 h1), the
+    second layer (2 h1 h2 + 2 h2) and the output (2 h2); its backward recomputes the forward in chunks.
+    """
+    h = config.hidden_dim
+    if config.family == "mlp":
+        return 3 * h * 3
+    if config.family == "deep":
+        h2 = config.second_hidden_dim
+        return (2 * h + 2 * h * h2 + 4 * h2) * 4  # forward, recomputed forward, two backward halves
+    return float("nan")
+
+
+def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int) -> list[dict]:
+    """ms per million weights of predict+push for each g-net family at its `GBConfig`, with flop estimates."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(side, side, bias=False) for _ in range(layers)])
+    numel = layers * side * side
+    rows = []
+    for config in configs:
+        gb = GenomicBottleneck(model, config)
+        grads = [torch.randn_like(t.param) for t in gb.covered]
+        totals = []
+        for i in range(repeats + 1):  # the first round warms up (and compiles)
+            t0 = time.perf_counter()
+            gb.predict_weights()
+            t1 = time.perf_counter()
+            for t, g in zip(gb.covered, grads):
+                t.param.grad = g.clone()
+            t2 = time.perf_counter()
+            gb.push_gradients()
+            t3 = time.perf_counter()
+            gb.zero_grad(set_to_none=True)
+            if i:
+                totals.append((t1 - t0) + (t3 - t2))
+        row = {"family": config.family, "hidden_dim": config.hidden_dim,
+               "second_hidden_dim": config.second_hidden_dim if config.family == "deep" else None,
+               "covered_compression": gb.stats()["covered_compression"], "numel": numel,
+               "flops_per_weight": flops_per_weight(config),
+               "total_ms_per_M": _median_ms(totals) * 1e6 / numel,
+               "best_total_ms_per_M": min(totals) * 1e3 * 1e6 / numel}
+        rows.append(row)
+        gb.detach_model()  # the next family attaches its own bottleneck to the same layers
+        print(f"  {config.family:<5} h={config.hidden_dim:<3} {row['covered_compression']:6.1f}x  "
+              f"~{row['flops_per_weight']:.0f} flops/weight  predict+push {row['total_ms_per_M']:8.2f}  "
+              f"best {row['best_total_ms_per_M']:8.2f} ms per 1M weights", flush=True)
     return rows
 
 
@@ -184,6 +236,7 @@ def main() -> None:
     parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
     parser.add_argument("--skip-kernels", action="store_true", help="skip part 1 (predict+push)")
     parser.add_argument("--skip-step", action="store_true", help="skip part 2 (training step and memory)")
+    parser.add_argument("--skip-families", action="store_true", help="skip the per-family predict+push at 20x")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--_child", choices=("plain", "gb"), help=argparse.SUPPRESS)
     parser.add_argument("--_steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -209,6 +262,12 @@ def main() -> None:
         hidden_dims = [32] if args.quick else [16, 32, 64]
         side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 7)
         results["kernels"] = bench_kernels(hidden_dims, side, layers, repeats)
+    if not args.skip_families:
+        print("predict + push per g-net family at compression 20, ms per million weights (median)", flush=True)
+        side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 7)
+        configs = [GBConfig(family="mlp", hidden_dim=32, compression=20),
+                   GBConfig(family="deep", hidden_dim=16, second_hidden_dim=8, compression=20)]
+        results["families"] = bench_families(configs, side, layers, repeats)
     if not args.skip_step:
         warmup, steps = (1, 2) if args.quick else (3, 7)
         print(f"training step, Llama {llama['num_hidden_layers']} layers, batch {batch} x {seq}, AdamW "
@@ -226,6 +285,14 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for r in results["kernels"]:
             print(f"| {r['hidden_dim']} | {r['kernel']} | {r['predict_ms_per_M']:.2f} | {r['push_ms_per_M']:.2f} | "
+                  f"{r['total_ms_per_M']:.2f} | {r['best_total_ms_per_M']:.2f} |")
+    if "families" in results:
+        print()
+        print("| family | h | covered x | flops/weight (est.) | predict+push ms/M | best round ms/M |")
+        print("|---|---|---|---|---|---|")
+        for r in results["families"]:
+            h = f"{r['hidden_dim']}" + (f", {r['second_hidden_dim']}" if r["second_hidden_dim"] else "")
+            print(f"| {r['family']} | {h} | {r['covered_compression']:.1f} | {r['flops_per_weight']:.0f} | "
                   f"{r['total_ms_per_M']:.2f} | {r['best_total_ms_per_M']:.2f} |")
     if "step" in results:
         s, m = results["step"], results["step"]["memory"]

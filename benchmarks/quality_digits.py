@@ -111,12 +111,14 @@ def narrow_spec(name: str, target: int) -> tuple[tuple, int]:
 
 
 # ----------------------------------------------------------------------------- configs
-def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS) -> tuple[GBConfig, float]:
+def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS,
+                **family: Any) -> tuple[GBConfig, float]:
     """The widest g-net whose covered compression lands within 25% of ``target`` (else the closest one)."""
     build, exclude = MODELS[name]
     best = None
     for h in hidden_dims:
-        cfg = GBConfig(hidden_dim=h, compression=target, encoding=encoding, kernel="eager", exclude_modules=exclude)
+        cfg = GBConfig(hidden_dim=h, compression=target, encoding=encoding, kernel="eager", exclude_modules=exclude,
+                       **family)
         ratio = GenomicBottleneck(build(), cfg).stats()["covered_compression"]
         if 0.8 * target <= ratio <= 1.25 * target:
             return cfg, ratio
@@ -206,6 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                    help="methods to run (to split a run over processes; innate/alternating need no plain run)")
     p.add_argument("--encoding", default="gray", choices=["binary", "gray"])
+    p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
+    p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
     p.add_argument("--gnet_bias_shift", type=float, default=0.0,
                    help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of each regression fit")
@@ -261,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, seed)
                 plain_states[seed] = copy.deepcopy(model.state_dict())
         for target in args.targets:
-            cfg, ratio = pick_config(name, target, args.encoding)
-            common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim}
+            cfg, ratio = pick_config(name, target, args.encoding, family=args.family,
+                                     second_hidden_dim=args.second_hidden_dim)
+            common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim,
+                      "family": cfg.family, "second_hidden_dim": cfg.second_hidden_dim}
             probe = GenomicBottleneck(fresh(name, 0), cfg)
             budget, covered = stored_values(probe), [t.name.rpartition(".")[0] for t in probe.covered]
             common["gb_stored"] = budget
@@ -272,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     gb = GenomicBottleneck(model, with_seed(cfg, seed))
                     sparse_gnet_init(gb, args.gnet_bias_shift)
                     acc = train(model, gb, data, args.epochs, args.lr, lr, args.batch_size, seed)
-                    log({**common, "method": "gb", "seed": seed, "lr": lr, "accuracy": acc,
+                    label = "gb" if cfg.family == "mlp" else f"gb_{cfg.family}"  # a line per family
+                    log({**common, "method": label, "seed": seed, "lr": lr, "accuracy": acc,
                          "ratio": gb.stats()["covered_compression"], "stored": stored_values(gb)})
             spec, _ = narrow_spec(name, budget)
             for lr in args.lrs if "narrow" in methods else []:
@@ -374,7 +381,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean, std = mean_std([r["accuracy"] for r in rows])
         stored = mean_std([r["stored"] for r in rows])[0]
         first = rows[0]
-        size = {"gb": f"h={first.get('hidden_dim')}", "innate": f"h={first.get('hidden_dim')}",
+        size = {"gb": f"h={first.get('hidden_dim')}", "gb_deep": f"h={first.get('hidden_dim')},"
+                f"{first.get('second_hidden_dim')}", "innate": f"h={first.get('hidden_dim')}",
                 "alternating": f"h={first.get('hidden_dim')}", "plain": "-",
                 "narrow": "-".join(map(str, _flat(first.get("widths", ())))),
                 "lowrank": "r=" + ",".join(map(str, (first.get("ranks") or {}).values()))}[method]
@@ -397,11 +405,16 @@ def best_of_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for g in grid:
         groups.setdefault((g["model"], g["method"], g["target"]), []).append(g)
     best = [best_by(rows, "lr", "mean", higher=True)[0] for rows in groups.values()]
-    return sorted(best, key=lambda g: (g["model"], METHODS.index(g["method"]), g["target"] or 0))
+    return sorted(best, key=lambda g: (g["model"], order(g["method"]), g["target"] or 0))
+
+
+def order(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 STYLES = {"gb": ("o-", "GB, trained end to end"), "narrow": ("D-", "narrower dense model"),
-          "lowrank": ("v-", "low-rank U @ V"), "innate": ("s--", "GB innate (regression)"),
+          "lowrank": ("v-", "low-rank U @ V"), "gb_deep": ("s-", "GB, 'deep' g-nets"),
+          "innate": ("s--", "GB innate (regression)"),
           "alternating": ("^:", "GB innate (PNAS alternating)")}
 
 
@@ -424,6 +437,11 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
         ax.set_xscale("log")
+        xs = [r["stored"] for r in rows if r.get("stored")]
+        if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+        for r in (r for r in rows if r["method"] == "plain"):
+            ax.plot([r["stored"]], [r["mean"]], "k*", ms=9)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("stored values (every tensor the checkpoint holds)")
         ax.set_ylabel("test accuracy (mean of seeds, best LR)")

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="GBConfig.compression targets (covered); the real ratios are reported")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
+    p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
+    p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
     p.add_argument("--steps", nargs="+", type=int, default=[150],
                    help="training budgets (one run per budget: the cosine schedule spans the budget)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="model/data seeds; the first runs the LR grid")
@@ -125,7 +127,8 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     """Train one model for ``steps`` steps; ``lr`` is the g-net LR of GB runs, else the LR of every tensor."""
     from examples.train import build_model
 
-    row: dict[str, Any] = {"method": method, "mode": method, "target": target, "lr": lr, "steps": steps,
+    label = method if method != "gb" or args.family == "mlp" else f"gb_{args.family}"  # a line per family
+    row: dict[str, Any] = {"method": label, "mode": label, "target": target, "lr": lr, "steps": steps,
                            "seed": seed}
     gb = None
     if method == "narrow":
@@ -135,18 +138,19 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     else:
         model = build_model(script_args(args), vocab, seed=seed)
     if method == "gb":
-        gb = GenomicBottleneck(model, GBConfig(hidden_dim=args.hidden_dim, compression=target, seed=seed))
+        gb = GenomicBottleneck(model, gb_config(args, target, seed=seed))
         sparse_gnet_init(gb, args.gnet_bias_shift)
         s = gb.stats()
         row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
-        row |= {"gnet_lr": lr, "gnet_bias_shift": args.gnet_bias_shift, "stored": stored_values(gb)}
+        row |= {"gnet_lr": lr, "gnet_bias_shift": args.gnet_bias_shift, "stored": stored_values(gb),
+                "family": args.family, "hidden_dim": args.hidden_dim}
         groups = [{"params": list(gb.parameters()), "lr": lr},
                   {"params": gb.uncompressed_parameters(), "lr": args.lr}]
     else:
         if method == "lowrank":
             probe = GenomicBottleneck(build_model(script_args(args), vocab, seed=seed),
-                                      GBConfig(hidden_dim=args.hidden_dim, compression=target, kernel="eager"))
+                                      gb_config(args, target, kernel="eager"))
             info = low_rank_(model, [t.name.rpartition(".")[0] for t in probe.covered], stored_values(probe), seed)
             row["ranks"] = info["ranks"]
         row["stored"] = stored_values(model)
@@ -185,7 +189,7 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
             val = evaluate(model, gb, validation, 32)
             curve.append({"step": step + 1, "tokens": (step + 1) * args.batch_size * args.block_size,
                           "train_loss": loss.item(), "val_loss": val})
-    print(f"  {method:<7} target {target or '-':>4}  steps {steps:4d}  seed {seed}  lr {lr:<6g} stored "
+    print(f"  {label:<7} target {target or '-':>4}  steps {steps:4d}  seed {seed}  lr {lr:<6g} stored "
           f"{row['stored']:7,d}  val {curve[-1]['val_loss']:.4f}  ({time.time() - t0:.0f}s)", flush=True)
     return row | {"val_loss": curve[-1]["val_loss"], "perplexity": math.exp(curve[-1]["val_loss"]),
                   "tokens": steps * args.batch_size * args.block_size, "wall_s": round(time.time() - t0, 1),
@@ -195,15 +199,20 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
 _BUDGETS: dict[tuple, int] = {}
 
 
+def gb_config(args, target: float, **kwargs: Any) -> GBConfig:
+    return GBConfig(hidden_dim=args.hidden_dim, compression=target, family=args.family,
+                    second_hidden_dim=args.second_hidden_dim, **kwargs)
+
+
 def gb_budget(args, target: float, vocab: int) -> int:
     """Stored values of the GB checkpoint at ``target`` (the same for every seed: only values change)."""
     from examples.train import build_model
 
-    key = (target, args.hidden_size, args.num_layers, args.intermediate_size, args.hidden_dim, vocab)
+    key = (target, args.hidden_size, args.num_layers, args.intermediate_size, args.hidden_dim, args.family,
+           args.second_hidden_dim, vocab)
     if key not in _BUDGETS:
         model = build_model(script_args(args), vocab, seed=0)
-        _BUDGETS[key] = stored_values(GenomicBottleneck(model, GBConfig(hidden_dim=args.hidden_dim,
-                                                                        compression=target, kernel="eager")))
+        _BUDGETS[key] = stored_values(GenomicBottleneck(model, gb_config(args, target, kernel="eager")))
     return _BUDGETS[key]
 
 
@@ -263,14 +272,14 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             size = "{}/{}".format(*best["widths"])
         elif method == "lowrank":
             size = "r=" + ",".join(str(r) for r in sorted(set(best["ranks"].values())))
-        elif method == "gb":
+        elif method.startswith("gb"):
             size = f"{best['covered_compression']:.1f}x"
         out.append({"steps": steps, "method": method, "target": target, "lr": best["lr"], "seeds": len(at_best),
                     "stored": best["stored"], "gb_stored": best.get("gb_stored"),
                     "stored_vs_gb": best["stored"] / best["gb_stored"] - 1 if best.get("gb_stored") else None,
                     "size": size, "tokens": best["tokens"], "val_loss": mean,
                     "val_loss_seeds": losses, "spread": max(losses) - min(losses)})
-    out.sort(key=lambda r: (r["steps"], r["target"] or 0, METHODS.index(r["method"])))
+    out.sort(key=lambda r: (r["steps"], r["target"] or 0, order(r["method"])))
     for r in out:
         plain = [p for p in out if p["method"] == "plain" and p["steps"] == r["steps"]]
         r["loss_vs_plain"] = r["val_loss"] / plain[0]["val_loss"] - 1 if plain else None
@@ -297,7 +306,11 @@ def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
 
 
 STYLES = {"gb": ("o-", "GB (g-nets h=32)"), "narrow": ("D-", "narrower dense Llama"),
-          "lowrank": ("v-", "low-rank U @ V")}
+          "lowrank": ("v-", "low-rank U @ V"), "gb_deep": ("s--", "GB, 'deep' g-nets")}
+
+
+def order(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
 def plot(summary: list[dict[str, Any]], path: str) -> bool:
@@ -320,6 +333,11 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
             if pts:
                 ax.plot(*zip(*pts), style, ms=4, label=label)
         ax.set_xscale("log")
+        xs = [r["stored"] for r in rows if r.get("stored")]
+        if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+        for r in (r for r in rows if r["method"] == "plain"):
+            ax.plot([r["stored"]], [r["val_loss"]], "k*", ms=9)
         ax.set_xlabel("stored values (every tensor the checkpoint holds)")
         ax.set_ylabel("validation loss (nats / byte), best LR")
         ax.set_title(f"stdlib causal LM, {steps} steps ({rows[0]['tokens']:,} tokens)")

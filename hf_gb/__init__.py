@@ -7,6 +7,7 @@ g-nets are trained and stored. See README.md for the Trainer, Accelerate and che
 from importlib import import_module
 from typing import Any
 
+from . import families as _families  # noqa: F401  (registers the g-net families beyond "mlp")
 from .bottleneck import GenomicBottleneck
 from .config import GBConfig
 from .version import __version__

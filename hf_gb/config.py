@@ -96,7 +96,13 @@ class GBConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
     family: str = field(
         default="mlp",
-        metadata={"help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile)."},
+        metadata={
+            "help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile) or 'deep' (a "
+            "second hidden layer of `second_hidden_dim` units after the first; hf_gb.families)."
+        },
+    )
+    second_hidden_dim: int = field(
+        default=8, metadata={"help": "Width of the second hidden layer of the 'deep' family (other families: unused)."}
     )
     skip_nonfinite: bool = field(
         default=True,
@@ -139,6 +145,7 @@ class GBConfig:
 
         if not (isinstance(self.family, str) and self.family in families()):
             raise ValueError(f"family must be one of {families()}, got family={self.family!r:.80}")
+        self.second_hidden_dim = _int("second_hidden_dim", self.second_hidden_dim, 1, MAX_HIDDEN_DIM)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
