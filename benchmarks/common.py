@@ -11,7 +11,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")  # committed full runs
+QUICK_RESULTS = os.path.join(ROOT, "out", "benchmarks")  # smoke runs (git-ignored): never over the committed ones
 if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
@@ -35,6 +36,11 @@ def machine() -> dict[str, Any]:
         "load_average_1_5_15": [round(x, 2) for x in load] if load else None,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def default_out(name: str, quick: bool) -> str:
+    """Default path prefix of a benchmark's .json and .png: committed results, or a separate folder for --quick."""
+    return os.path.join(QUICK_RESULTS, name + "_quick") if quick else os.path.join(RESULTS, name)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -97,5 +103,4 @@ def sparse_gnet_init(gb: GenomicBottleneck, shift: float) -> None:
         for bank in gb.banks.values():
             bank.b1.copy_(torch.randn(bank.b1.shape, generator=gen) * 0.5 - shift)
     gb._calibrate()
-    gb.predict_weights(sample=False)
-    gb._tables = None
+    gb.predict_weights(sample=False, keep_graph=False)

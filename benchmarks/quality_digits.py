@@ -12,7 +12,7 @@ For an MLP (64-256-256-10) and a small CNN, each over several seeds:
   last prediction is innate.
 
     python benchmarks/quality_digits.py            # full run, writes benchmarks/results/digits.{json,png}
-    python benchmarks/quality_digits.py --quick    # a smoke run (one seed, few epochs), under 2 minutes
+    python benchmarks/quality_digits.py --quick    # a smoke run (one seed, few epochs) into out/benchmarks/
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, machine, mean_std, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
+from baselines import best_by, closest_size, low_rank_, stored_values  # noqa: E402
+from common import default_out, machine, mean_std, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 from hf_gb.regression import covered_weights, fit_to_weights  # noqa: E402
 
 TARGETS = (10, 50, 300, 1000)
+LR_GRID = (1e-3, 3e-3, 1e-2)
+METHODS = ("plain", "gb", "narrow", "lowrank", "innate", "alternating")
 HIDDEN_DIMS = (16, 12, 8, 6, 4, 3, 2, 1)  # g-net widths tried, widest first, when a target ratio is set
 
 
@@ -50,20 +53,25 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
 
 
-def mlp(width: int = 256) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+def mlp(w1: int = 256, w2: int | None = None) -> nn.Module:
+    w2 = w1 if w2 is None else w2
+    return nn.Sequential(nn.Linear(64, w1), nn.ReLU(), nn.Linear(w1, w2), nn.ReLU(), nn.Linear(w2, 10))
 
 
 class CNN(nn.Module):
-    """conv 1->16 -> conv 16->32 -> pool -> conv 32->64 -> pool -> fc 256->128 -> fc 128->10 (3x3 kernels)."""
+    """conv 1->16 -> conv 16->32 -> pool -> conv 32->64 -> pool -> fc 256->128 -> fc 128->10 (3x3 kernels).
 
-    def __init__(self):
+    ``channels`` and ``fc`` give the narrower dense baselines of the same architecture.
+    """
+
+    def __init__(self, channels: tuple[int, int, int] = (16, 32, 64), fc: int = 128):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)  # 144 weights: left dense (a g-net would be about as large)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(256, 128)
-        self.fc2 = nn.Linear(128, 10)
+        c1, c2, c3 = channels
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)  # 144 weights: left dense (a g-net would be about as large)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.fc1 = nn.Linear(c3 * 4, fc)
+        self.fc2 = nn.Linear(fc, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.view(-1, 1, 8, 8)
@@ -73,10 +81,33 @@ class CNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], list[str] | None]] = {
+MODELS: dict[str, tuple[Callable[..., nn.Module], list[str] | None]] = {
     "mlp": (mlp, None),
     "cnn": (CNN, ["conv1"]),
 }
+
+
+def narrow_size(name: str, spec: tuple) -> int:
+    """Stored values of the narrower dense model ``spec`` (weights and biases; checked against the state_dict)."""
+    if name == "mlp":
+        w1, w2 = spec
+        return 65 * w1 + (w1 + 1) * w2 + (w2 + 1) * 10
+    (c1, c2, c3), f = spec
+    return 10 * c1 + (9 * c1 + 1) * c2 + (9 * c2 + 1) * c3 + (4 * c3 + 1) * f + (f + 1) * 10
+
+
+def narrow_spec(name: str, target: int) -> tuple[tuple, int]:
+    """The narrower dense model of the same architecture whose storage is within 3% of ``target``: equal widths
+    (MLP) or channel widths scaled together with fc about 2x the last channels (CNN) where the budget allows."""
+    if name == "mlp":
+        cands = [(a, b) for a in range(1, 257) for b in range(max(1, a - 16), min(256, a + 16) + 1)]
+        return closest_size(cands, lambda c: narrow_size(name, c), target, lambda c: abs(c[0] - c[1]))
+    cands = []
+    for k in range(1, 65):
+        ch = (max(1, round(16 * k / 64)), max(1, round(32 * k / 64)), k)
+        cands += [(ch, f) for f in range(1, 129)]
+    return closest_size(cands, lambda c: narrow_size(name, c), target,
+                        lambda c: abs(math.log(c[1] / (2 * c[0][2]))))
 
 
 # ----------------------------------------------------------------------------- configs
@@ -99,8 +130,7 @@ def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS
 @torch.no_grad()
 def accuracy(model: nn.Module, gb: GenomicBottleneck | None, X: torch.Tensor, y: torch.Tensor) -> float:
     if gb is not None:
-        gb.predict_weights(sample=False)
-        gb._tables = None
+        gb.predict_weights(sample=False, keep_graph=False)
     model.eval()
     acc = (model(X).argmax(1) == y).float().mean().item()
     model.train()
@@ -137,9 +167,9 @@ def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr:
     return accuracy(model, gb, Xte, yte)
 
 
-def fresh(name: str, seed: int) -> nn.Module:
+def fresh(name: str, seed: int, spec: tuple = ()) -> nn.Module:
     torch.manual_seed(seed)
-    return MODELS[name][0]()
+    return MODELS[name][0](*spec)
 
 
 def with_seed(cfg: GBConfig, seed: int) -> GBConfig:
@@ -166,8 +196,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam LR of plain weights and uncompressed tensors")
-    p.add_argument("--gnet_lr", type=float, default=1e-2, help="Adam LR of the g-nets in end-to-end training")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam LR of the uncompressed tensors of GB runs and of the plain training that innate and "
+                   "alternating fit to")
+    p.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
+                   help="LR grid of plain, narrower dense and low-rank runs (tables show the best)")
+    p.add_argument("--gnet_lrs", nargs="+", type=float, default=list(LR_GRID),
+                   help="g-net LR grid of GB runs (tables show the best)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="methods to run (to split a run over processes; innate/alternating need no plain run)")
     p.add_argument("--encoding", default="gray", choices=["binary", "gray"])
     p.add_argument("--gnet_bias_shift", type=float, default=0.0,
                    help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
@@ -177,15 +214,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="train/fit rounds of the alternating (PNAS) loop")
     p.add_argument("--round_epochs", type=int, default=5, help="plain epochs per alternating round")
     p.add_argument("--alt_seeds", type=int, default=3, help="seeds of the alternating loop")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(RESULTS, "digits"), help="path prefix of the .json and .png")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the committed results)")
+    p.add_argument("--out", default=None,
+                   help="path prefix of the .json and .png (default benchmarks/results/digits; with --quick "
+                   "out/benchmarks/digits_quick, so a smoke run never replaces the committed results)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="merge the runs of these result files (e.g. one per --models, run in parallel) into --out")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.fit_steps, args.fit_lrs = 1, 4, 40, [1e-2]
         args.rounds, args.round_epochs, args.alt_seeds = 2, 2, 1
-        args.targets = [10, 300]
+        args.targets, args.lrs, args.gnet_lrs = [10, 300], [3e-3, 1e-2], [1e-2]
+    args.out = args.out or default_out("digits", args.quick)
     return args
 
 
@@ -197,59 +237,91 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_data()
     t_start = time.time()
     seeds = list(range(args.seeds))
-    runs: list[dict[str, Any]] = []  # one row per (model, method, target, seed)
+    runs: list[dict[str, Any]] = []  # one row per (model, method, target, LR, seed)
+    methods = set(args.methods)
 
     def log(row: dict[str, Any]) -> None:
         runs.append(row)
         print(f"[{time.time() - t_start:6.0f}s] {row['model']} {row['method']:<11} target {row['target'] or '-':>5} "
-              f"ratio {row['ratio']:7.1f}x  seed {row['seed']}  acc {row['accuracy']:.4f}", flush=True)
+              f"stored {row['stored']:6d}  lr {row.get('lr') or '-':<6} seed {row['seed']}  acc {row['accuracy']:.4f}",
+              flush=True)
 
     for name in args.models:
         plain_states = {}
-        for seed in seeds:
-            model = fresh(name, seed)
-            acc = train(model, None, data, args.epochs, args.lr, args.gnet_lr, args.batch_size, seed)
-            plain_states[seed] = copy.deepcopy(model.state_dict())
-            log({"model": name, "method": "plain", "target": None, "ratio": 1.0, "seed": seed, "accuracy": acc})
+        for seed in seeds if methods & {"plain", "innate"} else []:
+            for lr in args.lrs if "plain" in methods else []:
+                model = fresh(name, seed)
+                acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed)
+                log({"model": name, "method": "plain", "target": None, "ratio": 1.0, "seed": seed, "lr": lr,
+                     "accuracy": acc, "stored": stored_values(model)})
+                if lr == args.lr:
+                    plain_states[seed] = copy.deepcopy(model.state_dict())
+            if "innate" in methods and seed not in plain_states:
+                model = fresh(name, seed)
+                train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, seed)
+                plain_states[seed] = copy.deepcopy(model.state_dict())
         for target in args.targets:
             cfg, ratio = pick_config(name, target, args.encoding)
             common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim}
-            for seed in seeds:
-                model = fresh(name, seed)
-                gb = GenomicBottleneck(model, with_seed(cfg, seed))
-                sparse_gnet_init(gb, args.gnet_bias_shift)
-                acc = train(model, gb, data, args.epochs, args.lr, args.gnet_lr, args.batch_size, seed)
-                log({**common, "method": "gb", "seed": seed, "accuracy": acc,
-                     "ratio": gb.stats()["covered_compression"]})
+            probe = GenomicBottleneck(fresh(name, 0), cfg)
+            budget, covered = stored_values(probe), [t.name.rpartition(".")[0] for t in probe.covered]
+            common["gb_stored"] = budget
+            for lr in args.gnet_lrs if "gb" in methods else []:
+                for seed in seeds:
+                    model = fresh(name, seed)
+                    gb = GenomicBottleneck(model, with_seed(cfg, seed))
+                    sparse_gnet_init(gb, args.gnet_bias_shift)
+                    acc = train(model, gb, data, args.epochs, args.lr, lr, args.batch_size, seed)
+                    log({**common, "method": "gb", "seed": seed, "lr": lr, "accuracy": acc,
+                         "ratio": gb.stats()["covered_compression"], "stored": stored_values(gb)})
+            spec, _ = narrow_spec(name, budget)
+            for lr in args.lrs if "narrow" in methods else []:
+                for seed in seeds:
+                    model = fresh(name, seed, spec)
+                    acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed)
+                    log({**common, "method": "narrow", "seed": seed, "lr": lr, "accuracy": acc, "widths": spec,
+                         "stored": stored_values(model)})
+            for lr in args.lrs if "lowrank" in methods else []:
+                for seed in seeds:
+                    model = fresh(name, seed)
+                    info = low_rank_(model, covered, budget, seed)
+                    acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed)
+                    log({**common, "method": "lowrank", "seed": seed, "lr": lr, "accuracy": acc,
+                         "ranks": info["ranks"], "stored": info["stored_values"]})
+            if "innate" not in methods and "alternating" not in methods:
+                continue
             # innate: regression onto the plainly trained weights; seed 0 picks the fit LR by relative error
             fit_lr, best = args.fit_lrs[0], None
             for lr in args.fit_lrs if len(args.fit_lrs) > 1 else []:
                 model = fresh(name, 0)
-                model.load_state_dict(plain_states[0])
+                if 0 in plain_states:
+                    model.load_state_dict(plain_states[0])
+                else:
+                    train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, 0)
                 _, errors, _ = innate(model, with_seed(cfg, 0), args.gnet_bias_shift, args.fit_steps, lr, data)
                 err = sum(errors.values()) / len(errors)
                 print(f"    fit lr {lr:g}: mean relative error {err:.3f}", flush=True)
                 if best is None or err < best:
                     fit_lr, best = lr, err
-            for seed in seeds:
+            for seed in seeds if "innate" in methods else []:
                 model = fresh(name, seed)
                 model.load_state_dict(plain_states[seed])
-                acc, errors, _ = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps, fit_lr,
-                                        data)
+                acc, errors, gb = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps, fit_lr,
+                                         data)
                 log({**common, "method": "innate", "seed": seed, "accuracy": acc, "fit_lr": fit_lr,
-                     "relative_errors": errors})
-            if name != "mlp":
+                     "relative_errors": errors, "stored": stored_values(gb)})
+            if name != "mlp" or "alternating" not in methods:
                 continue
             for seed in range(args.alt_seeds):  # the PNAS train / fit / re-initialise loop
                 model, gb, history = fresh(name, seed), None, []
                 for r in range(args.rounds):
-                    train(model, None, data, args.round_epochs, args.lr, args.gnet_lr, args.batch_size, seed + 100 * r)
+                    train(model, None, data, args.round_epochs, args.lr, args.lr, args.batch_size, seed + 100 * r)
                     acc, errors, gb = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps,
                                              fit_lr, data, gb)
                     model.zero_grad(set_to_none=True)
                     history.append(acc)
                 log({**common, "method": "alternating", "seed": seed, "accuracy": history[-1], "fit_lr": fit_lr,
-                     "history": history, "relative_errors": errors})
+                     "history": history, "relative_errors": errors, "stored": stored_values(gb)})
 
     payload = {
         "benchmark": "digits",
@@ -266,67 +338,102 @@ def combine(args: argparse.Namespace) -> dict[str, Any]:
     parts = read_parts(args.combine)
     payload = {"benchmark": "digits", "quick": any(p["quick"] for p in parts), "args": parts[0]["args"],
                "machine": parts[0]["machine"], "wall_s": max(p["wall_s"] for p in parts),
-               "parts": [{"models": p["args"]["models"], "machine": p["machine"], "wall_s": p["wall_s"]}
-                         for p in parts],
+               "parts": [{"args": p["args"], "machine": p["machine"], "wall_s": p["wall_s"]} for p in parts],
                "runs": [r for p in parts for r in p["runs"]]}
-    payload["args"] = {**payload["args"], "models": [m for p in parts for m in p["args"]["models"]]}
+    payload["args"] = {**payload["args"], "models": sorted({m for p in parts for m in p["args"]["models"]})}
     return finish(payload, args.out)
 
 
+TABLE = [("model", "model", ""), ("method", "method", ""), ("target", "target", "g"),
+         ("ratio", "covered x", ".1f"), ("stored", "stored", ",.0f"), ("stored_vs_gb", "vs GB", "+.1%"),
+         ("size", "h / widths / ranks", ""), ("lr", "LR", "g"), ("n", "seeds", "d"), ("mean", "test acc", ".4f"),
+         ("std", "+-", ".4f")]
+
+
 def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
-    summary = summarise(payload["runs"])
+    grid = summarise(payload["runs"])
+    summary = best_of_grid(grid)
     print()
-    print(table(summary, [("model", "model", ""), ("method", "method", ""), ("target", "target", "g"),
-                          ("ratio", "real ratio", ".1f"), ("hidden_dim", "h", "d"), ("n", "seeds", "d"),
-                          ("mean", "test acc", ".4f"), ("std", "+-", ".4f")]))
-    payload = {k: v for k, v in payload.items() if k != "runs"} | {"summary": summary, "runs": payload["runs"]}
-    path = write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))
-    plot(summary, out + ".png")
-    print(f"wrote {path} and {out}.png")
+    print(table(summary, TABLE))
+    payload = {k: v for k, v in payload.items() if k != "runs"} | {"summary": summary, "grid": grid,
+                                                                    "runs": payload["runs"]}
+    written = [write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))]
+    if plot(summary, out + ".png"):
+        written.append(out + ".png")
+    print("wrote " + " and ".join(written))
     return payload
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, method, target, LR): mean, std, min and max over seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+        groups.setdefault((r["model"], r["method"], r["target"], r.get("lr")), []).append(r)
     out = []
-    for (name, method, target), rows in groups.items():
+    for (name, method, target, lr), rows in groups.items():
         mean, std = mean_std([r["accuracy"] for r in rows])
-        out.append({"model": name, "method": method, "target": target,
-                    "ratio": mean_std([r["ratio"] for r in rows])[0], "hidden_dim": rows[0].get("hidden_dim"),
-                    "n": len(rows), "mean": mean, "std": std,
+        stored = mean_std([r["stored"] for r in rows])[0]
+        first = rows[0]
+        size = {"gb": f"h={first.get('hidden_dim')}", "innate": f"h={first.get('hidden_dim')}",
+                "alternating": f"h={first.get('hidden_dim')}", "plain": "-",
+                "narrow": "-".join(map(str, _flat(first.get("widths", ())))),
+                "lowrank": "r=" + ",".join(map(str, (first.get("ranks") or {}).values()))}[method]
+        out.append({"model": name, "method": method, "target": target, "lr": lr,
+                    "ratio": mean_std([r["ratio"] for r in rows if "ratio" in r])[0] if method != "narrow" else None,
+                    "stored": stored, "gb_stored": first.get("gb_stored"),
+                    "stored_vs_gb": stored / first["gb_stored"] - 1 if first.get("gb_stored") else None,
+                    "hidden_dim": first.get("hidden_dim"), "size": size, "n": len(rows), "mean": mean, "std": std,
                     "min": min(r["accuracy"] for r in rows), "max": max(r["accuracy"] for r in rows)})
     return out
 
 
-def plot(summary: list[dict[str, Any]], path: str) -> None:
-    plt = pyplot()
+def _flat(spec) -> list[int]:
+    return [x for s in spec for x in (_flat(s) if isinstance(s, (list, tuple)) else [s])]
+
+
+def best_of_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, method, target): the LR of the best mean test accuracy (the same rule for every method)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for g in grid:
+        groups.setdefault((g["model"], g["method"], g["target"]), []).append(g)
+    best = [best_by(rows, "lr", "mean", higher=True)[0] for rows in groups.values()]
+    return sorted(best, key=lambda g: (g["model"], METHODS.index(g["method"]), g["target"] or 0))
+
+
+STYLES = {"gb": ("o-", "GB, trained end to end"), "narrow": ("D-", "narrower dense model"),
+          "lowrank": ("v-", "low-rank U @ V"), "innate": ("s--", "GB innate (regression)"),
+          "alternating": ("^:", "GB innate (PNAS alternating)")}
+
+
+def plot(summary: list[dict[str, Any]], path: str) -> bool:
+    """Accuracy against stored values, one line per method (best LR each); False when there is nothing to plot."""
     names = sorted({s["model"] for s in summary})
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
-    styles = {"gb": ("o-", "trained through GB"), "innate": ("s--", "innate (regression)"),
-              "alternating": ("^:", "innate (PNAS alternating)")}
+    if not names:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = [s for s in summary if s["model"] == name]
         for s in rows:
             if s["method"] == "plain":
-                ax.axhline(s["mean"], color="k", lw=1, label=f"plain {s['mean']:.3f}")
+                ax.axhline(s["mean"], color="k", lw=1, label=f"plain {s['mean']:.3f} ({s['stored']:,.0f} values)")
         ax.axhline(0.1, color="gray", lw=1, ls=":", label="chance 0.1")
-        for method, (style, label) in styles.items():
-            pts = sorted((s["ratio"], s["mean"], s["std"]) for s in rows if s["method"] == method)
+        for method, (style, label) in STYLES.items():
+            pts = sorted((s["stored"], s["mean"], s["std"]) for s in rows if s["method"] == method)
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=label)
+                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("covered compression (weights / g-net parameters)")
-        ax.set_ylabel("test accuracy")
+        ax.set_xlabel("stored values (every tensor the checkpoint holds)")
+        ax.set_ylabel("test accuracy (mean of seeds, best LR)")
         ax.set_title(f"digits {name.upper()}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="center right")
+        ax.legend(fontsize=7.5, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

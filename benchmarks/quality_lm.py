@@ -5,8 +5,14 @@ library's own source files, byte-level tokens, a small Llama. Every run uses the
 cosine decay, gradient clipping) and the same batches in the same order, so runs at equal steps have seen equal
 tokens. With the bottleneck, every Linear (attention, MLP, lm_head) is covered; embeddings and norms stay dense.
 
+Next to every GB point run the equal-storage baselines: a narrower dense Llama (same layers, heads and vocabulary)
+whose stored values are within 3% of the GB run's, and low-rank factors ``U @ V`` of every covered Linear at the
+same storage (see benchmarks/baselines.py). Plain, narrow and low-rank runs take an LR grid, GB runs a g-net LR grid
+(their uncompressed tensors keep ``--lr``); the grid runs on the first seed, further seeds at the LR the first seed
+found best (the same rule for every method); tables show the best, the JSON keeps every run.
+
     python benchmarks/quality_lm.py            # full run, writes benchmarks/results/lm.{json,png}
-    python benchmarks/quality_lm.py --quick    # a smoke run (tiny model, few steps), under 2 minutes
+    python benchmarks/quality_lm.py --quick    # a smoke run (tiny model, few steps) into out/benchmarks/
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, machine, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
+from baselines import closest_size, low_rank_, stored_values  # noqa: E402
+from common import default_out, machine, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
+
+LR_GRID = (1e-3, 3e-3, 1e-2)
+METHODS = ("plain", "gb", "narrow", "lowrank")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,12 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run under 2 minutes")
     p.add_argument("--compressions", nargs="*", type=float, default=[5, 20, 50],
                    help="GBConfig.compression targets (covered); the real ratios are reported")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", nargs="+", type=int, default=[150],
+                   help="training budgets (one run per budget: the cosine schedule spans the budget)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="model/data seeds; the first runs the LR grid")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--block_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW LR of plain weights and uncompressed tensors")
-    p.add_argument("--gnet_lr", type=float, default=3e-3, help="AdamW LR of the g-nets")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW LR of the uncompressed tensors of GB runs")
+    p.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
+                   help="LR grid of plain, narrower dense and low-rank runs")
+    p.add_argument("--gnet_lrs", nargs="+", type=float, default=list(LR_GRID), help="g-net LR grid of GB runs")
     p.add_argument("--gnet_bias_shift", type=float, default=0.0,
                    help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
     p.add_argument("--warmup", type=int, default=20)
@@ -44,18 +59,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_eval_tokens", type=int, default=32_768)
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--num_layers", type=int, default=2)
+    p.add_argument("--num_heads", type=int, default=4)
     p.add_argument("--intermediate_size", type=int, default=384)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join(RESULTS, "lm"), help="path prefix of the .json and .png")
-    p.add_argument("--skip_plain", action="store_true", help="only the GB runs (to split a run over processes)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the committed results were made so; other counts change the "
+                   "floating-point reduction order and the last digits of the losses)")
+    p.add_argument("--out", default=None,
+                   help="path prefix of the .json and .png (default benchmarks/results/lm; with --quick "
+                   "out/benchmarks/lm_quick, so a smoke run never replaces the committed results)")
     p.add_argument("--combine", nargs="+", metavar="JSON",
-                   help="merge the runs of these result files (one with the plain run) into --out")
+                   help="merge the runs of these result files (e.g. one per method, run in parallel) into --out")
     args = p.parse_args(argv)
     if args.quick:
-        args.compressions, args.steps, args.batch_size, args.block_size = [20], 12, 8, 64
+        args.compressions, args.steps, args.batch_size, args.block_size = [20], [12], 8, 64
         args.warmup, args.eval_every, args.max_train_tokens, args.max_eval_tokens = 2, 6, 100_000, 4096
         args.hidden_size, args.num_layers, args.intermediate_size = 64, 2, 192
+        args.lrs, args.gnet_lrs = [3e-3, 1e-2], [1e-2]
+    args.out = args.out or default_out("lm", args.quick)
     return args
 
 
@@ -63,8 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate(model, gb, validation, batch_size: int) -> float:
     """Mean next-token cross-entropy over the validation blocks (weights predicted fresh when ``gb``)."""
     if gb is not None:
-        gb.predict_weights(sample=False)
-        gb._tables = None
+        gb.predict_weights(sample=False, keep_graph=False)
     model.eval()
     total, count = 0.0, 0
     blocks = validation.blocks
@@ -76,37 +95,78 @@ def evaluate(model, gb, validation, batch_size: int) -> float:
     return total / count
 
 
-def run(args, mode: str, compression: float | None, train, validation, vocab: int) -> dict[str, Any]:
-    from examples.train import ScriptArguments, build_model
+def script_args(args, hidden: int | None = None, intermediate: int | None = None):
+    from examples.train import ScriptArguments
 
-    script = ScriptArguments(block_size=args.block_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                             intermediate_size=args.intermediate_size)
-    model = build_model(script, vocab, seed=args.seed)
-    gb, info = None, {"covered_compression": 1.0, "overall_compression": 1.0}
-    if mode == "gb":
-        gb = GenomicBottleneck(model, GBConfig(hidden_dim=args.hidden_dim, compression=compression, seed=args.seed))
+    return ScriptArguments(block_size=args.block_size, hidden_size=hidden or args.hidden_size,
+                           num_layers=args.num_layers, num_heads=args.num_heads,
+                           intermediate_size=intermediate or args.intermediate_size)
+
+
+def narrow_size(args, vocab: int, hidden: int, intermediate: int) -> int:
+    """Stored values of the Llama of examples/train.py at (hidden, intermediate): untied embeddings and lm_head,
+    per layer q/k/v/o, gate/up/down and two norms, a final norm (checked against the state_dict in the tests)."""
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
+    return 2 * vocab * hidden + args.num_layers * per_layer + hidden
+
+
+def narrow_spec(args, vocab: int, target: int) -> tuple[tuple[int, int], int]:
+    """(hidden, intermediate) within 3% of ``target`` stored values, intermediate / hidden nearest the model's.
+
+    Hidden sizes are multiples of 2 * heads (an even head size for the rotary embedding)."""
+    step, ratio = 2 * args.num_heads, args.intermediate_size / args.hidden_size
+    cands = [(h, i) for h in range(step, args.hidden_size + 1, step) for i in range(1, args.intermediate_size + 1)]
+    return closest_size(cands, lambda c: narrow_size(args, vocab, *c), target,
+                        lambda c: abs(math.log(c[1] / (ratio * c[0]))))
+
+
+def run(args, method: str, target: float | None, lr: float, steps: int, seed: int, train, validation,
+        vocab: int) -> dict[str, Any]:
+    """Train one model for ``steps`` steps; ``lr`` is the g-net LR of GB runs, else the LR of every tensor."""
+    from examples.train import build_model
+
+    row: dict[str, Any] = {"method": method, "mode": method, "target": target, "lr": lr, "steps": steps,
+                           "seed": seed}
+    gb = None
+    if method == "narrow":
+        (hidden, inter), _ = narrow_spec(args, vocab, gb_budget(args, target, vocab))
+        model = build_model(script_args(args, hidden, inter), vocab, seed=seed)
+        row["widths"] = [hidden, inter]
+    else:
+        model = build_model(script_args(args), vocab, seed=seed)
+    if method == "gb":
+        gb = GenomicBottleneck(model, GBConfig(hidden_dim=args.hidden_dim, compression=target, seed=seed))
         sparse_gnet_init(gb, args.gnet_bias_shift)
         s = gb.stats()
-        info = {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
+        row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
-        groups = [{"params": list(gb.parameters()), "lr": args.gnet_lr},
+        row |= {"gnet_lr": lr, "gnet_bias_shift": args.gnet_bias_shift, "stored": stored_values(gb)}
+        groups = [{"params": list(gb.parameters()), "lr": lr},
                   {"params": gb.uncompressed_parameters(), "lr": args.lr}]
-        clip_params = [p for g in groups for p in g["params"]]
     else:
-        groups = [{"params": list(model.parameters()), "lr": args.lr}]
-        clip_params = groups[0]["params"]
+        if method == "lowrank":
+            probe = GenomicBottleneck(build_model(script_args(args), vocab, seed=seed),
+                                      GBConfig(hidden_dim=args.hidden_dim, compression=target, kernel="eager"))
+            info = low_rank_(model, [t.name.rpartition(".")[0] for t in probe.covered], stored_values(probe), seed)
+            row["ranks"] = info["ranks"]
+        row["stored"] = stored_values(model)
+        groups = [{"params": list(model.parameters()), "lr": lr}]
+    if target is not None:
+        row["gb_stored"] = gb_budget(args, target, vocab)
+    clip_params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def lr_lambda(step: int) -> float:
         if step < args.warmup:
             return (step + 1) / args.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, steps - args.warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    gen = torch.Generator().manual_seed(args.seed)  # same batches, same order, in every run
+    gen = torch.Generator().manual_seed(seed)  # same batches, same order, in every run of a seed
     order = torch.randperm(len(train), generator=gen)
     curve, t0 = [], time.time()
-    for step in range(args.steps):
+    eval_every = args.eval_every * max(1, steps // 150)
+    for step in range(steps):
         idx = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]
         ids = train.blocks[idx]
         if gb is not None:
@@ -121,16 +181,30 @@ def run(args, mode: str, compression: float | None, train, validation, vocab: in
         optimizer.zero_grad(set_to_none=True)
         if gb is not None:
             gb.zero_grad(set_to_none=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
             val = evaluate(model, gb, validation, 32)
             curve.append({"step": step + 1, "tokens": (step + 1) * args.batch_size * args.block_size,
                           "train_loss": loss.item(), "val_loss": val})
-            print(f"  {mode} {compression or '':>5} step {step + 1:4d}  train {loss.item():.4f}  val {val:.4f}  "
-                  f"({time.time() - t0:.0f}s)", flush=True)
-    return {"mode": mode, "target": compression, **info, "gnet_lr": args.gnet_lr if gb else None,
-            "gnet_bias_shift": args.gnet_bias_shift if gb else None, "val_loss": curve[-1]["val_loss"],
-            "perplexity": math.exp(curve[-1]["val_loss"]), "tokens": args.steps * args.batch_size * args.block_size,
-            "wall_s": round(time.time() - t0, 1), "curve": curve}
+    print(f"  {method:<7} target {target or '-':>4}  steps {steps:4d}  seed {seed}  lr {lr:<6g} stored "
+          f"{row['stored']:7,d}  val {curve[-1]['val_loss']:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+    return row | {"val_loss": curve[-1]["val_loss"], "perplexity": math.exp(curve[-1]["val_loss"]),
+                  "tokens": steps * args.batch_size * args.block_size, "wall_s": round(time.time() - t0, 1),
+                  "curve": curve}
+
+
+_BUDGETS: dict[tuple, int] = {}
+
+
+def gb_budget(args, target: float, vocab: int) -> int:
+    """Stored values of the GB checkpoint at ``target`` (the same for every seed: only values change)."""
+    from examples.train import build_model
+
+    key = (target, args.hidden_size, args.num_layers, args.intermediate_size, args.hidden_dim, vocab)
+    if key not in _BUDGETS:
+        model = build_model(script_args(args), vocab, seed=0)
+        _BUDGETS[key] = stored_values(GenomicBottleneck(model, GBConfig(hidden_dim=args.hidden_dim,
+                                                                        compression=target, kernel="eager")))
+    return _BUDGETS[key]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -147,9 +221,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vocab = len(tokenizer)
     print(f"stdlib corpus: {len(train) * args.block_size:,} training tokens, "
           f"{len(validation) * args.block_size:,} validation tokens, vocabulary {vocab}")
-    runs = [] if args.skip_plain else [run(args, "plain", None, train, validation, vocab)]
-    for c in args.compressions:
-        runs.append(run(args, "gb", c, train, validation, vocab))
+    runs = []
+    for steps in args.steps:
+        settings = [("plain", None)] if "plain" in args.methods else []
+        settings += [(m, c) for c in args.compressions for m in METHODS[1:] if m in args.methods]
+        for method, target in settings:
+            grid = args.gnet_lrs if method == "gb" else args.lrs
+            first = [run(args, method, target, lr, steps, args.seeds[0], train, validation, vocab) for lr in grid]
+            runs += first
+            best = min(first, key=lambda r: r["val_loss"])["lr"]
+            runs += [run(args, method, target, best, steps, s, train, validation, vocab) for s in args.seeds[1:]]
     payload = {"benchmark": "lm", "quick": args.quick, "args": vars(args), "machine": machine(),
                "wall_s": round(time.time() - t_start, 1), "train_tokens_available": len(train) * args.block_size,
                "validation_tokens": len(validation) * args.block_size, "runs": runs}
@@ -158,74 +239,96 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def combine(args: argparse.Namespace) -> dict[str, Any]:
     parts = read_parts(args.combine)
-    for p in parts:  # parts written before these fields were recorded per run
-        for r in p["runs"]:
-            if r["mode"] == "gb":
-                r.setdefault("gnet_lr", p["args"]["gnet_lr"])
-                r.setdefault("gnet_bias_shift", p["args"].get("gnet_bias_shift", 0.0))
-    runs = sorted((r for p in parts for r in p["runs"]),
-                  key=lambda r: (r["mode"] != "plain", setting(r), r["target"] or 0))
+    runs = [r for p in parts for r in p["runs"]]
     payload = {**parts[0], "wall_s": max(p["wall_s"] for p in parts), "runs": runs,
+               "quick": any(p["quick"] for p in parts),
                "parts": [{"args": p["args"], "machine": p["machine"], "wall_s": p["wall_s"]} for p in parts]}
     return finish(payload, args.out)
 
 
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (steps, method, target): the LR of the lowest first-seed loss, with the mean over its seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["steps"], r["method"], r["target"]), []).append(r)
+    out = []
+    for (steps, method, target), rows in groups.items():
+        first_seed = min(r["seed"] for r in rows)
+        best = min((r for r in rows if r["seed"] == first_seed), key=lambda r: r["val_loss"])
+        at_best = [r for r in rows if r["lr"] == best["lr"]]
+        losses = [r["val_loss"] for r in at_best]
+        mean = sum(losses) / len(losses)
+        size = "-"
+        if method == "narrow":
+            size = "{}/{}".format(*best["widths"])
+        elif method == "lowrank":
+            size = "r=" + ",".join(str(r) for r in sorted(set(best["ranks"].values())))
+        elif method == "gb":
+            size = f"{best['covered_compression']:.1f}x"
+        out.append({"steps": steps, "method": method, "target": target, "lr": best["lr"], "seeds": len(at_best),
+                    "stored": best["stored"], "gb_stored": best.get("gb_stored"),
+                    "stored_vs_gb": best["stored"] / best["gb_stored"] - 1 if best.get("gb_stored") else None,
+                    "size": size, "tokens": best["tokens"], "val_loss": mean,
+                    "val_loss_seeds": losses, "spread": max(losses) - min(losses)})
+    out.sort(key=lambda r: (r["steps"], r["target"] or 0, METHODS.index(r["method"])))
+    for r in out:
+        plain = [p for p in out if p["method"] == "plain" and p["steps"] == r["steps"]]
+        r["loss_vs_plain"] = r["val_loss"] / plain[0]["val_loss"] - 1 if plain else None
+    return out
+
+
+TABLE = [("steps", "steps", "d"), ("method", "method", ""), ("target", "target", "g"), ("stored", "stored", ",d"),
+         ("stored_vs_gb", "vs GB", "+.1%"), ("size", "covered x / widths / ranks", ""), ("lr", "LR", "g"),
+         ("seeds", "seeds", "d"), ("val_loss", "val loss", ".4f"), ("spread", "seed spread", ".4f"),
+         ("loss_vs_plain", "vs plain", "+.1%")]
+
+
 def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
-    runs = payload["runs"]
-    if runs and runs[0]["mode"] == "plain":
-        plain = runs[0]["val_loss"]
-        for r in runs:
-            r["loss_vs_plain"] = r["val_loss"] / plain - 1
+    summary = summarise(payload["runs"])
     print()
-    print(table(runs, [("mode", "mode", ""), ("target", "target", "g"), ("covered_compression", "covered x", ".1f"),
-                       ("overall_compression", "overall x", ".2f"), ("gnet_lr", "g-net LR", "g"),
-                       ("gnet_bias_shift", "bias shift", "g"), ("tokens", "tokens", ","),
-                       ("val_loss", "val loss", ".4f"), ("perplexity", "ppl", ".3f"),
-                       ("loss_vs_plain", "vs plain", "+.1%"), ("wall_s", "wall s", ".0f")]))
-    path = write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))
-    if runs and runs[0]["mode"] == "plain":
-        plot(runs, out + ".png")
-    print(f"wrote {path} and {out}.png")
+    print(table(summary, TABLE))
+    payload = {k: v for k, v in payload.items() if k not in ("runs", "summary")} | {"summary": summary,
+                                                                                   "runs": payload["runs"]}
+    written = [write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))]
+    if plot(summary, out + ".png"):
+        written.append(out + ".png")
+    print("wrote " + " and ".join(written))
     return payload
 
 
-def setting(r: dict[str, Any]) -> tuple[float, float]:
-    """(g-net LR, hidden-bias shift) of a GB run: the g-net training setting that the plot separates."""
-    return (r.get("gnet_lr") or 0.0, r.get("gnet_bias_shift") or 0.0)
+STYLES = {"gb": ("o-", "GB (g-nets h=32)"), "narrow": ("D-", "narrower dense Llama"),
+          "lowrank": ("v-", "low-rank U @ V")}
 
 
-def label(key: tuple[float, float]) -> str:
-    return f"g-net LR {key[0]:g}, " + (f"sparse init (shift {key[1]:g})" if key[1] else "default init")
-
-
-def plot(runs: list[dict[str, Any]], path: str) -> None:
+def plot(summary: list[dict[str, Any]], path: str) -> bool:
+    """Validation loss against stored values, a panel per step budget, a line per method; False if nothing to
+    plot (no plain run and no compressed runs)."""
+    budgets = sorted({r["steps"] for r in summary})
+    if not budgets:
+        return False
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    plain = runs[0]
-    ax1.axhline(plain["val_loss"], color="k", lw=1, label=f"plain {plain['val_loss']:.3f}")
-    ax1.axhline(plain["val_loss"] * 1.05, color="k", lw=1, ls=":", label="plain + 5%")
-    for key in sorted({setting(r) for r in runs if r["mode"] == "gb"}):
-        gbs = sorted((r for r in runs if r["mode"] == "gb" and setting(r) == key),
-                     key=lambda r: r["covered_compression"])
-        x, y = [r["covered_compression"] for r in gbs], [r["val_loss"] for r in gbs]
-        ax1.plot(x, y, "o-", label=f"GB, {label(key)}")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("covered compression (weights / g-net parameters)")
-    ax1.set_ylabel("validation loss (nats / byte)")
-    ax1.set_title(f"stdlib causal LM, {plain['tokens']:,} training tokens each")
-    for r in runs:
-        name = "plain" if r["mode"] == "plain" else f"GB {r['covered_compression']:.0f}x, {label(setting(r))}"
-        ax2.plot([c["tokens"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], "o-", ms=3, label=name)
-    ax2.set_xlabel("training tokens")
-    ax2.set_ylabel("validation loss")
-    ax2.set_title("validation loss during training")
-    for ax in (ax1, ax2):
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
+    for ax, steps in zip(axes[0], budgets):
+        rows = [r for r in summary if r["steps"] == steps]
+        for r in rows:
+            if r["method"] == "plain":
+                ax.axhline(r["val_loss"], color="k", lw=1,
+                           label=f"plain {r['val_loss']:.3f} ({r['stored']:,} values)")
+                ax.axhline(r["val_loss"] * 1.05, color="k", lw=1, ls=":", label="plain + 5%")
+        for method, (style, label) in STYLES.items():
+            pts = sorted((r["stored"], r["val_loss"]) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), style, ms=4, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("stored values (every tensor the checkpoint holds)")
+        ax.set_ylabel("validation loss (nats / byte), best LR")
+        ax.set_title(f"stdlib causal LM, {steps} steps ({rows[0]['tokens']:,} tokens)")
         ax.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=6.5, loc="upper right", ncol=2)
+        ax.legend(fontsize=7.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

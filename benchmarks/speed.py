@@ -6,7 +6,7 @@ forward, backward, push, AdamW step (GB), or forward, backward, AdamW step (plai
 ``torch.compile`` of the g-net kernels) are reported separately as warm-up, not timed.
 
     python benchmarks/speed.py            # full run, writes benchmarks/results/speed.{json,png}
-    python benchmarks/speed.py --quick    # one size, one batch size: a smoke run under 2 minutes
+    python benchmarks/speed.py --quick    # one size, one batch size: a smoke run into out/benchmarks/
 
 The engine's kernel micro-benchmarks are in benchmarks/bench_engine.py; this measures whole training steps.
 """
@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine, pyplot, table, write_json  # noqa: E402
+from common import default_out, machine, pyplot, table, write_json  # noqa: E402
 
 # name -> (hidden, layers, heads, intermediate)
 SIZES = {
@@ -104,11 +104,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per child; 1 resists contention from other jobs (OpenMP spin-waits)")
-    p.add_argument("--out", default=os.path.join(RESULTS, "speed"), help="path prefix of the .json and .png")
+    p.add_argument("--out", default=None,
+                   help="path prefix of the .json and .png (default benchmarks/results/speed; with --quick "
+                   "out/benchmarks/speed_quick, so a smoke run never replaces the committed results)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batches, args.warmup, args.steps = ["S"], [4], 1, 2
+    args.out = args.out or default_out("speed", args.quick)
     return args
 
 

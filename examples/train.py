@@ -261,7 +261,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, GBTraini
         script_args, training_args = parser.parse_dict({**TRAINING_DEFAULTS, **values})
     else:
         parser.set_defaults(**TRAINING_DEFAULTS)
-        script_args, training_args = parser.parse_args_into_dataclasses(argv)
+        try:
+            script_args, training_args = parser.parse_args_into_dataclasses(argv)
+        except ValueError as e:  # a value of the right type that the arguments refuse: one line, not a traceback
+            parser.exit(2, f"{parser.prog}: error: {e}\nSee: python examples/train.py --help\n")
     if script_args.no_gb and training_args.output_dir == TRAINING_DEFAULTS["output_dir"]:
         training_args.output_dir = PLAIN_OUTPUT_DIR
     return script_args, training_args

@@ -1,22 +1,26 @@
-"""`GBPlugin`: the genomic bottleneck in a custom Accelerate training loop (one process or DDP).
+"""`GBPlugin`: the genomic bottleneck in a custom Accelerate training loop (one process, DDP or FSDP2).
 
 Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
 explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
-and registers it for ``accelerator.save_state()`` / ``load_state()``. The loop then calls two hooks per micro-batch::
+and hooks it into ``accelerator.save_state()`` / ``load_state()`` (no pickle). The loop then calls two hooks per
+micro-batch::
 
-    plugin.before_step()      # first micro-batch of an optimizer step: g-nets -> weights (DESIGN.md §2, phase 1)
+    plugin.before_step()      # first micro-batch of an optimizer step: g-nets -> weights (docs/design.md §2, phase 1)
     accelerator.backward(loss)
     plugin.after_backward()   # sync micro-batch: accumulated (all-reduced) weight grads -> g-net grads (phase 3)
 
-Under DDP the g-nets are replicated (DESIGN.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
-and every rank pushes the same gradient, so no g-net communication is needed after `prepare`.
+Under DDP the g-nets are replicated (docs/design.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
+and every rank pushes the same gradient, so no g-net communication is needed after `prepare`. Under FSDP2
+(``fsdp_version=2``) the g-nets are replicated too, but each rank predicts and pushes only the tiles of its own rows
+and the g-net gradients are summed over ranks (`hf_gb.sharding`); prepare the model and optimizer with
+`GBPlugin.accelerator_prepare` instead of ``accelerator.prepare`` so that the g-nets stay out of Accelerate's
+FSDP2 parameter remapping.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +28,11 @@ import torch
 from torch import nn
 
 from .bottleneck import GenomicBottleneck
+from .checkpoint_checks import warn_non_finite
 from .config import GBConfig
+from .distributed import broadcast_gnets
+from .files import FORMAT_NAME, PLUGIN_STATE_NAME, atomic_write
+from .settings import add_config_fields, config_from, settings
 
 logger = logging.getLogger(__name__)
 
@@ -38,43 +46,8 @@ _FORWARD = "forward"  # before_step() done; this micro-batch's after_backward() 
 _ACCUMULATING = "accumulating"  # a non-sync micro-batch finished; weights stay predicted until the sync one
 
 
-def _parse_tile_size(value: str) -> int | list[int]:
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[,x]\s*(\d+)\s*)?", value)
-    if match is None:
-        raise ValueError("expected an int or 'rows,cols'")
-    rows, cols = match.groups()
-    return int(rows) if cols is None else [int(rows), int(cols)]
-
-
-def _parse_modules(value: str) -> str | list[str]:
-    # A comma-separated value is a list of name suffixes; anything else is a regex over the full module name.
-    return [p.strip() for p in value.split(",") if p.strip()] if "," in value else value
-
-
-def _parse_bool(value: str) -> bool:
-    from accelerate.utils import str_to_bool
-
-    return bool(str_to_bool(value))
-
-
-# How each HF_GB_<FIELD> environment variable is read.
-_ENV_PARSERS = {
-    "hidden_dim": int,
-    "compression": float,
-    "tile_size": _parse_tile_size,
-    "target_modules": _parse_modules,
-    "exclude_modules": _parse_modules,
-    "encoding": str,
-    "stochastic": _parse_bool,
-    "center": _parse_bool,
-    "init_noise": float,
-    "min_compression": float,
-    "kernel": str,
-    "seed": int,
-}
-
-
 @dataclass
+@add_config_fields("", optional=True, help_format="{help} ({env})")
 class GBPlugin:
     """Genomic bottleneck for custom Accelerate loops, configured in code or through ``HF_GB_*`` variables.
 
@@ -84,8 +57,8 @@ class GBPlugin:
     `GBConfig` is ``plugin.gb_config``.
 
     Args:
-        hidden_dim, compression, tile_size, target_modules, exclude_modules, encoding, stochastic, center,
-        init_noise, min_compression, kernel, seed: as in `GBConfig`.
+        every `GBConfig` field (``hidden_dim``, ``compression``, ``tile_size``, ...): as in `GBConfig`, read from
+            ``HF_GB_<FIELD>`` when left ``None``.
         gb_config (`GBConfig`, *optional*): base configuration for the fields that neither the call nor the
             environment sets.
 
@@ -109,38 +82,6 @@ class GBPlugin:
         ...     optimizer.zero_grad()
     """
 
-    hidden_dim: int | None = field(
-        default=None, metadata={"help": "Width of each g-net's hidden layer (HF_GB_HIDDEN_DIM)."}
-    )
-    compression: float | None = field(
-        default=None, metadata={"help": "Target covered weights / g-net parameters ratio (HF_GB_COMPRESSION)."}
-    )
-    tile_size: int | list[int] | None = field(
-        default=None, metadata={"help": "Tile size, an int or [rows, cols]; overrides compression (HF_GB_TILE_SIZE)."}
-    )
-    target_modules: str | list[str] | None = field(
-        default=None, metadata={"help": "Modules to cover: regex or list of name suffixes (HF_GB_TARGET_MODULES)."}
-    )
-    exclude_modules: str | list[str] | None = field(
-        default=None, metadata={"help": "Modules never to cover: regex or list of suffixes (HF_GB_EXCLUDE_MODULES)."}
-    )
-    encoding: str | None = field(
-        default=None, metadata={"help": "Position code, 'binary' or 'gray' (HF_GB_ENCODING)."}
-    )
-    stochastic: bool | None = field(
-        default=None, metadata={"help": "Sample weights with learned per-tile noise in training (HF_GB_STOCHASTIC)."}
-    )
-    center: bool | None = field(
-        default=None, metadata={"help": "Remove each predicted tile's row and column means (HF_GB_CENTER)."}
-    )
-    init_noise: float | None = field(
-        default=None, metadata={"help": "Initial noise std relative to the weight scale (HF_GB_INIT_NOISE)."}
-    )
-    min_compression: float | None = field(
-        default=None, metadata={"help": "Tensors compressed less than this stay uncompressed (HF_GB_MIN_COMPRESSION)."}
-    )
-    kernel: str | None = field(default=None, metadata={"help": "'compiled', 'eager' or 'auto' (HF_GB_KERNEL)."})
-    seed: int | None = field(default=None, metadata={"help": "Seed of the g-net initialisation (HF_GB_SEED)."})
     gb_config: GBConfig | None = field(
         default=None, metadata={"help": "Base GBConfig for fields set neither here nor in the environment."}
     )
@@ -150,26 +91,27 @@ class GBPlugin:
         if not isinstance(base, GBConfig):
             raise TypeError(f"gb_config must be a GBConfig, got {type(base).__name__}: {base!r}")
         values = {}
-        for name, parse in _ENV_PARSERS.items():
-            value = getattr(self, name)
-            env = ENV_PREFIX + name.upper()
+        for setting in settings():
+            value = getattr(self, setting.name)
+            env = ENV_PREFIX + setting.name.upper()
             if value is None and os.environ.get(env, "").strip():
                 raw = os.environ[env].strip()
                 try:
-                    value = parse(raw)
+                    value = setting.parse_env(raw)
                 except ValueError as e:
-                    raise ValueError(f"{env}={raw!r} is not a valid {name}: {e}") from e
-            values[name] = getattr(base, name) if value is None else value
+                    raise ValueError(f"{env}={raw!r} is not a valid {setting.name}: {e}") from e
+            values[setting.name] = value
         try:
-            self.gb_config = GBConfig(**values)
+            self.gb_config = config_from(values, base)
         except ValueError as e:
             raise ValueError(f"GBPlugin: {e}") from e
-        for name in _ENV_PARSERS:  # show the effective values, as Accelerate's plugins do
-            setattr(self, name, getattr(self.gb_config, name))
+        for setting in settings():  # show the effective values, as Accelerate's plugins do
+            setattr(self, setting.name, getattr(self.gb_config, setting.name))
         self._accelerator = None
         self._bottleneck: GenomicBottleneck | None = None
         self._phase = _IDLE
         self._steps = 0  # optimizer steps begun; seeds the weight noise of stochastic g-nets
+        self._kind = "single"  # "single", "ddp" or "fsdp2" (hf_gb.distributed.check_setup), set by prepare
 
     # ----------------------------------------------------------------- attaching
     @property
@@ -194,22 +136,48 @@ class GBPlugin:
                 f"WORLD_SIZE={world_size} but the Accelerator runs num_processes=1; on a machine without GPUs, "
                 "`accelerate launch --multi_gpu` needs Accelerator(cpu=True) to start the gloo process group"
             )
+        from .distributed import check_setup
+
+        fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+        self._kind = check_setup(accelerator, fsdp_requested, False, "GBPlugin")
         inner = accelerator.unwrap_model(model)
-        inner.to(accelerator.device)
+        if not any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+            inner.to(accelerator.device)
         gb = GenomicBottleneck(inner, self.gb_config)
-        if accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            with torch.no_grad():
-                for tensor in gb.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
+        if accelerator.num_processes > 1:
+            broadcast_gnets(gb)
         self._accelerator = accelerator
         self._bottleneck = gb
         self._predict_for_eval()
-        accelerator.register_for_checkpointing(_CheckpointState(self))
+        # Not `register_for_checkpointing`: Accelerate pickles those objects and unpickles them on load_state.
+        self._checkpoint = _CheckpointState(self)
+        inner.register_load_state_dict_post_hook(self._checkpoint.after_model_load)
         accelerator.register_save_state_pre_hook(self._save_state_pre_hook)
         accelerator.register_load_state_pre_hook(self._load_state_pre_hook)
         if accelerator.is_main_process:
             logger.info("Genomic bottleneck attached:\n%s", gb.summary(per_tensor=False))
         return model, gb
+
+    def accelerator_prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *others: Any) -> tuple:
+        """``accelerator.prepare(model, optimizer, *others)`` that also works under FSDP2; returns what it returns.
+
+        FSDP2's prepare maps every optimizer parameter to a model parameter and the g-nets are none, so they are
+        taken out of ``optimizer`` for the call and put back after, and the bottleneck is bound to the sharded
+        weights (each rank then predicts only its own rows). Under one process or DDP it is ``accelerator.prepare``.
+        """
+        from . import distributed
+        from .sharding import rebind
+
+        accelerator, gb = self._accelerator, self.bottleneck
+        if self._kind != "fsdp2":
+            return accelerator.prepare(model, optimizer, *others)
+        taken = distributed.detach_params(optimizer, gb.parameters())
+        prepared = accelerator.prepare(model, optimizer, *others)
+        model = prepared[0]
+        distributed.reattach_params(getattr(prepared[1], "optimizer", prepared[1]), taken)
+        rebind(gb, accelerator.unwrap_model(model))
+        self._predict_for_eval()
+        return prepared
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer (and gradient clipping) must cover: g-net parameters and uncompressed parameters."""
@@ -234,13 +202,8 @@ class GBPlugin:
             return
         self._require_step_finished("GBPlugin.before_step()")
         self._steps += 1
-        if gb.config.stochastic and gb.training:
-            # The noise seed must be the same on every rank and after a resume: derive it from the step count.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(gb.config.seed * 1_000_003 + self._steps)
-                gb.predict_weights()
-        else:
-            gb.predict_weights()
+        # The noise seed must be the same on every rank and after a resume: derived from the step count.
+        gb.predict_weights(step=self._steps)
         self._phase = _FORWARD
 
     def after_backward(self) -> None:
@@ -273,9 +236,7 @@ class GBPlugin:
         self._predict_for_eval()
 
     def _predict_for_eval(self) -> None:
-        gb = self.bottleneck
-        gb.predict_weights(sample=False)
-        gb._tables = None  # nothing to push through this prediction
+        self.bottleneck.predict_weights(sample=False, keep_graph=False)  # nothing will be pushed through it
 
     def _require_step_finished(self, what: str) -> None:
         if self._phase != _IDLE:
@@ -295,45 +256,101 @@ class GBPlugin:
     def _save_state_pre_hook(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         # Gradients are not part of the state: saving before the step they belong to would lose them.
         self._require_step_finished("accelerator.save_state()")
+        self._checkpoint.save(output_dir)
 
     def _load_state_pre_hook(self, models: list[nn.Module], input_dir: str) -> None:
-        # The model and optimizer load next, our g-nets last (_CheckpointState), which then predicts again.
+        # The model and optimizer load after this hook; the model's load_state_dict post-hook then predicts the
+        # weights of the g-nets restored here (the model file holds the prediction of an earlier step).
         for t in self.bottleneck.covered:
             t.param.grad = None
         self._phase = _IDLE
+        self._checkpoint.load(input_dir)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
         """Write the compressed checkpoint (as `GenomicBottleneck.save_pretrained`) from the main process only.
 
-        Loadable with `hf_gb.load_compressed`. All processes must call it; they wait for the write to finish.
+        Loadable with `hf_gb.load_compressed`. All processes must call it; they wait for the write to finish. Under
+        FSDP2 the uncompressed tensors are gathered for it (the covered weights never are).
         """
+        from contextlib import nullcontext
+
+        from .sharding import gathered
+
         accelerator = self._accelerator
         if accelerator is None:
             raise RuntimeError("GBPlugin.save_pretrained() needs plugin.prepare(accelerator, model) first")
         save_directory = os.fspath(save_directory)
-        if accelerator.is_main_process:
-            self.bottleneck.save_pretrained(save_directory, **kwargs)
+        with gathered(self.bottleneck) if self.bottleneck._shards else nullcontext():
+            if accelerator.is_main_process:
+                self.bottleneck.save_pretrained(save_directory, **kwargs)
         accelerator.wait_for_everyone()
         return save_directory
 
 
 class _CheckpointState:
-    """What `accelerator.save_state` stores for the plugin: the g-nets and the step count.
+    """What `accelerator.save_state` stores for the plugin: the g-nets and the step count, as safetensors.
 
-    Accelerate loads registered objects after the model and the optimizer, so loading here is the right moment
-    to predict the weights again from the restored g-nets (the model file holds the previous step's prediction).
+    ``hf_gb_plugin_state.safetensors`` in the state folder holds the bottleneck's ``state_dict``; its metadata
+    holds the step count. Nothing is pickled, so a replaced file cannot run code on ``load_state``.
     """
 
     def __init__(self, plugin: GBPlugin):
         self.plugin = plugin
+        self.predict_after_load = False
 
-    def state_dict(self) -> dict[str, Any]:
-        gnets = {k: v.detach().cpu().clone() for k, v in self.plugin.bottleneck.state_dict().items()}
-        return {"gnets": gnets, "steps": self.plugin._steps}
+    def save(self, output_dir: str) -> None:
+        from safetensors.torch import save_file
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        plugin = self.plugin
-        plugin.bottleneck.load_state_dict(state["gnets"])
-        plugin._steps = int(state["steps"])
+        accelerator = self.plugin._accelerator
+        writer = accelerator.is_local_main_process if _save_on_each_node(accelerator) else accelerator.is_main_process
+        if not writer:  # every rank holds the same g-nets
+            return
+        gnets = {k: v.detach().cpu().contiguous() for k, v in self.plugin.bottleneck.state_dict().items()}
+        warn_non_finite(gnets, output_dir)
+        metadata = {"format": FORMAT_NAME, "steps": str(self.plugin._steps)}
+        atomic_write(os.path.join(output_dir, PLUGIN_STATE_NAME), lambda tmp: save_file(gnets, tmp, metadata))
+
+    def load(self, input_dir: str) -> None:
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        plugin, gb = self.plugin, self.plugin.bottleneck
+        path = os.path.join(input_dir, PLUGIN_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{input_dir} has no {PLUGIN_STATE_NAME}, so the g-nets cannot be restored; it was not written by "
+                "accelerator.save_state() with this GBPlugin (earlier hf_gb versions stored them in a pickle, "
+                "custom_checkpoint_0.pkl, which is never loaded)"
+            )
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+            gnets = load_file(path)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{path} is corrupt or truncated: {e}") from e
+        steps = metadata.get("steps", "")
+        if metadata.get("format") != FORMAT_NAME or not steps.isdigit():
+            raise ValueError(f"{path} is not a GBPlugin state (metadata format={metadata.get('format')!r}, "
+                             f"steps={steps!r})")
+        own = gb.state_dict()
+        if set(gnets) != set(own) or any(tuple(gnets[k].shape) != tuple(v.shape) for k, v in own.items()):
+            wrong = sorted(set(gnets) ^ set(own)) or [k for k, v in own.items() if gnets[k].shape != v.shape]
+            raise ValueError(f"{path} holds other g-nets than this plugin's (e.g. {wrong[0]!r}); was it saved with "
+                             "another GBConfig or model?")
+        warn_non_finite(gnets, path)
+        gb.load_state_dict(gnets)
+        plugin._steps = int(steps)
         plugin._phase = _IDLE
-        plugin._predict_for_eval()
+        plugin._predict_for_eval()  # covered weights stay the prediction whether or not the model loads next
+        self.predict_after_load = True
+
+    def after_model_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """Load-state-dict post-hook of the model: its file held the prediction of an earlier step; predict the
+        restored g-nets' weights again (only on the load that `accelerator.load_state` does after `load`)."""
+        if self.predict_after_load:
+            self.predict_after_load = False
+            self.plugin._predict_for_eval()
+
+
+def _save_on_each_node(accelerator: Any) -> bool:
+    return bool(getattr(getattr(accelerator, "project_configuration", None), "save_on_each_node", False))

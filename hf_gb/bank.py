@@ -1,50 +1,248 @@
-"""`GNetBank`: the g-nets of every tile of one geometry, stored as stacked tensors and run as one batched call."""
+"""g-net banks: the g-nets of every tile of one geometry, stored as stacked tensors and run as one batched call.
+
+A bank owns its whole math. `GNetBank` is the interface every g-net family implements and the one code path
+they share: ``predict`` (no graph to the weights, centring, output scale and noise applied), ``push`` (the chain
+rule from a tile gradient into the bank's own parameters), ``forward`` (the differentiable prediction) and
+``calibrate``. A family supplies four pieces: ``tables`` (small differentiable tensors from which the tiles
+follow), ``evaluate`` and ``evaluate_backward`` (the fused kernels) and ``reference`` (an unfused twin for tests).
+
+Every method takes ``index``, the tiles to compute (a LongTensor, or None for all): a rank that holds only some
+rows of a weight predicts just the tiles that intersect them.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from .kernels import GNetFunction, center_tiles, center_tiles_, fused_forward, reference_forward
+from .kernels import center_tiles, center_tiles_, fused_backward, fused_forward, reference_forward, use_compiled
 from .tiling import TileGeometry, num_bits, position_codes
+
+if TYPE_CHECKING:
+    from .config import GBConfig
+
+Tables = tuple[torch.Tensor, ...]
+
+_FAMILIES: dict[str, type[GNetBank]] = {}
+
+
+def register_family(cls: type[GNetBank]) -> type[GNetBank]:
+    """Register a `GNetBank` subclass under ``cls.family`` (usable as a decorator); duplicates raise."""
+    name = getattr(cls, "family", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `family`")
+    if name in _FAMILIES and _FAMILIES[name] is not cls:
+        raise ValueError(f"g-net family {name!r} is already registered by {_FAMILIES[name].__name__}")
+    _FAMILIES[name] = cls
+    return cls
+
+
+def family_class(name: str) -> type[GNetBank]:
+    """The bank class of a registered family, with an error that lists the known ones."""
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown g-net family {name!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def families() -> list[str]:
+    return sorted(_FAMILIES)
 
 
 class GNetBank(nn.Module):
-    """``n_tiles`` one-hidden-layer g-nets over tiles of one `TileGeometry`.
+    """``n_tiles`` g-nets over tiles of one `TileGeometry`: the interface of every family and their shared code.
+
+    The prediction of tile ``t`` is ``center(raw_t) * scale[t] + sigma_t * noise`` where ``raw`` is the family's
+    function of the tile's positions, ``center`` the optional double centring (`hf_gb.kernels.center_tiles`) and
+    ``sigma_t = init_noise * scale[t] * exp(log_sigma[t])`` the learned noise of stochastic banks. The scale is
+    a buffer (saved, moved by ``.to()``) that `calibrate` sets to the layer's own initial std.
+    """
+
+    family: ClassVar[str]
+
+    def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
+        super().__init__()
+        self.geometry = geometry
+        self.n_tiles = n_tiles
+        self.center = config.center
+        self.kernel = config.kernel
+        self.init_noise = config.init_noise
+        self.log_sigma = nn.Parameter(torch.zeros(n_tiles)) if config.stochastic else None
+        self.register_buffer("scale", torch.ones(n_tiles))  # per-tile output scale, saved with the g-nets
+        self._saved: tuple[Tables, torch.Tensor | None, int | None] | None = None  # what push needs
+
+    # ----------------------------------------------------------------- what a family implements
+    def tables(self, index: torch.Tensor | None = None) -> Tables:
+        """Small differentiable tensors (graph to the parameters) giving tiles ``index``, with the scale folded in."""
+        raise NotImplementedError
+
+    def evaluate(self, tables: Tables) -> torch.Tensor:
+        """The raw tiles ``(n_sel, rows, cols * K)`` of detached ``tables``, by the fused kernels (no graph)."""
+        raise NotImplementedError
+
+    def evaluate_backward(self, tables: Tables, grad: torch.Tensor) -> Tables:
+        """Gradients of ``sum(grad * evaluate(tables))`` with respect to each of ``tables`` (detached)."""
+        raise NotImplementedError
+
+    def reference(self, tables: Tables) -> torch.Tensor:
+        """Unfused differentiable twin of `evaluate`, for tests."""
+        raise NotImplementedError
+
+    @classmethod
+    def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
+        """Stored values per tile of ``geometry`` (what compression ratios and tile choice count)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared by every family
+    @classmethod
+    def params_per_tile(cls, geometry: TileGeometry, config: GBConfig) -> float:
+        """Parameters per tile: the family's, plus the learned noise scale of stochastic banks."""
+        return cls.tile_params(geometry, config) + (1 if config.stochastic else 0)
+
+    def num_gnet_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def compiled(self) -> bool:
+        """Whether this bank runs the compiled kernels (`GBConfig.kernel`, bank size, availability)."""
+        return use_compiled(self.kernel, self.n_tiles * self.geometry.numel)
+
+    def _rows(self, index: torch.Tensor | None) -> int:
+        return self.n_tiles if index is None else index.numel()
+
+    def sigma(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise std per tile ``(n_sel,)``, differentiable in ``log_sigma``."""
+        sigma = self.init_noise * self.scale * self.log_sigma.exp()
+        return sigma if index is None else sigma[index]
+
+    def noise(self, seed: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard normal noise of tiles ``index`` for ``seed``: the same values whichever tiles are asked for."""
+        g = self.geometry
+        device = self.scale.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        eps = torch.randn(self.n_tiles, g.rows, g.cols * g.kernel, generator=gen, device=device,
+                          dtype=self.scale.dtype)
+        return eps if index is None else eps[index]
+
+    def predict(
+        self, index: torch.Tensor | None = None, noise_seed: int | None = None, keep_graph: bool = True
+    ) -> torch.Tensor:
+        """Predicted tiles ``(n_sel, rows, cols * K)``, detached; ``noise_seed`` adds the learned noise.
+
+        With ``keep_graph`` the bank keeps the small tables (and their graph to its parameters) for one `push`.
+        """
+        if noise_seed is not None and self.log_sigma is None:
+            raise ValueError("noise_seed given to a bank without learned noise (GBConfig.stochastic=False)")
+        tables = self.tables(index)
+        with torch.no_grad():
+            out = self.evaluate(tuple(t.detach() for t in tables))
+            if self.center:
+                center_tiles_(out)
+            if noise_seed is not None:
+                out += self.sigma(index)[:, None, None] * self.noise(noise_seed, index)
+        self._saved = (tables, index, noise_seed) if keep_graph else None
+        return out
+
+    def push(self, grad: torch.Tensor) -> None:
+        """Add the gradient of ``sum(grad * predicted tiles)`` to the bank's parameters' ``.grad``.
+
+        ``grad`` has the shape of the last `predict`'s output (keep_graph=True) and may be modified in place.
+        """
+        if self._saved is None:
+            raise RuntimeError("push() needs a preceding predict(keep_graph=True) of this bank")
+        tables, index, noise_seed = self._saved
+        self._saved = None
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        if noise_seed is not None:  # the noise is added after centring: it sees the raw gradient
+            tensors.append(self.sigma(index))
+            grads.append((grad * self.noise(noise_seed, index)).sum((1, 2)))
+        if self.center:
+            center_tiles_(grad)  # the centring is a symmetric projection: its backward is itself
+        with torch.no_grad():
+            table_grads = self.evaluate_backward(tuple(t.detach() for t in tables), grad)
+        for tensor, g in zip(tables, table_grads):
+            if tensor.requires_grad:
+                tensors.append(tensor)
+                grads.append(g)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+
+    def __getstate__(self):
+        # What predict kept for push holds an autograd graph, which neither copies nor pickles; a copy starts clean.
+        return {**self.__dict__, "_saved": None}
+
+    def discard(self) -> None:
+        """Drop what the last `predict` kept for `push` (e.g. after a checkpoint load)."""
+        self._saved = None
+
+    def forward(self, index: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
+        """Differentiable noise-free prediction of tiles ``index`` (fused kernels, or the unfused reference)."""
+        tables = self.tables(index)
+        out = self.reference(tables) if reference else _BankFunction.apply(self, *tables)
+        return center_tiles(out) if self.center else out
+
+    @torch.no_grad()
+    def calibrate(self, target_std: torch.Tensor) -> None:
+        """Set each tile's scale so that its noise-free prediction has std ``target_std[t]`` over its positions."""
+        self.scale.fill_(1.0)
+        out = self.predict(keep_graph=False)
+        std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
+        self._remove_mean_(mean)
+        target = target_std.to(self.scale)
+        # A tile of one position (or a degenerate g-net) has no spread to match: keep unit gain there.
+        self.scale.copy_(torch.where(std > 1e-6, target / std.clamp_min(1e-6), target))
+
+    def _remove_mean_(self, mean: torch.Tensor) -> None:
+        """Shift an uncentred bank's output by ``-mean`` per tile (at unit scale); centred banks have no mean."""
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}, geometry={self.geometry.key()}, n_tiles={self.n_tiles}"
+
+
+class _BankFunction(torch.autograd.Function):
+    """Autograd over a bank's fused kernels: saves only the tables, recomputes what the backward needs."""
+
+    @staticmethod
+    def forward(ctx, bank: GNetBank, *tables: torch.Tensor) -> torch.Tensor:
+        ctx.bank = bank
+        ctx.save_for_backward(*tables)
+        return bank.evaluate(tables)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, *ctx.bank.evaluate_backward(ctx.saved_tensors, grad.contiguous()))
+
+
+@register_family
+class MLPBank(GNetBank):
+    """One hidden layer over position codes, one g-net per tile (family ``"mlp"``).
 
     Per tile: ``W[i, j, k] = scale * (w2 . relu(row_code(i) @ w_row + col_code(j) @ w_col + w_ker[k] + b1) + b2)``.
     The first layer is split by code part, so the tables ``A = codes_row @ w_row + b1`` (n, rows, h) and
-    ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h) are all that the fused kernels need.
+    ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h) are all that the fused kernels need. Centred banks have no
+    ``b2``: the centring removes any constant.
 
     Example::
 
-        >>> from hf_gb.bank import GNetBank
+        >>> import torch
+        >>> from hf_gb import GBConfig
+        >>> from hf_gb.bank import MLPBank
         >>> from hf_gb.tiling import TileGeometry
-        >>> bank = GNetBank(TileGeometry(8, 16), n_tiles=3, hidden_dim=4)
+        >>> bank = MLPBank(TileGeometry(8, 16), 3, GBConfig(hidden_dim=4), torch.Generator().manual_seed(0))
         >>> bank().shape
         torch.Size([3, 8, 16])
     """
 
-    def __init__(
-        self,
-        geometry: TileGeometry,
-        n_tiles: int,
-        hidden_dim: int,
-        encoding: str = "binary",
-        stochastic: bool = False,
-        generator: torch.Generator | None = None,
-        center: bool = True,
-    ):
-        super().__init__()
-        self.geometry = geometry
-        self.center = center  # double-centre each predicted tile (see kernels.center_tiles)
-        self.n_tiles = n_tiles
-        self.hidden_dim = hidden_dim
-        g, h, n = geometry, hidden_dim, n_tiles
-        self.register_buffer("row_codes", position_codes(g.rows, encoding), persistent=False)  # (rows, br)
-        self.register_buffer("col_codes", position_codes(g.cols, encoding), persistent=False)  # (cols, bc)
+    family = "mlp"
+
+    def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
+        super().__init__(geometry, n_tiles, config, generator)
+        g, h, n = geometry, config.hidden_dim, n_tiles
+        self.hidden_dim = h
+        self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
+        self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
         fan_in = max(1, num_bits(g.rows) + num_bits(g.cols) + (1 if g.kernel_bits else 0))
 
         def randn(*shape, std):
@@ -56,46 +254,50 @@ class GNetBank(nn.Module):
         self.w_ker = randn(n, g.kernel_bits, h, std=1 / math.sqrt(fan_in)) if g.kernel_bits else None
         self.b1 = randn(n, h, std=0.1)
         self.w2 = randn(n, h, std=1 / math.sqrt(h))
-        self.b2 = nn.Parameter(torch.zeros(n), requires_grad=not center)  # centring removes it: frozen then
-        self.log_sigma = nn.Parameter(torch.zeros(n)) if stochastic else None
-        self.register_buffer("scale", torch.ones(n))  # per-tile output scale, saved with the g-nets
+        self.b2 = None if self.center else nn.Parameter(torch.zeros(n))
 
-    def num_gnet_params(self) -> int:
-        return self.n_tiles * self.geometry.gnet_params(self.hidden_dim)
+    @classmethod
+    def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
+        inputs = num_bits(geometry.rows) + num_bits(geometry.cols) + geometry.kernel_bits
+        return (inputs + 2) * config.hidden_dim + (0 if config.center else 1)
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(A, B, w2, b2)`` for the fused kernels, with the output scale folded into w2 and b2."""
-        g, n = self.geometry, self.n_tiles
-        A = torch.einsum("rb,nbh->nrh", self.row_codes, self.w_row) + self.b1[:, None, :]  # (n, rows, h)
-        B = torch.einsum("cb,nbh->nch", self.col_codes, self.w_col)  # (n, cols, h)
+    def tables(self, index: torch.Tensor | None = None) -> Tables:
+        """``(A, B, w2)`` or ``(A, B, w2, b2)`` of tiles ``index``, with the output scale folded into w2 and b2."""
+        g = self.geometry
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if index is None else t[index]
+
+        scale = pick(self.scale)
+        A = torch.einsum("rb,nbh->nrh", self.row_codes, pick(self.w_row)) + pick(self.b1)[:, None, :]  # (n, rows, h)
+        B = torch.einsum("cb,nbh->nch", self.col_codes, pick(self.w_col))  # (n, cols, h)
         if self.w_ker is not None:
-            B = (B[:, :, None, :] + self.w_ker[:, None, :, :]).reshape(n, g.cols * g.kernel, -1)
+            B = (B[:, :, None, :] + pick(self.w_ker)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
         # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
         # kernels to one compilation (their guards include strides).
-        # Centring removes any constant, so b2 then takes no part (and gets no gradient, not even rounding noise
-        # that Adam would blow up into full-size steps).
-        b2 = torch.zeros_like(self.b2) if self.center else self.b2 * self.scale
-        return A.contiguous(), B.contiguous(), self.w2 * self.scale[:, None], b2
+        tables = (A.contiguous(), B.contiguous(), pick(self.w2) * scale[:, None])
+        return tables if self.b2 is None else (*tables, pick(self.b2) * scale)
 
-    def forward(self, compiled: bool = False, reference: bool = False) -> torch.Tensor:
-        """Differentiable prediction of all tiles, ``(n_tiles, rows, cols * K)`` (noise-free)."""
-        A, B, w2, b2 = self.tables()
-        if reference:
-            out = reference_forward(A, B, w2, b2)
-        else:
-            out = GNetFunction.apply(A, B, w2, b2, compiled)
-        return center_tiles(out) if self.center else out
+    def evaluate(self, tables: Tables) -> torch.Tensor:
+        A, B, w2 = tables[:3]
+        b2 = tables[3] if len(tables) > 3 else None
+        return fused_forward(A, B, w2, b2, compiled=self.compiled())
 
-    @torch.no_grad()
-    def calibrate(self, target_std: torch.Tensor, compiled: bool = False) -> None:
-        """Set each tile's output to mean 0 and std ``target_std[t]`` over its positions (DESIGN.md §4)."""
-        self.scale.fill_(1.0)
-        A, B, w2, b2 = self.tables()
-        out = fused_forward(A, B, w2, b2, compiled)
-        if self.center:
-            center_tiles_(out)
-        std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
-        self.b2.sub_(mean)
-        target = target_std.to(self.scale)
-        # A tile of one position (or a degenerate g-net) has no spread to match: keep unit gain there.
-        self.scale.copy_(torch.where(std > 1e-6, target / std.clamp_min(1e-6), target))
+    def evaluate_backward(self, tables: Tables, grad: torch.Tensor) -> Tables:
+        A, B, w2 = tables[:3]
+        dA, dB, dw2, db2 = fused_backward(A, B, w2, grad, compiled=self.compiled(), bias=len(tables) > 3)
+        return (dA, dB, dw2) if len(tables) == 3 else (dA, dB, dw2, db2)
+
+    def reference(self, tables: Tables) -> torch.Tensor:
+        A, B, w2 = tables[:3]
+        return reference_forward(A, B, w2, tables[3] if len(tables) > 3 else None)
+
+    def _remove_mean_(self, mean: torch.Tensor) -> None:
+        if self.b2 is not None:
+            self.b2.sub_(mean)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of format 1 stored a frozen, always-zero b2 for centred banks; centring removes it anyway.
+        if self.b2 is None:
+            state_dict.pop(prefix + "b2", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -4,23 +4,44 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .bank import GNetBank
+from .bank import GNetBank, family_class
 from .config import GBConfig
-from .kernels import center_tiles_, fused_backward, fused_forward, use_compiled
-from .layers import coverable, name_matches, view3d
+from .layers import find_targets, view3d
 from .tiling import TileGeometry, choose_geometry, compression_of, grid, tile_into, untile_into
 
 logger = logging.getLogger(__name__)
 
 # Tile used when the config names neither `compression` nor `tile_size`.
 DEFAULT_TILE_SIZE = (128, 128)
+# Attribute of a model that points (weakly) to the bottleneck attached to it.
+_ATTACHED = "_hf_gb_bottleneck"
+
+
+def _check_model(model: nn.Module) -> None:
+    """Errors that say what to do for models the bottleneck cannot attach to."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"GenomicBottleneck needs a torch.nn.Module, got {type(model).__name__}")
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"{type(model).__name__} has parameters on the meta device (e.g. {meta}); materialise them first "
+            "(model.to_empty(device=...) and an init, or load real weights), or load a compressed checkpoint "
+            "with hf_gb.load_compressed, which builds the model itself"
+        )
+    ref = getattr(model, _ATTACHED, None)
+    other = ref() if ref is not None else None
+    if other is not None and other.covered:
+        raise ValueError(
+            f"{type(model).__name__} already has a GenomicBottleneck attached; use that one, or call its "
+            "detach_model() first (two bottlenecks would overwrite each other's predictions)"
+        )
 
 
 @dataclass
@@ -37,8 +58,8 @@ class CoveredTensor:
     n_tiles: int
     param: nn.Parameter
 
-    def gnet_params(self, hidden_dim: int) -> int:
-        return self.n_tiles * self.geometry.gnet_params(hidden_dim)
+    def gnet_params(self, config: GBConfig) -> int:
+        return round(self.n_tiles * family_class(config.family).params_per_tile(self.geometry, config))
 
     def to_json(self) -> dict[str, Any]:
         g = self.geometry
@@ -75,118 +96,108 @@ class GenomicBottleneck(nn.Module):
         9472
     """
 
-    def __init__(self, model: nn.Module, config: GBConfig | None = None):
+    def __init__(self, model: nn.Module, config: GBConfig | None = None, *, init_gnets: bool = True):
         super().__init__()
         self.config = config = config if config is not None else GBConfig()
+        _check_model(model)
         object.__setattr__(self, "_model", model)  # not a submodule: our parameters are the g-nets only
         self.covered: list[CoveredTensor] = []
         self.skipped: list[tuple[str, str]] = []  # (name, reason) of weights left uncompressed
         self.banks = nn.ModuleDict()
-        self._tables: dict[str, tuple[torch.Tensor, ...]] | None = None
-        self._noise_seed: int | None = None
+        self._predicted = False  # a prediction with kept tables is waiting for its push
+        # Sharded models (FSDP2 DTensors, see hf_gb.sharding): this rank's rows of each covered weight and, per
+        # bank, the tiles that intersect them; empty on an unsharded model.
+        self._shards: dict[str, Any] = {}
+        self._plans: dict[str, Any] = {}
+        self._shard_group: Any = None
+        self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `sharding.gathered` saves
 
-        targets = self._find_targets(model)
+        family = family_class(config.family)
+        targets, self.skipped = find_targets(model, config)
         by_geometry: dict[TileGeometry, list[CoveredTensor]] = {}
-        for name, module_type, layout, param in targets:
-            shape = tuple(view3d(param.detach(), layout).shape)
-            geometry = self._geometry(shape)
-            ratio = compression_of(shape, geometry, config.hidden_dim)
+        for target in targets:
+            # The full (out, in, K) shape, also of a DTensor shard (a meta tensor holds no data).
+            shape = tuple(view3d(torch.empty(target.param.shape, device="meta"), target.layout).shape)
+            geometry = self._geometry(shape, family)
+            ratio = compression_of(shape, geometry, family.params_per_tile(geometry, config))
             if ratio < config.min_compression:
-                self.skipped.append((name, f"g-nets would compress it only {ratio:.2f}x"))
+                self.skipped.append((target.name, f"g-nets would compress it only {ratio:.2f}x"))
                 continue
             group = by_geometry.setdefault(geometry, [])
-            n_tiles = math.prod(grid(shape, geometry))
-            offset = sum(t.n_tiles for t in group)
-            group.append(CoveredTensor(name, module_type, layout, shape, tuple(param.shape), geometry, offset,
-                                       n_tiles, param))
+            group.append(CoveredTensor(
+                target.name, target.module_type, target.layout, shape, tuple(target.param.shape), geometry,
+                offset=sum(t.n_tiles for t in group), n_tiles=math.prod(grid(shape, geometry)), param=target.param,
+            ))
         generator = torch.Generator().manual_seed(config.seed)
         for geometry, group in by_geometry.items():
-            n = sum(t.n_tiles for t in group)
-            bank = GNetBank(
-                geometry, n, config.hidden_dim, config.encoding, config.stochastic, generator, center=config.center
-            )
-            self.banks[geometry.key()] = bank
+            self.banks[geometry.key()] = family(geometry, sum(t.n_tiles for t in group), config, generator)
             self.covered.extend(group)
-        order = {name: i for i, (name, *_rest) in enumerate(targets)}
+        order = {t.name: i for i, t in enumerate(targets)}
         self.covered.sort(key=lambda t: order[t.name])  # model order, for tables and files
+        self._members = {key: [t for t in self.covered if t.geometry.key() == key] for key in self.banks}
         device = next((t.param.device for t in self.covered), None)
         if device is not None:
             self.to(device)
-        self._calibrate()
-        self.predict_weights(sample=False)
-        self._tables = None
+        object.__setattr__(model, _ATTACHED, weakref.ref(self))
+        if any(type(t.param).__name__ == "DTensor" for t in self.covered):  # e.g. FSDP2: plan shard-local work
+            from .sharding import rebind
+
+            rebind(self, model)
+        if init_gnets:
+            self._calibrate()
+            self.predict_weights(sample=False, keep_graph=False)
 
     # ----------------------------------------------------------------- construction
-    def _geometry(self, shape: tuple[int, int, int]) -> TileGeometry:
+    def _geometry(self, shape: tuple[int, int, int], family: type[GNetBank]) -> TileGeometry:
         c = self.config
         tile_size = c.tile_size if c.tile_size is not None or c.compression is not None else DEFAULT_TILE_SIZE
-        return choose_geometry(shape, c.hidden_dim, c.compression, tile_size)
-
-    def _find_targets(self, model: nn.Module) -> list[tuple[str, str, str, nn.Parameter]]:
-        """(name, module type, layout, parameter) of each tensor to cover, each parameter once."""
-        c = self.config
-        owners: dict[int, list[tuple[str, bool]]] = {}  # id(param) -> [(param name, coverable here)]
-        found: dict[int, tuple[str, str, str, nn.Parameter]] = {}
-        for mod_name, module in model.named_modules(remove_duplicate=False):
-            explicit = c.target_modules is not None
-            wanted = name_matches(mod_name, c.target_modules) if explicit else True
-            if name_matches(mod_name, c.exclude_modules):
-                wanted = False
-            specs = coverable(module, opt_in=explicit) or []
-            spec_attrs = {s.attr: s for s in specs}
-            for attr, param in module.named_parameters(recurse=False):
-                full = f"{mod_name}.{attr}" if mod_name else attr
-                spec = spec_attrs.get(attr)
-                ok = wanted and spec is not None and param.dim() >= 2
-                owners.setdefault(id(param), []).append((full, ok))
-                if ok and id(param) not in found:
-                    found[id(param)] = (full, type(module).__name__, spec.layout, param)
-                elif wanted and explicit and spec is None and param.dim() >= 2 and not specs:
-                    self.skipped.append((full, f"unsupported module type {type(module).__name__}"))
-        targets = []
-        for pid, entry in found.items():
-            refused = [n for n, ok in owners[pid] if not ok]
-            if refused:  # tied to a tensor we must not cover (e.g. lm_head tied to the input embedding)
-                self.skipped.append((entry[0], f"tied to {refused[0]}, which is not covered"))
-            else:
-                targets.append(entry)
-        return targets
+        return choose_geometry(shape, lambda g: family.params_per_tile(g, c), c.compression, tile_size)
 
     @torch.no_grad()
     def _calibrate(self) -> None:
-        """Match each tile's predicted std to its layer's current (initial) weights (DESIGN.md §4)."""
+        """Match each tile's predicted std to its layer's current (initial) weights (docs/design.md §4)."""
         for key, bank in self.banks.items():
             target = torch.empty(bank.n_tiles)
-            for t in self._tensors(key):
-                w = t.param.detach().float()
-                std = w.std().item() if w.numel() > 1 else 0.0
+            for t in self._members[key]:
+                if t.name in self._shards:  # exact std of the whole weight from the shards (one all-reduce)
+                    from .sharding import exact_std
+
+                    std = exact_std(t.param, self._shards[t.name])
+                else:
+                    w = t.param.detach().float()
+                    std = w.std().item() if w.numel() > 1 else 0.0
                 if not std > 0:  # zero or constant init: fall back to the fan-in rule
                     std = 1 / math.sqrt(t.shape[1] * t.shape[2])
                 target[t.offset : t.offset + t.n_tiles] = std
-            bank.calibrate(target, self._compiled(bank))
+            if key in self._plans:  # sharded: from this rank's tiles, statistics summed over ranks
+                from .sharding import calibrate_bank
+
+                calibrate_bank(bank, target, self._plans[key], self._shard_group)
+            else:
+                bank.calibrate(target)
+
+    def detach_model(self) -> None:
+        """Release the model so that another bottleneck may attach to it; this one then predicts nothing."""
+        if getattr(self._model, _ATTACHED, None) is not None and getattr(self._model, _ATTACHED)() is self:
+            object.__delattr__(self._model, _ATTACHED)
+        self.covered, self._members, self._predicted = [], {key: [] for key in self.banks}, False
 
     # ----------------------------------------------------------------- the step
     @property
     def model(self) -> nn.Module:
         return self._model
 
-    def _tensors(self, key: str) -> Iterator[CoveredTensor]:
-        return (t for t in self.covered if t.geometry.key() == key)
+    def noise_seed(self, step: int) -> int:
+        """The noise seed of optimizer step ``step``: the same on every rank and after a resume."""
+        return (self.config.seed * 1_000_003 + step) % (2**63)
 
-    def _compiled(self, bank: GNetBank) -> bool:
-        return use_compiled(self.config.kernel, bank.n_tiles * bank.geometry.numel)
+    def predict_weights(self, sample: bool | None = None, keep_graph: bool = True, step: int | None = None) -> None:
+        """Write the g-nets' prediction into the covered weights (in place).
 
-    def _noise(self, key: str, bank: GNetBank, out: torch.Tensor) -> torch.Tensor:
-        gen = torch.Generator(device=out.device).manual_seed(self._noise_seed + sum(map(ord, key)))
-        return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-
-    def _sigma(self, bank: GNetBank) -> torch.Tensor:
-        return self.config.init_noise * bank.scale * bank.log_sigma.exp()  # (n,)
-
-    def predict_weights(self, sample: bool | None = None) -> None:
-        """Write the g-nets' prediction into the covered weights (in place) and keep what `push_gradients` needs.
-
-        ``sample`` (default: ``self.training and config.stochastic``) adds the learned per-tile noise.
+        ``sample`` (default: ``self.training and config.stochastic``) adds the learned per-tile noise, seeded by
+        `noise_seed` of ``step`` when given (Trainer and plugin pass the optimizer step) and else drawn from
+        torch's global generator. ``keep_graph`` keeps what `push_gradients` needs; pass ``False`` for a prediction
+        that no gradient will follow (evaluation, export, after loading a checkpoint).
         Raises ``RuntimeError`` if covered weights still hold gradients that were never pushed.
         """
         pending = [t.name for t in self.covered if t.param.grad is not None]
@@ -196,61 +207,83 @@ class GenomicBottleneck(nn.Module):
                 "that push_gradients() has not consumed; push (or zero the model's gradients) first"
             )
         sample = (self.training and self.config.stochastic) if sample is None else sample
-        self._noise_seed = int(torch.randint(0, 2**31 - 1, ())) if sample else None
-        self._tables = {}
-        for key, bank in self.banks.items():
-            tables = bank.tables()  # small, keeps the autograd graph to the g-net parameters
-            with torch.no_grad():
-                out = fused_forward(*(x.detach() for x in tables), compiled=self._compiled(bank))
-                if bank.center:
-                    center_tiles_(out)
-                if sample:
-                    out += self._sigma(bank)[:, None, None] * self._noise(key, bank, out)
-                for t in self._tensors(key):
-                    untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
-            self._tables[key] = tables
+        if sample and not self.config.stochastic:
+            raise ValueError("predict_weights(sample=True) needs GBConfig(stochastic=True)")
+        seed = None
+        if sample:
+            seed = self.noise_seed(step) if step is not None else int(torch.randint(0, 2**62, ()))
+        for i, (key, bank) in enumerate(self.banks.items()):
+            bank_seed = None if seed is None else (seed * 1_000_003 + i) % (2**63)  # distinct noise per bank
+            plan = self._plans.get(key)
+            if plan is not None:  # sharded: only the whole tiles that intersect this rank's rows
+                from .sharding import write_bank
 
-    def push_gradients(self) -> None:
+                if not len(plan.index):
+                    bank.discard()
+                    continue
+                out = bank.predict(plan.index.to(bank.scale.device), noise_seed=bank_seed, keep_graph=keep_graph)
+                write_bank(out, plan)
+                continue
+            out = bank.predict(noise_seed=bank_seed, keep_graph=keep_graph)
+            with torch.no_grad():
+                for t in self._members[key]:
+                    untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
+        self._predicted = keep_graph
+
+    def push_gradients(self) -> bool:
         """Chain rule from the covered weights' accumulated ``.grad`` into the g-net parameters' ``.grad``.
 
         Adds to the g-net gradients (call ``zero_grad()`` after each optimizer step) and sets the covered
-        weights' ``.grad`` to None. Must follow `predict_weights`; one push per prediction.
+        weights' ``.grad`` to None. Must follow `predict_weights` (with ``keep_graph=True``); one push per
+        prediction. With ``config.skip_nonfinite`` (default), a step whose gradients are not finite is skipped:
+        the g-net and uncompressed gradients are set to None (so optimizers leave those tensors alone) and a
+        warning is logged. Returns whether the gradients were kept.
         """
-        if self._tables is None:
+        if not self._predicted:
             raise RuntimeError("push_gradients() called without a preceding predict_weights() for this step")
-        tensors, grads = [], []
+        self._predicted = False
         for key, bank in self.banks.items():
-            members = list(self._tensors(key))
-            if all(t.param.grad is None for t in members):
+            members = self._members[key]
+            plan = self._plans.get(key)
+            if all(t.param.grad is None for t in members) or (plan is not None and not len(plan.index)):
+                bank.discard()
+                for t in members:
+                    t.param.grad = None
                 continue
             g0 = bank.geometry
-            G = torch.empty(bank.n_tiles, g0.rows, g0.cols * g0.kernel, dtype=bank.w2.dtype, device=bank.w2.device)
-            for t in members:
+            G = bank.scale.new_empty(bank.n_tiles if plan is None else len(plan.index), g0.rows, g0.cols * g0.kernel)
+            if plan is not None:  # this rank's rows of each tile, zeros elsewhere; summed over ranks below
+                from .sharding import grad_bank
+
+                grad_bank(G, plan)
+            for t in members if plan is None else ():
                 dst = G[t.offset : t.offset + t.n_tiles]
                 if t.param.grad is None:  # this tensor took no part in the loss
                     dst.zero_()
                 else:  # written straight into the bank's tile layout: no padded or concatenated copies
                     tile_into(dst, view3d(t.param.grad, t.layout), t.geometry)
                     t.param.grad = None  # freed as soon as copied: G replaces the grads instead of adding to them
-            if self._noise_seed is not None:  # the noise is added after centring: it sees the raw gradient
-                eps = self._noise(key, bank, G)
-                tensors.append(self._sigma(bank))
-                grads.append((G * eps).sum((1, 2)))
-                del eps
-            if bank.center:
-                center_tiles_(G)  # backward of the centring projection is the projection
-            A, B, w2, b2 = self._tables[key]
-            with torch.no_grad():
-                dA, dB, dw2, db2 = fused_backward(A.detach(), B.detach(), w2.detach(), G, self._compiled(bank))
-            for tensor, grad in ((A, dA), (B, dB), (w2, dw2), (b2, db2)):
-                if tensor.requires_grad:  # b2 is a constant zero for centred banks
-                    tensors.append(tensor)
-                    grads.append(grad)
-        if tensors:
-            torch.autograd.backward(tensors, grads)
+            bank.push(G)
+            del G
         for t in self.covered:
             t.param.grad = None
-        self._tables = None
+        if self._shards:  # each rank pushed its rows: the sum over ranks is the gradient of the whole weights
+            from .sharding import all_reduce_gradients
+
+            all_reduce_gradients(self.parameters(), self._shard_group)  # before the finiteness check: all agree
+        if self.config.skip_nonfinite and not self._gradients_finite():
+            logger.warning(
+                "Skipping the g-net update of this step: its gradients are not finite (NaN or Inf; "
+                "GBConfig.skip_nonfinite=False would apply them and turn every predicted weight into NaN)"
+            )
+            for p in [*self.parameters(), *self.uncompressed_parameters()]:
+                p.grad = None
+            return False
+        return True
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad.sum() for p in self.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack(grads).sum().isfinite())
 
     def forward(self) -> None:
         """Same as `predict_weights` (so hooks registered on the bottleneck fire)."""
@@ -270,11 +303,13 @@ class GenomicBottleneck(nn.Module):
     def uncompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """Model tensors (parameters and persistent buffers) that the g-nets do not predict, by model name."""
         covered = {id(t.param) for t in self.covered}
-        return {k: v for k, v in self._model.state_dict(keep_vars=True).items() if id(v) not in covered}
+        state = {k: v for k, v in self._model.state_dict(keep_vars=True).items() if id(v) not in covered}
+        if self._full_uncompressed is not None:  # gathered copies of sharded tensors, for saving
+            state = {k: self._full_uncompressed.get(k, v) for k, v in state.items()}
+        return state
 
     def stats(self) -> dict[str, Any]:
         """Sizes and compression ratios: totals and one row per covered tensor."""
-        h = self.config.hidden_dim
         rows = [
             {
                 "name": t.name,
@@ -283,8 +318,8 @@ class GenomicBottleneck(nn.Module):
                 "tile": [t.geometry.rows, t.geometry.cols, t.geometry.kernel],
                 "n_tiles": t.n_tiles,
                 "numel": t.param.numel(),
-                "gnet_params": t.gnet_params(h),
-                "compression": t.param.numel() / t.gnet_params(h),
+                "gnet_params": t.gnet_params(self.config),
+                "compression": t.param.numel() / t.gnet_params(self.config),
             }
             for t in self.covered
         ]

@@ -16,19 +16,34 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from .files import CONFIG_NAME, GB_FILES, README_NAME, TOKENIZER_NAMES, WEIGHTS_NAME, is_training_state
+
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-# Files of a compressed checkpoint that `decompress` must not copy into a plain transformers folder.
-_GB_FILES = ("gb_model.safetensors", "gb_config.json", "config.json", "generation_config.json", "README.md")
+_GB_FILES = GB_FILES  # files `decompress` must not copy into a plain transformers folder
 
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, no traceback."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows each option's default, when it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line instead of argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -51,8 +66,7 @@ def _positive(kind: type, name: str, minimum: float = 0.0, inclusive: bool = Fal
 
 # ----------------------------------------------------------------------------- helpers
 def _resolve(path_or_repo: str, args: argparse.Namespace) -> str:
-    from .checkpoint import resolve_checkpoint
-    from .hub import check_compressed_folder
+    from .hub import check_compressed_folder, resolve_checkpoint
 
     directory = resolve_checkpoint(path_or_repo, revision=getattr(args, "revision", None),
                                    token=getattr(args, "token", None), cache_dir=getattr(args, "cache_dir", None))
@@ -60,8 +74,9 @@ def _resolve(path_or_repo: str, args: argparse.Namespace) -> str:
 
 
 def _files(directory: str) -> list[tuple[str, int]]:
-    return sorted((n, os.path.getsize(os.path.join(directory, n))) for n in os.listdir(directory)
-                  if os.path.isfile(os.path.join(directory, n)))
+    from .files import regular_files
+
+    return [(n, os.path.getsize(os.path.join(directory, n))) for n in regular_files(directory)]
 
 
 def _dense_bytes(gb) -> tuple[int, str]:
@@ -74,8 +89,7 @@ def _has_tokenizer(model: str) -> bool:
     """Whether ``model`` (a folder; Hub ids are assumed to) has tokenizer files worth carrying along."""
     if not os.path.isdir(model):
         return True
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
-    return any(os.path.isfile(os.path.join(model, n)) for n in names)
+    return any(os.path.isfile(os.path.join(model, n)) for n in TOKENIZER_NAMES)
 
 
 def _add_hub_flags(p: argparse.ArgumentParser) -> None:
@@ -91,11 +105,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     directory = _resolve(args.path, args)
     gb = bottleneck_from_pretrained(directory)
     files = _files(directory)
-    on_disk = sum(size for name, size in files if name != "README.md")
+    training = sum(size for name, size in files if is_training_state(name))
+    on_disk = sum(size for name, size in files if name != README_NAME and not is_training_state(name))
     dense, dtype = _dense_bytes(gb)
     if args.json:
         print(json.dumps({**gb.stats(), "directory": directory, "files": dict(files), "bytes_on_disk": on_disk,
-                          "dense_bytes": dense}, indent=2))
+                          "training_state_bytes": training, "dense_bytes": dense}, indent=2))
         return 0
     print(f"checkpoint: {directory}  ({type(gb.model).__name__}, hidden_dim={gb.config.hidden_dim})")
     print(gb.summary(per_tensor=True))
@@ -103,13 +118,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(n) for n, _ in files)
     for name, size in files:
         print(f"{name:<{width}}  {size:>14,} bytes")
-    print(f"bytes on disk: {on_disk:,} (without README.md); dense {dtype}: {dense:,} ({dense / on_disk:.2f}x larger)")
+    print(f"bytes on disk: {on_disk:,} (the compressed model, without README.md); dense {dtype}: {dense:,} "
+          f"({dense / on_disk:.2f}x larger)")
+    if training:
+        print(f"training state: {training:,} bytes (optimizer, scheduler, RNG and trainer state; not counted above)")
     return 0
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     from .checkpoint import load_compressed
-    from .hub import TRAINING_STATE_PATTERNS
+    from .files import make_staging, publish, regular_files
+    from .hub import is_inside
 
     directory = _resolve(args.path, args)
     if os.path.isfile(args.out):
@@ -117,14 +136,29 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     model = load_compressed(directory)
     if not hasattr(model, "save_pretrained"):
         raise UserError(f"{directory} holds a {type(model).__name__}, which has no save_pretrained")
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out)
-    skip = shutil.ignore_patterns(*_GB_FILES, *TRAINING_STATE_PATTERNS)
-    ignored = skip(directory, os.listdir(directory))
-    for name in os.listdir(directory):  # tokenizer / processor files travel with the model
-        src = os.path.join(directory, name)
-        if os.path.isfile(src) and name not in ignored and not name.startswith("."):
-            shutil.copy2(src, os.path.join(args.out, name))
+    # Everything is written into a staging folder and renamed in, weights last: a crash leaves each file of the
+    # folder either the old or the new one, never a partial one.
+    staging = make_staging(args.out)
+    try:
+        model.save_pretrained(staging)
+        for name in os.listdir(directory):  # tokenizer / processor files travel with the model
+            src = os.path.join(directory, name)
+            if name in GB_FILES or is_training_state(name) or name.startswith(".") or not os.path.isfile(src):
+                continue
+            if os.path.islink(src) and not is_inside(src, directory):
+                logger.warning("Not copying %s: a symbolic link to %s, outside %s", src, os.path.realpath(src),
+                               directory)
+                continue
+            shutil.copyfile(src, os.path.join(staging, name))
+        written = set(os.listdir(staging))
+        weights = sorted(n for n in written if n.startswith("model") and ".safetensors" in n)
+        publish(staging, args.out, last=weights)
+        for name in regular_files(args.out):  # weight files of an earlier save that this one does not replace
+            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
+                    and name not in written:
+                os.remove(os.path.join(args.out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote a standard transformers folder ({type(model).__name__}) to {args.out}")
     return 0
 
@@ -137,12 +171,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .model_card import is_hub_model_id
     from .regression import compress_by_regression
 
-    if args.distill:
-        return cmd_compress_distill(args)
     if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
         raise UserError(f"no model folder at {args.model}")
-    if os.path.isfile(os.path.join(args.model, "gb_model.safetensors")):
+    if os.path.isfile(os.path.join(args.model, WEIGHTS_NAME)):
         raise UserError(f"{args.model} is already a compressed checkpoint; run `hf-gb decompress` on it first")
+    if not args.overwrite:
+        if os.path.isdir(args.model) and os.path.realpath(args.out) == os.path.realpath(args.model):
+            raise UserError(f"OUT is the model's own folder {args.model}; choose another folder (or --overwrite)")
+        existing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if os.path.exists(os.path.join(args.out, n))]
+        if existing:
+            raise UserError(f"{args.out} already holds a compressed checkpoint ({existing[0]}); pass --overwrite "
+                            "to replace it")
+    if args.distill:
+        return cmd_compress_distill(args)
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -316,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress an existing model by regression",
                        description="Fit g-nets to an existing model's weights by minimising the relative squared "
-                       "error (DESIGN.md §5); prints a per-tensor relative error and writes a compressed checkpoint. "
+                       "error (docs/design.md §5); prints a per-tensor relative error and writes a compressed "
+                       "checkpoint. "
                        "Pretrained weights look close to random: expect large errors at high compression.")
     p.add_argument("model", metavar="MODEL_DIR", help="transformers model folder (or Hub id)")
     p.add_argument("out", metavar="OUT", help="output folder for the compressed checkpoint")
@@ -332,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="Hub id of the original model, for the model card")
     p.add_argument("--report", help="also write the per-tensor errors and sizes as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a compressed checkpoint already in OUT, or write into the model's own folder")
     _add_distill_flags(p)
     p.set_defaults(func=cmd_compress)
 

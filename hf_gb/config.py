@@ -10,16 +10,25 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import CONFIG_NAME, atomic_write_text
 from .version import __version__
+
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "GBConfig", "check_pattern", "config_json", "read_config_json"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "gb_config.json"
-# Bumped only when a saved checkpoint can no longer be read by older code.
-FORMAT_VERSION = 1
+# Bumped only when a saved checkpoint can no longer be read by older code. Readers accept 1 .. FORMAT_VERSION.
+FORMAT_VERSION = 2  # 2: centred banks store no b2 (version 1 files still load)
 
 # Keys of gb_config.json that describe the file, not the config.
-_META_KEYS = ("hf_gb_version", "format_version", "tensors")
+_META_KEYS = ("hf_gb_version", "format_version", "tensors", "save_id")
+# Bounds on what a config (or a crafted gb_config.json) may ask for: far above any useful value, far below a hang.
+MAX_HIDDEN_DIM = 65536
+MAX_TILE_SIDE = 2**24
+MAX_PATTERN_LENGTH = 4096  # characters of one regex or one name suffix
+MAX_PATTERN_ITEMS = 65536  # names in a list of module names
+MAX_CONFIG_BYTES = 64 * 2**20
+MAX_TENSOR_DIMS = 8
 _ENCODINGS = ("binary", "gray")
 _KERNELS = ("auto", "compiled", "eager")
 
@@ -42,7 +51,10 @@ class GBConfig:
     hidden_dim: int = field(default=32, metadata={"help": "Width of each g-net's hidden layer."})
     compression: float | None = field(
         default=None,
-        metadata={"help": "Target ratio (covered weights / g-net parameters); picks the tile size per tensor."},
+        metadata={
+            "help": "Target ratio (covered weights / g-net parameters); picks the tile size per tensor. None: the "
+            "tiles of `tile_size`, or 128x128 tiles when that is None too."
+        },
     )
     tile_size: int | list[int] | None = field(
         default=None,
@@ -82,41 +94,51 @@ class GBConfig:
         metadata={"help": "'compiled' (torch.compile fused kernels), 'eager' (chunked reference), or 'auto'."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
+    family: str = field(
+        default="mlp",
+        metadata={"help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile)."},
+    )
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the g-net update of a step whose gradients are NaN or Inf (with a warning); one bad step "
+            "would otherwise turn every predicted weight into NaN."
+        },
+    )
 
     def __post_init__(self):
-        if isinstance(self.hidden_dim, bool) or not isinstance(self.hidden_dim, int) or self.hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be a positive int, got hidden_dim={self.hidden_dim!r}")
+        self.hidden_dim = _int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
         if self.compression is not None:
-            c = float(self.compression)
-            if not math.isfinite(c) or c < 1.0:
+            self.compression = _number("compression", self.compression)
+            if self.compression < 1.0:
                 raise ValueError(f"compression must be a finite ratio >= 1, got compression={self.compression!r}")
-            self.compression = c
         if self.tile_size is not None:
-            sizes = [self.tile_size] * 2 if isinstance(self.tile_size, int) else list(self.tile_size)
-            if len(sizes) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            sizes = [self.tile_size] * 2 if _is_int(self.tile_size) else self.tile_size
+            ok = isinstance(sizes, (list, tuple)) and len(sizes) == 2
+            if not (ok and all(_is_int(s) and 1 <= s <= MAX_TILE_SIDE for s in sizes)):
                 raise ValueError(
-                    "tile_size must be a positive int or [rows, cols] of positive ints, "
-                    f"got tile_size={self.tile_size!r}"
+                    f"tile_size must be a positive int or [rows, cols] of positive ints (at most {MAX_TILE_SIDE}), "
+                    f"got tile_size={self.tile_size!r:.80}"
                 )
-            self.tile_size = sizes
+            self.tile_size = list(sizes)
         for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is None or isinstance(value, str):
-                continue
-            value = list(value)
-            if not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a regex string or a list of strings, got {name}={value!r}")
+            setattr(self, name, check_pattern(name, getattr(self, name)))
+        for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS)):
+            if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
+                raise ValueError(f"{name} must be one of {choices}, got {name}={getattr(self, name)!r}")
+        for name in ("stochastic", "center", "skip_nonfinite"):  # strict: "no" or null must not read as a boolean
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
+        for name in ("init_noise", "min_compression"):
+            value = _number(name, getattr(self, name))
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {name}={getattr(self, name)!r}")
             setattr(self, name, value)
-        if self.encoding not in _ENCODINGS:
-            raise ValueError(f"encoding must be one of {_ENCODINGS}, got encoding={self.encoding!r}")
-        if self.kernel not in _KERNELS:
-            raise ValueError(f"kernel must be one of {_KERNELS}, got kernel={self.kernel!r}")
-        if not (math.isfinite(float(self.init_noise)) and self.init_noise > 0):
-            raise ValueError(f"init_noise must be a positive number, got init_noise={self.init_noise!r}")
-        if not (math.isfinite(float(self.min_compression)) and self.min_compression > 0):
-            raise ValueError(
-                f"min_compression must be a positive number, got min_compression={self.min_compression!r}"
-            )
+        self.seed = _int("seed", self.seed, 0, 2**63 - 1)
+        from .bank import families  # local import: the bank module imports this one's type for hints only
+
+        if not (isinstance(self.family, str) and self.family in families()):
+            raise ValueError(f"family must be one of {families()}, got family={self.family!r:.80}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,12 +157,9 @@ class GBConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write `gb_config.json` (with the hf_gb version) into `save_directory`; return its path."""
-        from .checkpoint import atomic_write_text  # local import: checkpoint imports this module
-
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        payload = {**self.to_dict(), "hf_gb_version": __version__, "format_version": FORMAT_VERSION}
-        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, config_json(self))
         return path
 
     @classmethod
@@ -149,25 +168,129 @@ class GBConfig:
         path = os.fspath(directory)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
-        return cls.from_dict(read_config_json(path)["config"])
+        return read_config_json(path)["gb_config"]
+
+
+def config_json(config: GBConfig, tensors: list[dict[str, Any]] | None = None, save_id: str | None = None) -> str:
+    """The text of a `gb_config.json`: the config, the hf_gb and format versions, and (for a checkpoint) the
+    covered tensors and the id of the save. The one way both `GBConfig.save_pretrained` and checkpoints write it."""
+    payload: dict[str, Any] = {**config.to_dict(), "hf_gb_version": __version__, "format_version": FORMAT_VERSION}
+    if tensors is not None:
+        payload["tensors"] = tensors
+    if save_id is not None:
+        payload["save_id"] = save_id
+    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
 
 
 def read_config_json(path: str) -> dict[str, Any]:
-    """Read a `gb_config.json`; returns {"config": ..., "tensors": ..., ...}, checking its format version."""
+    """Read and check a `gb_config.json`.
+
+    Returns ``{"gb_config": GBConfig, "config": dict, "tensors": list | None, "save_id": str | None,
+    "hf_gb_version": ...}``. Every problem is one ``ValueError`` naming the file, the field and what was expected
+    (``FileNotFoundError`` when there is no file).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {CONFIG_NAME} found at {path}")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is {size:,} bytes; a {CONFIG_NAME} is at most {MAX_CONFIG_BYTES:,}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    version = data.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = data.get("format_version", 1)
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{path}: format_version must be a positive int, got format_version={version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version={version!r} (written by hf_gb {data.get('hf_gb_version', '?')}), "
             f"but this hf_gb {__version__} reads format_version <= {FORMAT_VERSION}; upgrade hf_gb"
         )
+    save_id = data.get("save_id")
+    if save_id is not None and not (isinstance(save_id, str) and len(save_id) <= 64):
+        raise ValueError(f"{path}: save_id must be a string of at most 64 characters, got save_id={save_id!r:.80}")
     config = {k: v for k, v in data.items() if k not in _META_KEYS}
-    return {"config": config, "tensors": data.get("tensors"), "hf_gb_version": data.get("hf_gb_version")}
+    try:
+        gb_config = GBConfig.from_dict(config)
+        tensors = _check_entries(data.get("tensors"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    return {"gb_config": gb_config, "config": config, "tensors": tensors, "save_id": save_id,
+            "format_version": version, "hf_gb_version": data.get("hf_gb_version")}
+
+
+def _check_entries(entries: Any) -> list[dict[str, Any]] | None:
+    """The ``tensors`` list of a checkpoint's config: one entry per covered tensor, with its shape and tile."""
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise ValueError(f"tensors must be a list of covered tensors, got tensors={entries!r:.80}")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"tensors[{i}] must be an object, got {entry!r:.80}")
+        for key in ("name", "shape", "tile"):
+            if key not in entry:
+                raise ValueError(f"tensors[{i}] has no {key!r}")
+        if not isinstance(entry["name"], str) or not entry["name"]:
+            raise ValueError(f"tensors[{i}].name must be a parameter name, got {entry['name']!r:.80}")
+        for key, dims in (("shape", None), ("tile", 3)):
+            value = entry[key]
+            ok = isinstance(value, list) and 1 <= len(value) <= (dims or MAX_TENSOR_DIMS) and (
+                dims is None or len(value) == dims) and all(_is_int(v) and v >= 1 for v in value)
+            if not ok:
+                expected = "3 positive ints" if dims else "a list of positive ints"
+                raise ValueError(f"tensors[{i}].{key} ({entry['name']}) must be {expected}, got {value!r:.80}")
+        if "n_tiles" in entry and not (_is_int(entry["n_tiles"]) and entry["n_tiles"] >= 1):
+            raise ValueError(f"tensors[{i}].n_tiles ({entry['name']}) must be a positive int, "
+                             f"got {entry['n_tiles']!r:.80}")
+    return entries
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(name: str, value: Any, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {name}={value!r:.80}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {name}={value!r:.80}")
+    return float(value)
+
+
+def check_pattern(name: str, value: Any) -> None | str | list[str]:
+    """A module pattern as `GBConfig` keeps it: None, a regex (checked to compile) or a list of name suffixes.
+
+    Raises ``ValueError`` naming the field for a value of another type, a pattern longer than
+    `MAX_PATTERN_LENGTH`, or a regex that does not compile.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if len(value) > MAX_PATTERN_LENGTH:
+            raise ValueError(f"{name} is a regex of {len(value):,} characters; at most {MAX_PATTERN_LENGTH} are "
+                             f"allowed, got {name}={value[:40]!r}...")
+        import regex
+
+        try:
+            regex.compile(value)
+        except (regex.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"{name} is not a valid regular expression ({e}), got {name}={value!r:.80}") from None
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a regex string or a list of strings, got {name}={value!r:.80}")
+    value = list(value)
+    if len(value) > MAX_PATTERN_ITEMS:
+        raise ValueError(f"{name} lists {len(value):,} names; at most {MAX_PATTERN_ITEMS} are allowed")
+    if not all(isinstance(v, str) and len(v) <= MAX_PATTERN_LENGTH for v in value):
+        raise ValueError(f"{name} must be a regex string or a list of strings, got {name}={value!r:.80}")
+    return value

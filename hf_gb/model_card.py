@@ -25,6 +25,8 @@ import re
 from importlib import resources
 from typing import Any
 
+from .files import README_NAME, TRAINING_STATE_PATTERNS, atomic_write_text
+from .sharding import model_class
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -34,13 +36,7 @@ __all__ = ["SECTION_END", "SECTION_START", "TEMPLATE_NAME", "is_hub_model_id", "
 TEMPLATE_NAME = "model_card.md"
 SECTION_START = "<!-- hf_gb:model-card:start -->"
 SECTION_END = "<!-- hf_gb:model-card:end -->"
-README_NAME = "README.md"
 TAGS = ["hf_gb", "genomic-bottleneck", "compressed"]
-# Files of a Trainer checkpoint that resume training but are not part of the compressed model.
-TRAINING_STATE_PATTERNS = [
-    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin",
-    "trainer_state.json", "gb_trainer_state.json",
-]
 # Rows of the per-tensor table before it is cut short (a card for a 100-layer model stays readable).
 MAX_TENSOR_ROWS = 64
 # Trainer metrics that describe the run, not the model.
@@ -107,7 +103,7 @@ def _files(directory: str) -> list[dict[str, Any]]:
     rows = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        skip = name == README_NAME or name.startswith((".", "_")) or not os.path.isfile(path)
+        skip = name == README_NAME or name.startswith((".", "_")) or os.path.islink(path) or not os.path.isfile(path)
         if not skip and not any(fnmatch.fnmatch(name, p) for p in TRAINING_STATE_PATTERNS):
             rows.append({"name": name, "size": os.path.getsize(path)})
     return rows
@@ -157,7 +153,7 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
     dense_dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
     load_path = kwargs.get("load_path") or kwargs.get("repo_id") or kwargs.get("target_directory") or directory
     model_name = kwargs.get("model_name") or (
-        str(kwargs["repo_id"]).split("/")[-1] if kwargs.get("repo_id") else f"{type(gb.model).__name__} (hf_gb)"
+        str(kwargs["repo_id"]).split("/")[-1] if kwargs.get("repo_id") else f"{model_class(gb.model).__name__} (hf_gb)"
     )
     tensors = stats["tensors"]
     template_vars = dict(
@@ -256,9 +252,11 @@ def write_model_card(gb: Any, directory: str, target_directory: str | None = Non
     """
     card = render_card(gb, directory, target_directory=target_directory, **kwargs)
     existing = os.path.join(target_directory or directory, README_NAME)
-    if os.path.isfile(existing):
+    if os.path.islink(existing):  # never read (and later upload) whatever a link points at
+        logger.warning("%s is a symbolic link; it is replaced by the new card, not merged into it", existing)
+    elif os.path.isfile(existing):
         card = _merge(card, existing)
     path = os.path.join(directory, README_NAME)
-    card.save(path)
+    atomic_write_text(path, str(card))  # replaces a link at `path` instead of writing through it
     load_card(path)  # the card must parse back as valid metadata; fails loudly here rather than on the Hub
     return path

@@ -1,4 +1,4 @@
-"""Regression: fit the g-nets to weights a model already has (DESIGN.md §5, as in the PNAS paper).
+"""Regression: fit the g-nets to weights a model already has (docs/design.md §5, as in the PNAS paper).
 
 The loss is the mean over covered tensors of ``||W_pred - W_target||^2 / ||W_target||^2``; its gradient with
 respect to each predicted weight is set as that weight's ``.grad`` and pushed into the g-nets by
@@ -140,8 +140,7 @@ def fit_to_weights(
         if bar is not None:
             bar.close()
         gb.train(was_training)
-    gb.predict_weights(sample=False)
-    gb._tables = None
+    gb.predict_weights(sample=False, keep_graph=False)
     return relative_errors(gb, targets)
 
 

@@ -8,7 +8,7 @@ flattened kernel positions (1 for a plain matrix). It is cut into ``rows x cols`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,11 +50,6 @@ class TileGeometry:
     def kernel_bits(self) -> int:
         # One bit per kernel position (one-hot); a single position carries no information.
         return self.kernel if self.kernel > 1 else 0
-
-    def gnet_params(self, hidden_dim: int) -> int:
-        """Parameters of one g-net: first layer (row + col + kernel bits, bias), output layer (weights, bias)."""
-        inputs = num_bits(self.rows) + num_bits(self.cols) + self.kernel_bits
-        return (inputs + 2) * hidden_dim + 1
 
     def key(self) -> str:
         return f"{self.rows}x{self.cols}x{self.kernel}"
@@ -114,10 +109,10 @@ def untile_into(dst: torch.Tensor, tiles: torch.Tensor, geom: TileGeometry) -> N
     blocks.copy_(tiles.reshape(nr, nc, geom.rows, geom.cols, k).permute(0, 2, 1, 3, 4))
 
 
-def compression_of(shape: Sequence[int], geom: TileGeometry, hidden_dim: int) -> float:
-    """Covered compression of an ``(out, in, K)`` tensor tiled by ``geom``: numel / g-net parameters."""
+def compression_of(shape: Sequence[int], geom: TileGeometry, tile_params: float) -> float:
+    """Covered compression of an ``(out, in, K)`` tensor tiled by ``geom`` with ``tile_params`` stored per tile."""
     nr, nc = grid(shape, geom)
-    return shape[0] * shape[1] * shape[2] / (nr * nc * geom.gnet_params(hidden_dim))
+    return shape[0] * shape[1] * shape[2] / (nr * nc * tile_params)
 
 
 def _sides(size: int) -> list[int]:
@@ -132,9 +127,12 @@ def _sides(size: int) -> list[int]:
 
 
 def choose_geometry(
-    shape: Sequence[int], hidden_dim: int, compression: float | None, tile_size: Sequence[int] | None
+    shape: Sequence[int],
+    tile_params: Callable[[TileGeometry], float],
+    compression: float | None,
+    tile_size: Sequence[int] | None,
 ) -> TileGeometry:
-    """Pick the tile for an ``(out, in, K)`` tensor.
+    """Pick the tile for an ``(out, in, K)`` tensor; ``tile_params(geometry)`` counts a g-net family's values per tile.
 
     An explicit ``tile_size`` is clipped to the tensor. Otherwise the tile whose compression is closest to
     ``compression`` (in log ratio) wins; ties go to the larger tile (fewer g-nets).
@@ -147,7 +145,7 @@ def choose_geometry(
     for r in _sides(out):
         for c in _sides(inp):
             geom = TileGeometry(r, c, k)
-            score = (abs(math.log(compression_of(shape, geom, hidden_dim)) - target), -geom.numel)
+            score = (abs(math.log(compression_of(shape, geom, tile_params(geom))) - target), -geom.numel)
             if best_score is None or score < best_score:
                 best, best_score = geom, score
     return best

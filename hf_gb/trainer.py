@@ -1,6 +1,6 @@
 """`GBTrainer` and `GBTrainingArguments`: train a transformers model through its genomic bottleneck.
 
-Where the bottleneck hooks into ``transformers.Trainer`` (DESIGN.md §2), per optimizer step:
+Where the bottleneck hooks into ``transformers.Trainer`` (docs/design.md §2), per optimizer step:
 
 - ``training_step`` (every micro-batch): Trainer's forward and backward; the covered weights' ``.grad`` accumulate
   (and DDP averages them on the sync micro-batch). On the sync micro-batch only, `GenomicBottleneck.push_gradients`
@@ -30,27 +30,41 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
+from . import distributed
 from .bottleneck import GenomicBottleneck
-from .checkpoint import WEIGHTS_NAME, _check_layout, load_state, read_tensors
-from .config import CONFIG_NAME, GBConfig, read_config_json
+from .checkpoint import load_checkpoint_state
+from .checkpoint_checks import CHECKPOINT_RE as _CHECKPOINT_RE
+from .checkpoint_checks import last_complete_checkpoint
+from .config import GBConfig, read_config_json
+from .distributed import broadcast_gnets, check_replicas
+from .files import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    MODEL_CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    remove_stale_staging,
+)
+from .settings import add_config_fields, config_from, settings
+from .trainer_fsdp import FSDP2TrainerMixin
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["GBTrainer", "GBTrainingArguments"]
 
 # GBConfig fields whose disagreement between a checkpoint and the trainer makes the checkpoint unusable.
-_IGNORED_ON_LOAD = ("kernel", "seed")
-
-
-def _gb_field(name: str, default: Any, help_suffix: str = "") -> Any:
-    """A `GBTrainingArguments` field whose help text is the one of ``GBConfig.<name>``."""
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(GBConfig)}
-    return field(default=default, metadata={"help": f"Genomic bottleneck: {helps[name]}{help_suffix}"})
+_IGNORED_ON_LOAD = ("kernel", "seed", "skip_nonfinite")
 
 
 @dataclass
+@add_config_fields(
+    "gb_",
+    optional=False,
+    help_format="Genomic bottleneck: {help}",
+    overrides={"seed": {"type": int | None, "default": None, "help": " Default: the Trainer's `seed`."}},
+)
 class GBTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the genomic-bottleneck settings, each prefixed ``gb_``.
+    """`TrainingArguments` plus the genomic-bottleneck settings: every `GBConfig` field, prefixed ``gb_``.
 
     Every field parses through ``HfArgumentParser`` from the command line, JSON or YAML like any other Trainer
     argument; `to_gb_config` builds the `GBConfig` that `GBTrainer` uses.
@@ -65,27 +79,11 @@ class GBTrainingArguments(TrainingArguments):
         50.0
     """
 
-    gb_hidden_dim: int = _gb_field("hidden_dim", 32)
-    gb_compression: float | None = _gb_field("compression", None)
-    gb_tile_size: list[int] | None = _gb_field("tile_size", None, " On the command line: one or two ints.")
-    gb_target_modules: list[str] | None = _gb_field(
-        "target_modules", None, " On the command line: name suffixes; a single regex string from JSON/YAML."
-    )
-    gb_exclude_modules: list[str] | None = _gb_field(
-        "exclude_modules", None, " On the command line: name suffixes; a single regex string from JSON/YAML."
-    )
-    gb_encoding: str = _gb_field("encoding", "binary")
-    gb_stochastic: bool = _gb_field("stochastic", False)
-    gb_center: bool = _gb_field("center", True)
-    gb_init_noise: float = _gb_field("init_noise", 0.1)
-    gb_min_compression: float = _gb_field("min_compression", 1.0)
-    gb_kernel: str = _gb_field("kernel", "auto")
-    gb_seed: int | None = _gb_field("seed", None, " Default: the Trainer's `seed`.")
     gb_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Peak learning rate of the g-net parameters (default: `learning_rate`). The schedule scales it "
-            "like the other groups'. g-nets often want a larger one than the model's tensors."
+            "help": "Peak learning rate of the g-net parameters; None: the same as `learning_rate`. The schedule "
+            "scales it like the other groups'. g-nets often want a larger one than the model's tensors."
         },
     )
     gb_weight_decay: float = field(
@@ -107,26 +105,18 @@ class GBTrainingArguments(TrainingArguments):
 
     def to_gb_config(self) -> GBConfig:
         """The `GBConfig` these arguments describe."""
-        tile = self.gb_tile_size
-        if isinstance(tile, (list, tuple)) and len(tile) == 1:
-            tile = tile[0]
+        values = {s.name: getattr(self, "gb_" + s.name) for s in settings()}
+        values["seed"] = self.seed if self.gb_seed is None else self.gb_seed
         try:
-            return GBConfig(
-                hidden_dim=self.gb_hidden_dim,
-                compression=self.gb_compression,
-                tile_size=tile,
-                target_modules=self.gb_target_modules,
-                exclude_modules=self.gb_exclude_modules,
-                encoding=self.gb_encoding,
-                stochastic=self.gb_stochastic,
-                center=self.gb_center,
-                init_noise=self.gb_init_noise,
-                min_compression=self.gb_min_compression,
-                kernel=self.gb_kernel,
-                seed=self.seed if self.gb_seed is None else self.gb_seed,
-            )
+            return config_from(values)
         except ValueError as e:
-            raise ValueError(f"Invalid gb_* training argument: {e} (the argument is the same name with gb_)") from e
+            # GBConfig names the field first ("compression must be ..."): name the argument the user typed.
+            message = str(e)
+            field_name = message.split(" ", 1)[0]
+            if field_name in values:
+                message = message.replace(f"{field_name}=", f"gb_{field_name}=")
+                message = message.replace(field_name, f"gb_{field_name}", 1)
+            raise ValueError(f"Invalid training argument: {message}") from e
 
 
 class _BottleneckCallback(TrainerCallback):
@@ -152,7 +142,7 @@ class _BottleneckCallback(TrainerCallback):
             logger.warning("%s; the main process's g-nets are the ones saved", e)
 
 
-class GBTrainer(Trainer):
+class GBTrainer(FSDP2TrainerMixin, Trainer):
     """`transformers.Trainer` that trains the g-nets of a genomic bottleneck instead of the model's weights.
 
     Takes every ``Trainer`` argument plus ``gb_config`` (default: ``args.to_gb_config()`` for
@@ -160,8 +150,9 @@ class GBTrainer(Trainer):
     (e.g. from ``GenomicBottleneck.from_pretrained`` to continue training). The bottleneck is ``trainer.gb``.
     The optimizer holds the g-net parameters and the uncompressed model parameters only; an optimizer passed in
     ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
-    format, loadable with `hf_gb.load_compressed`. FSDP and DeepSpeed are not supported yet; DDP is (every rank
-    keeps the same g-nets and predicts the same weights).
+    format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
+    weights; under FSDP2 (``fsdp_version=2``) every rank keeps the same g-nets and predicts only the tiles of its own
+    rows (`hf_gb.sharding`). FSDP1 and DeepSpeed are refused at start (`hf_gb.distributed.check_setup`).
 
     Example::
 
@@ -185,7 +176,7 @@ class GBTrainer(Trainer):
         **trainer_kwargs: Any,
     ):
         if args is not None:
-            _refuse_sharded(args)
+            distributed.check_arguments(args, "GBTrainer")
         if gb is not None:
             if model is None:
                 model = gb.model
@@ -198,17 +189,19 @@ class GBTrainer(Trainer):
             gb_config = args.to_gb_config()
         self.gb_config = gb_config if gb_config is not None else GBConfig()
         self.gb: GenomicBottleneck | None = gb
+        self._detached_gnets: list | None = None  # g-net groups kept out of Accelerate's FSDP2 prepare
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        _refuse_sharded(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        self._run_kind = distributed.check_setup(self.accelerator, *distributed.requested(self.args), "GBTrainer")
         if self.accelerator.num_processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
             raise RuntimeError(
                 f"{self.accelerator.num_processes} processes were launched but Trainer will not wrap the model in "
                 f"DistributedDataParallel (parallel_mode={self.args.parallel_mode.value}), so the ranks' g-nets would "
                 "drift apart; on a machine without GPUs pass use_cpu=True (--use_cpu) to train over gloo"
             )
-        self._ensure_bottleneck()
+        self._check_trainable(self._ensure_bottleneck())
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
+            self._detach_for_fsdp2()
         # First in line, so that every other callback's on_optimizer_step / on_step_end sees the new weights.
         self.callback_handler.callbacks.insert(0, _BottleneckCallback(self))
         logger.info("Genomic bottleneck:\n%s", self.gb.summary(per_tensor=False))
@@ -226,53 +219,51 @@ class GBTrainer(Trainer):
             self.gb.to(device)
         return self.gb
 
+    @staticmethod
+    def _check_trainable(gb: GenomicBottleneck) -> None:
+        frozen = [t.name for t in gb.covered if not t.param.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{len(frozen)} covered weights have requires_grad=False (e.g. {frozen[0]}), so no gradient would "
+                "reach their g-nets; unfreeze them (model.requires_grad_(True)) or leave them out of the "
+                "bottleneck (gb_exclude_modules)"
+            )
+        if not gb.covered and not gb.uncompressed_parameters():
+            raise ValueError("Nothing to train: the bottleneck covers no weight and no model parameter requires grad")
+
     def _predict_weights(self, train: bool, completed_steps: int | None = None) -> None:
-        """Predict the covered weights; in training with ``stochastic``, noise seeded by (seed, optimizer steps done).
+        """Predict the covered weights; in training with ``stochastic``, noise seeded by the optimizer steps done.
 
         The seed makes every rank draw the same noise, a resumed run draw the noise of the uninterrupted one, and
         a re-prediction within one step (after evaluation) reproduce the prediction its gradients will be pushed to.
         """
         gb = self._ensure_bottleneck()
         if not (train and gb.config.stochastic):
-            gb.predict_weights(sample=False)
+            gb.predict_weights(sample=False, keep_graph=train)
             return
-        with torch.random.fork_rng(devices=[]):
-            step = self.state.global_step if completed_steps is None else completed_steps
-            torch.manual_seed((gb.config.seed * 1_000_003 + step) % (2**63))
-            gb.predict_weights(sample=True)
+        step = self.state.global_step if completed_steps is None else completed_steps
+        gb.predict_weights(sample=True, step=step)
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.accelerator.num_processes > 1 and distributed:
-            # Replicated g-nets: start every rank from rank 0's (calibration reads the model's initial weights, which
-            # may differ between ranks); DDP has already broadcast the uncompressed parameters.
-            with torch.no_grad():
-                for tensor in [*gb.parameters(), *gb.buffers()]:
-                    torch.distributed.broadcast(tensor.data, src=0)
+        if self._sharded and not gb._shards:
+            raise RuntimeError("GBTrainer runs under FSDP2 but the covered weights are not sharded DTensors")
+        if self.accelerator.num_processes > 1:
+            # DDP has already broadcast the uncompressed parameters; the g-nets follow rank 0's too.
+            broadcast_gnets(gb)
         self._predict_weights(train=True)
         self.check_replicas()
 
     def check_replicas(self) -> None:
-        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights (DDP).
+        """Raise ``RuntimeError`` unless every process holds the same g-nets and predicted weights.
 
-        Compares float64 checksums of the g-net tensors and of the covered weights across processes; a no-op in a
+        Compares float64 checksums of the g-net tensors (and output scales) and, under DDP, of the covered weights
+        across processes (under FSDP2 each rank holds other rows, predicted from the same g-nets); a no-op in a
         single process.
         """
-        gb = self.gb
-        if self.accelerator.num_processes <= 1 or not gb.covered:
+        if self.accelerator.num_processes <= 1:
             return
-        with torch.no_grad():
-            local = torch.stack(
-                [
-                    torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(),
-                    torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum(),
-                    torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum(),
-                ]
-            ).to(self.args.device)
-            everyone = self.accelerator.gather(local[None]).cpu()  # (world, 3)
-        if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
-            raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
+        check_replicas(self.gb, lambda x: self.accelerator.gather(x.to(self.args.device)))
 
     # ----------------------------------------------------------------- the step
     def training_step(
@@ -329,6 +320,7 @@ class GBTrainer(Trainer):
                 "trainer.gb.parameters() and trainer.gb.uncompressed_parameters()"
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        self._detach_for_fsdp2()
         return self.optimizer
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -355,8 +347,7 @@ class GBTrainer(Trainer):
                 self._predict_weights(train=True)  # same seed: the sample this step's gradients belong to
 
     # ----------------------------------------------------------------- checkpoints
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the compressed checkpoint (main process only) plus ``training_args.bin``."""
+    def _save_compressed(self, output_dir: str | None, state_dict: dict | None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -364,19 +355,35 @@ class GBTrainer(Trainer):
             logger.warning("GBTrainer saves the g-nets and uncompressed tensors; ignoring the given state_dict")
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving compressed checkpoint to %s", output_dir)
+        if _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
+            # Staging folders left by saves that were killed in sibling checkpoints (this one cleans its own).
+            run_dir = os.path.dirname(os.path.normpath(output_dir))
+            for name in os.listdir(run_dir):
+                if _CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
+                    remove_stale_staging(os.path.join(run_dir, name))
         processing_class = self.processing_class
         if processing_class is None:
             processing_class = getattr(self.data_collator, "tokenizer", None)
         card = {"trainer_state": self.state, "training_args": self.args}
         self.gb.save_pretrained(output_dir, processing_class=processing_class, model_card_kwargs=card)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        atomic_write(os.path.join(output_dir, TRAINING_ARGS_NAME), lambda tmp: torch.save(self.args, tmp))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of ``output_dir``
+        (see `last_complete_checkpoint`), skipping incomplete ones with a warning."""
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = found
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_compressed_state(self, checkpoint: str) -> None:
         """Load the g-nets and uncompressed tensors of a compressed checkpoint folder into ``trainer.gb`` (and the
         model), in place (the optimizer keeps its parameters), and predict the weights."""
         gb = self._ensure_bottleneck()
         info = read_config_json(os.path.join(checkpoint, CONFIG_NAME))
-        saved = GBConfig.from_dict(info["config"])
+        saved = info["gb_config"]
         for f in dataclasses.fields(GBConfig):
             if f.name in _IGNORED_ON_LOAD:
                 continue
@@ -386,9 +393,7 @@ class GBTrainer(Trainer):
                     f"{os.path.join(checkpoint, CONFIG_NAME)} has {f.name}={theirs!r}, but this trainer's g-nets "
                     f"have {f.name}={ours!r}"
                 )
-        tensors = read_tensors(checkpoint)
-        _check_layout(gb, info["tensors"], checkpoint)
-        load_state(gb, tensors, checkpoint)  # predicts (noise-free); training predicts again on_train_begin
+        load_checkpoint_state(gb, checkpoint, info)  # predicts (noise-free); training predicts again on_train_begin
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         logger.info("Loading compressed checkpoint from %s", resume_from_checkpoint)
@@ -419,28 +424,10 @@ class GBTrainer(Trainer):
         in_progress = getattr(self, "push_in_progress", None)
         if not self.args.hub_always_push and in_progress is not None and not in_progress.is_done():
             return
-        for name in (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json"):
+        for name in (MODEL_CONFIG_NAME, GENERATION_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME):  # the hf_gb pair last
             source = os.path.join(checkpoint_folder, name)
-            if os.path.isfile(source):
-                shutil.copy(source, os.path.join(self.args.output_dir, name))
+            if os.path.isfile(source) and not os.path.islink(source):
+                target = os.path.join(self.args.output_dir, name)
+                atomic_write(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
         self.create_model_card()  # updates a README the user keeps in output_dir instead of copying over it
         super()._push_from_checkpoint(checkpoint_folder)
-
-
-def _refuse_sharded(args: TrainingArguments, fsdp: bool = False, deepspeed: bool = False) -> None:
-    """FSDP and DeepSpeed shard the weights the g-nets predict whole: not supported yet."""
-    def env(name: str) -> bool:
-        return os.environ.get(name, "false").lower() in ("1", "true")
-
-    fsdp = fsdp or bool(args.fsdp) or env("ACCELERATE_USE_FSDP")
-    deepspeed = deepspeed or bool(args.deepspeed) or env("ACCELERATE_USE_DEEPSPEED")
-    if deepspeed:
-        raise NotImplementedError(
-            "GBTrainer does not support DeepSpeed yet: ZeRO shards the weights that the g-nets predict whole. "
-            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
-        )
-    if fsdp:
-        raise NotImplementedError(
-            "GBTrainer does not support FSDP yet: FSDP shards the weights that the g-nets predict whole. "
-            "Train with DDP (accelerate launch --multi_gpu / torchrun) instead."
-        )

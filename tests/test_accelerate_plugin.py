@@ -18,7 +18,6 @@ from torch import nn
 import hf_gb
 from hf_gb import GBConfig, GBPlugin, GenomicBottleneck
 
-os.environ.setdefault("HF_GB_DISABLE_COMPILE", "1")  # tiny banks; keep inductor out of the test run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(ROOT, "tests", "scripts", "accelerate_ddp.py")
 _spec = importlib.util.spec_from_file_location("accelerate_ddp", _SCRIPT)
@@ -133,7 +132,7 @@ def test_gb_config_must_be_a_gbconfig():
 
 # ----------------------------------------------------------------------------- one process
 def test_plugin_loop_with_accumulation_equals_the_engine_loop():
-    """accumulate(model) + before_step/after_backward = predict once, 3 backward passes, push once (DESIGN.md §2)."""
+    """accumulate(model) + before_step/after_backward: predict once, 3 backward passes, push once (design.md §2)."""
     accum, steps = 3, 3
     accelerator = new_accelerator(accum)
     plugin = loop.make_plugin()

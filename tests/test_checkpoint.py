@@ -15,8 +15,6 @@ import hf_gb
 from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.checkpoint import WEIGHTS_NAME
 
-os.environ.setdefault("HF_GB_DISABLE_COMPILE", "1")
-
 
 def tiny_bottleneck(seed: int = 0) -> GenomicBottleneck:
     torch.manual_seed(seed)
@@ -140,3 +138,19 @@ def test_interrupted_save_keeps_the_old_checkpoint(copy_of, monkeypatch):
     after = {name: (copy_of / name).read_bytes() for name in os.listdir(copy_of)}
     assert after == before  # no staging folder left behind, no file replaced
     hf_gb.load_compressed(str(copy_of))
+
+
+def test_format_1_checkpoint_with_frozen_b2_still_loads(saved, copy_of):
+    """Format 1 stored a frozen, always-zero b2 per centred bank; format 2 stores none. Both load, same logits."""
+    gb, _ = saved
+    path = copy_of / WEIGHTS_NAME
+    tensors = load_file(str(path))
+    assert not any(k.endswith(".b2") for k in tensors)
+    for key in [k[: -len(".w2")] for k in tensors if k.endswith(".w2")]:
+        tensors[key + ".b2"] = torch.zeros(tensors[key + ".w2"].shape[0])
+    save_file(tensors, str(path), metadata={"format": "hf_gb", "format_version": "1", "hf_gb_version": "0.1.0"})
+    edit_json(copy_of / "gb_config.json", format_version=1)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    gb.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_gb.load_compressed(str(copy_of))(ids).logits, gb.model(ids).logits)

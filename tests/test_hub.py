@@ -135,6 +135,19 @@ def test_push_folder_refuses_a_folder_that_is_not_a_checkpoint(hub, tmp_path):
     assert "tester/plain" not in hub.repos
 
 
+def test_push_folder_never_follows_links_out_of_the_folder(hub, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    folder = make_gb().save_pretrained(str(tmp_path / "ckpt"))
+    os.symlink(secret, os.path.join(folder, "tokenizer.json"))
+    os.symlink(os.path.join(folder, "config.json"), os.path.join(folder, "alias.json"))  # inside: fine
+    push_folder(folder, "tester/links")
+    remote = hub.files("tester/links")
+    assert "tokenizer.json" not in remote and b"private" not in b"".join(remote.values())
+    assert remote["alias.json"] == open(os.path.join(folder, "config.json"), "rb").read()
+    assert secret.read_text() == "private"
+
+
 # ----------------------------------------------------------------------------- GBTrainer(push_to_hub=True)
 def tiny_llama():
     torch.manual_seed(0)

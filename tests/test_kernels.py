@@ -3,8 +3,10 @@ import logging
 import pytest
 import torch
 
-from hf_gb import kernels
-from hf_gb.kernels import GNetFunction, fused_backward, fused_forward, reference_forward, use_compiled
+from hf_gb import GBConfig, kernels
+from hf_gb.bank import MLPBank
+from hf_gb.kernels import fused_backward, fused_forward, reference_forward, use_compiled
+from hf_gb.tiling import TileGeometry
 
 # (tiles, rows, cols, hidden): single positions, thin tiles, and one shape large enough to need chunking.
 SHAPES = [(1, 1, 1, 1), (3, 4, 5, 6), (2, 1, 9, 4), (2, 9, 1, 4), (5, 16, 24, 8)]
@@ -52,16 +54,22 @@ def test_reference_is_the_g_net_formula():
     assert out[n, i, j].item() == pytest.approx((w2[n] * torch.relu(A[n, i] + B[n, j])).sum().item() + b2[n].item())
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 3, 2), (2, 2, 1, 3)], ids=str)
-def test_gnet_function_gradcheck(shape):
-    A, B, w2, b2, _ = _inputs(*shape)
-    args = [x.requires_grad_() for x in (A, B, w2, b2)]
-    assert torch.autograd.gradcheck(lambda *a: GNetFunction.apply(*a, False), args, eps=1e-6, atol=1e-6)
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
+@pytest.mark.parametrize("geometry", [TileGeometry(3, 4), TileGeometry(1, 3), TileGeometry(2, 1, 3)], ids=str)
+def test_bank_forward_gradcheck(geometry, center):
+    """The bank's differentiable forward (fused kernels in an autograd Function) against finite differences."""
+    bank = MLPBank(geometry, 2, GBConfig(hidden_dim=5, center=center), torch.Generator().manual_seed(0)).double()
+    params = [p for p in bank.parameters()]
+
+    def predict(*values):
+        return torch.func.functional_call(bank, dict(zip([n for n, _ in bank.named_parameters()], values)), ())
+
+    assert torch.autograd.gradcheck(predict, [p.detach().requires_grad_() for p in params], eps=1e-6, atol=1e-6)
 
 
-def test_compiled_matches_eager(monkeypatch):
+@pytest.mark.compiled
+def test_compiled_matches_eager():
     """The fast path (fused forward, two masked sums for the backward) agrees with eager; one shape, float32."""
-    monkeypatch.delenv("HF_GB_DISABLE_COMPILE", raising=False)  # other test modules may set it for their runs
     if not use_compiled("compiled", 1):
         pytest.fail("torch.compile is unavailable here; the fast path cannot be tested")
     # The shape of the bank in test_bottleneck's compiled test, so that one compilation serves both.
@@ -71,16 +79,11 @@ def test_compiled_matches_eager(monkeypatch):
     got = fused_backward(A, B, w2, G, compiled=True)
     for g, want in zip(got, ref_grads):
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
-    # Through the autograd Function too, as the bank uses it.
-    leaves = [x.detach().requires_grad_() for x in (A, B, w2, b2)]
-    (GNetFunction.apply(*leaves, True) * G).sum().backward()
-    for leaf, want in zip(leaves, ref_grads):
-        torch.testing.assert_close(leaf.grad, want, rtol=1e-4, atol=1e-4)
     assert not kernels._compile_failed
 
 
+@pytest.mark.compiled
 def test_use_compiled(monkeypatch):
-    monkeypatch.delenv("HF_GB_DISABLE_COMPILE", raising=False)
     monkeypatch.setattr(kernels, "_compile_failed", False)
     assert use_compiled("compiled", 1)
     assert not use_compiled("eager", 1 << 30)
@@ -95,7 +98,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(kernels, "_compile_failed", False)
-    monkeypatch.setattr(kernels, "_compiled", {"forward": broken, "rows": broken, "cols": broken})
+    monkeypatch.setattr(kernels, "_compiled", {"forward": broken, "backward": broken})
     A, B, w2, b2, G = _inputs(2, 3, 4, 5)
     ref_out, ref_grads = _reference_grads(A, B, w2, b2, G)
     with caplog.at_level(logging.WARNING, logger="hf_gb.kernels"):

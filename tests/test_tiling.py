@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from hf_gb import GBConfig
+from hf_gb.bank import MLPBank
 from hf_gb.layers import view3d
 from hf_gb.tiling import (
     TileGeometry,
@@ -123,40 +125,51 @@ def test_unknown_encoding():
         position_codes(4, "hex")
 
 
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
 @pytest.mark.parametrize(
     "geom,h,params",
     [
-        (TileGeometry(100, 100), 32, (14 + 2) * 32 + 1),  # DESIGN.md §1: about 20x
-        (TileGeometry(1024, 1024), 32, (20 + 2) * 32 + 1),  # about 1,400x
-        (TileGeometry(16, 8, 9), 4, (4 + 3 + 9 + 2) * 4 + 1),  # one bit per kernel position
-        (TileGeometry(1, 1), 8, 2 * 8 + 1),
+        (TileGeometry(100, 100), 32, (14 + 2) * 32),  # about 20x
+        (TileGeometry(1024, 1024), 32, (20 + 2) * 32),  # about 1,500x
+        (TileGeometry(16, 8, 9), 4, (4 + 3 + 9 + 2) * 4),  # one bit per kernel position
+        (TileGeometry(1, 1), 8, 2 * 8),
     ],
 )
-def test_gnet_params(geom, h, params):
-    assert geom.gnet_params(h) == params
+def test_mlp_params_per_tile(geom, h, params, center):
+    # First layer (row + col + kernel bits, bias) and output weights; b2 only without centring (which removes it).
+    config = GBConfig(hidden_dim=h, center=center)
+    assert MLPBank.params_per_tile(geom, config) == params + (0 if center else 1)
+    assert MLPBank.params_per_tile(geom, GBConfig(hidden_dim=h, center=center, stochastic=True)) == (
+        params + (0 if center else 1) + 1  # the learned noise scale
+    )
+    bank = MLPBank(geom, 3, config, torch.Generator().manual_seed(0))
+    assert bank.num_gnet_params() == 3 * MLPBank.params_per_tile(geom, config)
+
+
+def _mlp(h):
+    return lambda g: MLPBank.params_per_tile(g, GBConfig(hidden_dim=h))
 
 
 def test_compression_of():
     geom = TileGeometry(100, 100)
-    assert compression_of((100, 100, 1), geom, 32) == pytest.approx(10000 / 513)
-    assert compression_of((1024, 1024, 1), TileGeometry(1024, 1024), 32) == pytest.approx(1024 * 1024 / 705)
-    assert compression_of((150, 100, 1), geom, 32) == pytest.approx(15000 / (2 * 513))  # padded tile still costs
+    assert compression_of((100, 100, 1), geom, 512) == pytest.approx(10000 / 512)
+    assert compression_of((150, 100, 1), geom, 512) == pytest.approx(15000 / (2 * 512))  # padded tile still costs
 
 
 @pytest.mark.parametrize("shape", [(1024, 1024, 1), (768, 3072, 1), (3072, 768, 1), (256, 128, 9), (500, 300, 1)])
 @pytest.mark.parametrize("target", [10.0, 50.0, 200.0])
 def test_choose_geometry_meets_target(shape, target):
-    geom = choose_geometry(shape, 32, target, None)
+    geom = choose_geometry(shape, _mlp(32), target, None)
     assert geom.kernel == shape[2] and geom.rows <= shape[0] and geom.cols <= shape[1]
-    ratio = compression_of(shape, geom, 32)
+    ratio = compression_of(shape, geom, _mlp(32)(geom))
     assert abs(math.log(ratio / target)) < math.log(1.2), (geom, ratio)
 
 
 def test_choose_geometry_explicit_tile_is_clipped():
-    assert choose_geometry((10, 300, 1), 32, None, [64, 64]) == TileGeometry(10, 64, 1)
-    assert choose_geometry((10, 300, 9), 32, 50.0, [4, 8]) == TileGeometry(4, 8, 9)  # tile_size wins
+    assert choose_geometry((10, 300, 1), _mlp(32), None, [64, 64]) == TileGeometry(10, 64, 1)
+    assert choose_geometry((10, 300, 9), _mlp(32), 50.0, [4, 8]) == TileGeometry(4, 8, 9)  # tile_size wins
 
 
 def test_choose_geometry_unreachable_target_takes_closest():
-    geom = choose_geometry((16, 16, 1), 32, 1000.0, None)
+    geom = choose_geometry((16, 16, 1), _mlp(32), 1000.0, None)
     assert geom == TileGeometry(16, 16, 1)  # the largest tile is the best this tensor can do

@@ -3,6 +3,7 @@
 import concurrent.futures
 import copy
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -18,8 +19,6 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTra
 import hf_gb
 from hf_gb import GBConfig, GBTrainer, GBTrainingArguments, GenomicBottleneck
 from hf_gb.checkpoint import WEIGHTS_NAME
-
-os.environ.setdefault("HF_GB_DISABLE_COMPILE", "1")  # tiny banks; keep inductor out of the test run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 64, 16
@@ -65,11 +64,7 @@ def assert_states_close(a, b, atol=0.0):
 
 def repredicted(gb: GenomicBottleneck) -> GenomicBottleneck:
     """A copy of ``gb`` and its model whose covered weights are predicted afresh from ``gb``'s current g-nets."""
-    tables, gb._tables = gb._tables, None  # the kept prediction graph cannot be deep-copied
-    try:
-        twin = copy.deepcopy(gb)  # deep-copies the model too
-    finally:
-        gb._tables = tables
+    twin = copy.deepcopy(gb)  # deep-copies the model too (a kept prediction graph is not copied)
     for t in twin.covered:
         t.param.data.zero_()
     twin.predict_weights(sample=False)
@@ -113,7 +108,7 @@ def test_predict_once_per_step_push_on_sync_microbatch_before_clipping(tmp_path)
 
     class AfterStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            # Trainer zeroes only the model's grads; the g-nets must be zeroed too (DESIGN.md trap).
+            # Trainer zeroes only the model's grads; the g-nets must be zeroed too (docs/design.md §2).
             assert all(p.grad is None for p in gb.parameters())
             events.append("step-end")
 
@@ -393,18 +388,28 @@ def test_trainer_takes_gb_config_from_arguments_or_keyword(tmp_path):
     assert trainer.gb.config == explicit
 
 
-@pytest.mark.parametrize("env,name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_fsdp_and_deepspeed_are_refused(tmp_path, monkeypatch, env, name):
+def test_deepspeed_is_refused(tmp_path, monkeypatch):
     args = make_args(tmp_path)
-    monkeypatch.setenv(env, "true")  # what `accelerate launch --use_fsdp / --use_deepspeed` sets
-    with pytest.raises(NotImplementedError, match=f"does not support {name} yet"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --use_deepspeed` sets
+    with pytest.raises(NotImplementedError, match="does not support DeepSpeed .*FSDP2 \\(fsdp_version=2\\)"):
         GBTrainer(model=tiny_model(), args=args)
 
 
-def test_fsdp_argument_is_refused(tmp_path):
+def test_fsdp_that_does_not_engage_warns(tmp_path, monkeypatch, caplog):
+    """On CPU Accelerate never enables FSDP: the run is DDP-like, and the user who asked for FSDP must hear so."""
+    args = make_args(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with caplog.at_level(logging.WARNING, logger="hf_gb.distributed"):
+        trainer = GBTrainer(model=tiny_model(), args=args)
+    assert not trainer.is_fsdp_enabled
+    assert "FSDP was requested but Accelerate did not enable it" in caplog.text
+
+
+def test_fsdp1_argument_is_refused(tmp_path):
     args = make_args(tmp_path)
     args.fsdp = ["full_shard"]  # as parsed from --fsdp full_shard
-    with pytest.raises(NotImplementedError, match="does not support FSDP yet"):
+    args.fsdp_config = {"version": 1}
+    with pytest.raises(NotImplementedError, match="only as FSDP2 .*fsdp_version=1"):
         GBTrainer(model=tiny_model(), args=args)
 
 
@@ -504,3 +509,34 @@ def test_gb_learning_rate_sets_the_gnet_group_and_is_validated(tmp_path):
     assert lrs == {"gnet": 3e-2, "model": 1e-2}
     with pytest.raises(ValueError, match="gb_learning_rate=0"):
         make_args(tmp_path, gb_learning_rate=0.0)
+
+
+def test_frozen_model_gets_a_clear_error(tmp_path):
+    model = tiny_model()
+    model.requires_grad_(False)
+    args = GBTrainingArguments(str(tmp_path), report_to="none", use_cpu=True, gb_hidden_dim=4, gb_tile_size=[16])
+    with pytest.raises(ValueError, match="requires_grad=False.*unfreeze"):
+        GBTrainer(model=model, args=args)
+
+
+def test_bad_gb_argument_names_the_flag():
+    from transformers import HfArgumentParser
+
+    with pytest.raises(ValueError, match="gb_compression must be .* got gb_compression=-3"):
+        HfArgumentParser(GBTrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", "o", "--gb_compression", "-3"])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train.py"), "--gb_compression", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[0].endswith("got gb_compression=-3.0")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_config_is_refused_naming_the_stage(tmp_path, stage, monkeypatch):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+              "zero_allow_untested_optimizer": True}
+    args = GBTrainingArguments(str(tmp_path), report_to="none", use_cpu=True, deepspeed=config)
+    with pytest.raises(NotImplementedError, match=f"ZeRO stage {stage}\\).*FSDP2"):
+        GBTrainer(model=tiny_model(), args=args)

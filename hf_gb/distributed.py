@@ -1,0 +1,234 @@
+"""Distributed runs: one policy for `GBTrainer` and `GBPlugin`.
+
+Replicated g-nets (DDP, docs/design.md §7): every rank holds the same g-nets: they start from rank 0's
+(`broadcast_gnets`; calibration reads each rank's own random init, so the scales may differ before), every rank
+predicts the same weights, DDP averages the weight gradients, and every rank pushes the same g-net gradient.
+`replica_checksums` is how a run checks that this still holds. Noise of stochastic g-nets is seeded by the optimizer
+step (`GenomicBottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
+
+Under FSDP2 (``fsdp_version=2``) the g-nets are replicated the same way, but each rank predicts only the tiles of its
+own rows (`hf_gb.sharding`). `check_setup` refuses, at start and with the reason and what works instead, the setups
+that would train wrong: FSDP1 (one ``FlatParameter`` per unit: no rows to predict) and DeepSpeed. The rest of this
+module is the glue FSDP2 needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved
+rank by rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bottleneck import GenomicBottleneck
+from .sharding import is_dtensor
+
+logger = logging.getLogger(__name__)
+
+def process_group_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def broadcast_gnets(gb: GenomicBottleneck, src: int = 0) -> None:
+    """Copy rank ``src``'s g-net state (parameters and saved buffers) to every rank, in place; no-op alone."""
+    if not process_group_active() or torch.distributed.get_world_size() == 1:
+        return
+    for tensor in gb.state_dict().values():
+        torch.distributed.broadcast(tensor, src=src)
+
+
+@torch.no_grad()
+def replica_checksums(gb: GenomicBottleneck) -> torch.Tensor:
+    """float64 ``(3,)``: sum of every g-net tensor, sum and sum of squares of the covered weights (this rank).
+
+    Under FSDP2 each rank holds other rows of the covered weights, so the last two are the sum and sum of squares
+    of the g-nets' saved buffers (the output scales) instead.
+    """
+    if gb._shards:
+        buffers = [b.detach().double() for b in gb.buffers()] or [torch.zeros(1, dtype=torch.float64)]
+        second = torch.stack([b.sum() for b in buffers]).sum()
+        third = torch.stack([b.square().sum() for b in buffers]).sum()
+    else:
+        second = torch.stack([t.param.detach().double().sum() for t in gb.covered]).sum()
+        third = torch.stack([t.param.detach().double().square().sum() for t in gb.covered]).sum()
+    return torch.stack([torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(), second, third])
+
+
+def check_replicas(gb: GenomicBottleneck, gather) -> None:
+    """Raise ``RuntimeError`` unless every rank holds the same g-nets and predicted weights.
+
+    ``gather`` maps a ``(1, 3)`` tensor to the ``(world, 3)`` stack of every rank's (e.g. ``accelerator.gather``).
+    """
+    if not gb.covered:
+        return
+    everyone = gather(replica_checksums(gb)[None]).cpu()
+    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+        raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def requested(args: Any) -> tuple[bool, bool]:
+    """(FSDP requested, DeepSpeed requested) by Trainer arguments or Accelerate's launcher environment."""
+    fsdp = bool(getattr(args, "fsdp", None)) or _env_true("ACCELERATE_USE_FSDP")
+    deepspeed = bool(getattr(args, "deepspeed", None)) or _env_true("ACCELERATE_USE_DEEPSPEED")
+    return fsdp, deepspeed
+
+
+def _refuse_deepspeed(who: str, stage: Any) -> None:
+    raise NotImplementedError(
+        f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): its "
+        "engine reduces and steps only the gradients it bucketed during the loss backward, while the g-net "
+        "gradients come later from the weight gradients (push), and under ZeRO-3 the parameters are flat "
+        "partitions (ds_tensor) with no rows to predict. Train with DDP (accelerate launch --multi_gpu / torchrun) "
+        "or, for models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows."
+    )
+
+
+def _refuse_fsdp1(who: str, version: Any) -> None:
+    raise NotImplementedError(
+        f"{who} supports FSDP only as FSDP2 (fsdp_version=2, torch.distributed.fsdp.fully_shard), got "
+        f"fsdp_version={version}: FSDP1 flattens each unit's weights into one FlatParameter, so there are no rows "
+        "to predict. Set fsdp_version: 2 in the Accelerate config (or fsdp_config={'version': 2})."
+    )
+
+
+def _zero_stage(args: Any) -> Any:
+    """The ZeRO stage Trainer arguments configure (None when it cannot be read without DeepSpeed)."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if config is None and isinstance(getattr(args, "deepspeed", None), dict):
+        config = args.deepspeed
+    return (config or {}).get("zero_optimization", {}).get("stage")
+
+
+def check_arguments(args: Any, who: str) -> None:
+    """Refuse, before anything is built, what Trainer arguments ask for and `check_setup` would refuse."""
+    fsdp, deepspeed = requested(args)
+    if deepspeed:
+        _refuse_deepspeed(who, _zero_stage(args))
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("version", config.get("fsdp_version", 2)) if isinstance(config, dict) else 2
+    if fsdp and int(version) != 2:
+        _refuse_fsdp1(who, version)
+
+
+def check_setup(accelerator: Any, fsdp_requested: bool, deepspeed_requested: bool, who: str) -> str:
+    """The kind of run the bottleneck sees (``"single"``, ``"ddp"`` or ``"fsdp2"``); raises for the setups that
+    would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
+    state = accelerator.state
+    ds_plugin = getattr(state, "deepspeed_plugin", None)
+    if ds_plugin is not None or deepspeed_requested:
+        _refuse_deepspeed(who, getattr(ds_plugin, "zero_stage", None))
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        version = getattr(fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            _refuse_fsdp1(who, version)
+        return "fsdp2"
+    if fsdp_requested:
+        logger.warning(
+            "%s: FSDP was requested but Accelerate did not enable it (it never does on CPU-only machines); the "
+            "model is replicated as under DDP and every rank predicts every covered weight", who,
+        )
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+# ----------------------------------------------------------------------------- optimizer state, rank by rank
+def optimizer_shard_name(rank: int, world_size: int) -> str:
+    return f"optimizer.rank{rank}-of-{world_size}.safetensors"
+
+
+def save_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank: int, world_size: int) -> str:
+    """Write this rank's optimizer state (local shards of DTensor states, whole g-net states) as safetensors.
+
+    The hyperparameters go into the file's metadata as JSON: nothing in it is unpickled when loading.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from .files import atomic_write  # the one atomic-write helper of the package
+
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {key!r} of parameter {index} is a {type(value).__name__}, not a "
+                                "tensor; cannot save it rank by rank")
+            local = value.to_local() if is_dtensor(value) else value
+            tensors[f"state.{index}.{key}"] = local.detach().contiguous().cpu()
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "world_size": str(world_size)}
+    path = os.path.join(directory, optimizer_shard_name(rank, world_size))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def load_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank: int, world_size: int) -> None:
+    """Inverse of `save_optimizer_shard` for the same world size (``ValueError`` naming the file otherwise)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    path = os.path.join(directory, optimizer_shard_name(rank, world_size))
+    if not os.path.isfile(path):
+        found = sorted(n for n in os.listdir(directory) if n.startswith("optimizer.rank"))
+        raise ValueError(f"{path} does not exist (found {found or 'no optimizer shards'}); resume with the same "
+                         f"number of processes ({world_size}) that wrote the checkpoint")
+    with safe_open(path, framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        _, index, name = key.split(".", 2)
+        index = int(index)
+        if index >= len(params):
+            raise ValueError(f"{path} holds state for parameter {index}, the optimizer has {len(params)}")
+        param = params[index]
+        if is_dtensor(param) and value.dim() > 0:
+            value = DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                       shape=param.shape, stride=param.stride())
+        state.setdefault(index, {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- optimizer and FSDP2 wrapping
+def detach_params(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> list[tuple[int, bool, list]]:
+    """Take ``params`` out of ``optimizer``'s groups (Accelerate's FSDP2 ``prepare`` maps every optimizer parameter to
+    a model parameter and fails on the g-nets, which are not in the model); `reattach_params` puts them back.
+
+    Returns, per group that held some: (its index, whether the group is still there, the parameters taken).
+    """
+    ids = {id(p) for p in params}
+    taken, kept = [], []
+    for i, group in enumerate(optimizer.param_groups):
+        mine = [p for p in group["params"] if id(p) in ids]
+        rest = [p for p in group["params"] if id(p) not in ids]
+        if mine:
+            group["params"] = rest
+            taken.append((i, bool(rest), mine, {k: v for k, v in group.items() if k != "params"}))
+        if rest:
+            kept.append(group)
+    optimizer.param_groups[:] = kept
+    return taken
+
+
+def reattach_params(optimizer: torch.optim.Optimizer, taken: list) -> None:
+    """Inverse of `detach_params`, on the optimizer ``prepare`` returned (the same groups in the same order;
+    Accelerate may have rebuilt the group dicts, so groups are matched by position)."""
+    for i, still_there, mine, options in taken:
+        if still_there:
+            group = optimizer.param_groups[i]
+            group["params"] = [*mine, *group["params"]]
+        else:
+            optimizer.param_groups.insert(i, {**options, "params": list(mine)})

@@ -1,0 +1,386 @@
+"""The distributed side of the engine: weights sharded by FSDP2 (DTensor ``Shard(0)``), read and written shard-local.
+
+A rank that holds rows ``[start, stop)`` of a covered weight predicts only the whole tiles that intersect those rows
+(each tile is predicted whole, so its double centring stays exact without communication), writes its rows into
+``param.to_local()`` and, in push, builds the gradient of those tiles from ``param.grad.to_local()`` with zeros for
+the rows it does not hold. Push is linear in that gradient, so the SUM over ranks of the g-net gradients is the
+gradient of the full weight: `all_reduce_gradients` finishes the step and the g-nets stay replicated.
+
+This module is the only one of the engine that touches ``torch.distributed``; it imports it lazily, so the core
+keeps working on one device without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tiling import TileGeometry, grid, tile, untile
+
+logger = logging.getLogger(__name__)
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (False when torch.distributed is absent)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def model_class(model: nn.Module) -> type:
+    """The class ``model`` was built as: ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """The rows ``[start, stop)`` of a weight's dim 0 that this rank holds, and the process group sharing them."""
+
+    start: int
+    stop: int
+    rows: int  # global rows
+    group: Any  # process group over which the rows are split (None: the default group)
+
+    @property
+    def local_rows(self) -> int:
+        return self.stop - self.start
+
+
+def _chunk_offset(size: int, chunks: int, index: int) -> tuple[int, int]:
+    """(local size, offset) of chunk ``index`` when ``size`` rows are split like ``torch.chunk`` into ``chunks``."""
+    step = math.ceil(size / chunks) if chunks else 0
+    start = min(size, step * index)
+    return min(size, start + step) - start, start
+
+
+def _shard_size_and_offset(size: int, chunks: int, index: int) -> tuple[int, int]:
+    """One place for the placement arithmetic of ``Shard(0)``.
+
+    ``Shard.local_shard_size_and_offset`` is public in recent torch; older releases only have the private
+    ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``. Both follow ``torch.chunk``, which
+    is the fallback when neither answers.
+    """
+    from torch.distributed.tensor import Shard
+
+    public = getattr(Shard, "local_shard_size_and_offset", None)
+    if public is not None:
+        local, offset = public(size, chunks, index)
+        return int(local), int(offset)
+    return _chunk_offset(size, chunks, index)
+
+
+def row_shard(param: torch.Tensor) -> RowShard | None:
+    """The rows of ``param`` this rank holds, or None when ``param`` is an ordinary (replicated) tensor.
+
+    Raises ``ValueError`` for a DTensor placed in a way shard-local prediction cannot follow (anything but
+    ``Shard(0)`` and ``Replicate()``, or dim 0 sharded over more than one mesh dimension).
+    """
+    if not is_dtensor(param):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = param.device_mesh, param.placements
+    rows = int(param.shape[0])
+    start, size, group = 0, rows, None
+    sharded = [d for d, p in enumerate(placements) if isinstance(p, Shard)]
+    for d, p in enumerate(placements):
+        if isinstance(p, Replicate):
+            continue
+        if not (isinstance(p, Shard) and p.dim == 0) or len(sharded) > 1:
+            raise ValueError(
+                f"cannot predict a weight of shape {tuple(param.shape)} placed as {placements} shard-locally: "
+                "only Shard(0) on one mesh dimension (as fully_shard places it) and Replicate() are supported"
+            )
+        local, offset = _shard_size_and_offset(size, mesh.size(d), mesh.get_local_rank(d))
+        start, size = start + offset, local
+        group = mesh.get_group(d)
+    held = param.to_local().shape[0]
+    if held != size:  # the placement arithmetic disagrees with the tensor torch handed us: never guess
+        raise RuntimeError(f"local shard of {tuple(param.shape)} has {held} rows, placement arithmetic says {size}")
+    return RowShard(start, start + size, rows, group)
+
+
+# ----------------------------------------------------------------------------- tiles of a row range
+def tile_rows(shard: RowShard, geometry: TileGeometry) -> range:
+    """Tile rows (of the weight's tile grid) that intersect the rows ``shard`` holds; empty for an empty shard."""
+    if shard.local_rows == 0:
+        return range(0)
+    return range(shard.start // geometry.rows, (shard.stop - 1) // geometry.rows + 1)
+
+
+def local_tiles(shape: tuple[int, int, int], geometry: TileGeometry, shard: RowShard) -> torch.Tensor:
+    """Indices (in the weight's row-major tile order) of the whole tiles intersecting the rows ``shard`` holds."""
+    _, n_cols = grid(shape, geometry)
+    rows = tile_rows(shard, geometry)
+    return torch.arange(rows.start * n_cols, rows.stop * n_cols, dtype=torch.long)
+
+
+def write_rows(local: torch.Tensor, tiles: torch.Tensor, shape: tuple[int, int, int], geometry: TileGeometry,
+               shard: RowShard) -> None:
+    """Copy this rank's rows out of ``tiles`` (its `local_tiles`, ``(n, rows, cols * K)``) into ``local``.
+
+    ``local`` is the ``(local rows, in, K)`` view of ``param.to_local()``: written in place, never reassigned.
+    """
+    rows = tile_rows(shard, geometry)
+    if not len(rows):
+        return
+    first = rows.start * geometry.rows
+    block = untile(tiles, (len(rows) * geometry.rows, shape[1], shape[2]), geometry)  # (n_tr * R, in, K)
+    local.copy_(block[shard.start - first : shard.stop - first])
+
+
+def grad_tiles(dst: torch.Tensor, local_grad: torch.Tensor | None, shape: tuple[int, int, int],
+               geometry: TileGeometry, shard: RowShard) -> None:
+    """Fill ``dst`` (``(n, rows, cols * K)`` for `local_tiles`) with the tiles of this rank's gradient rows.
+
+    Rows of those tiles that another rank holds are zero: their gradient arrives through `all_reduce_gradients`.
+    """
+    rows = tile_rows(shard, geometry)
+    if not len(rows):
+        return
+    if local_grad is None:
+        dst.zero_()
+        return
+    first = rows.start * geometry.rows
+    block = local_grad.new_zeros(len(rows) * geometry.rows, shape[1], shape[2])
+    block[shard.start - first : shard.stop - first] = local_grad
+    dst.copy_(tile(block, geometry))
+
+
+# ----------------------------------------------------------------------------- collectives
+def exact_std(param: torch.Tensor, shard: RowShard) -> float:
+    """``param.std()`` (Bessel-corrected) of the full weight, from this rank's shard and one all-reduce.
+
+    Sums in float64 so the result matches the single-process std to rounding; every rank gets the same value.
+    """
+    import torch.distributed as dist
+
+    local = param.to_local().detach().double()
+    stats = torch.stack([local.sum(), local.square().sum()]).cpu()
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=shard.group)
+    n = param.numel()
+    if n < 2:
+        return 0.0
+    total, squares = stats.tolist()
+    var = max(0.0, (squares - total * total / n) / (n - 1))
+    return math.sqrt(var)
+
+
+def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> None:
+    """SUM the ``.grad`` of ``params`` over ``group`` in one flat buffer.
+
+    A parameter no rank gave a gradient keeps ``.grad = None`` (as in one process, so optimizers skip it); one
+    that only some ranks gave a gradient gets the sum, with zeros from the others.
+    """
+    import torch.distributed as dist
+
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    flat = torch.cat([*parts, flags.to(parts[0].device)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone() if flat[-len(params) + i] > 0 else None
+        offset += n
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind ``value`` (a collective for a DTensor: every rank must call it)."""
+    return value.full_tensor() if is_dtensor(value) else value
+
+
+# ----------------------------------------------------------------------------- the engine, shard-local
+@dataclass
+class _Member:
+    tensor: Any  # the CoveredTensor
+    shard: RowShard | None  # None: the tensor is whole on this rank (replicated), all its tiles are predicted
+    pos: int  # first of its tiles in the bank's selection
+    n: int  # how many of its tiles are selected
+
+
+@dataclass
+class BankPlan:
+    """Which tiles of one bank this rank predicts: ``index`` (into the bank) and where each tensor's tiles sit."""
+
+    index: torch.Tensor
+    members: list[_Member]
+
+
+def plan_bank(tensors: Iterable[Any], shards: dict[str, RowShard | None]) -> BankPlan:
+    """The tiles of one bank that intersect this rank's rows of each of its ``tensors`` (CoveredTensors)."""
+    parts, members, pos = [], [], 0
+    for t in tensors:
+        shard = shards.get(t.name)
+        if shard is None:
+            idx = torch.arange(t.n_tiles, dtype=torch.long)
+        else:
+            idx = local_tiles(t.shape, t.geometry, shard)
+        parts.append(idx + t.offset)
+        members.append(_Member(t, shard, pos, len(idx)))
+        pos += len(idx)
+    index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return BankPlan(index, members)
+
+
+def find_shards(covered: Iterable[Any], layouts_ok: tuple[str, ...] = ("matrix", "kernel")) -> dict[str, RowShard]:
+    """`RowShard` of every covered tensor that is a DTensor; ``ValueError`` for one whose rows are not the
+    (out, in, K) view's rows (GPT-2's transposed ``Conv1D``: FSDP splits its input dimension)."""
+    shards = {}
+    for t in covered:
+        shard = row_shard(t.param)
+        if shard is None:
+            continue
+        if t.layout not in layouts_ok:
+            raise ValueError(
+                f"{t.name} ({t.module_type}, layout {t.layout!r}) is sharded on its input dimension; shard-local "
+                f"prediction needs the output dimension sharded; exclude it (exclude_modules) or do not shard it"
+            )
+        shards[t.name] = shard
+    return shards
+
+
+def shard_group(shards: dict[str, RowShard]) -> Any:
+    """The one process group the covered tensors are sharded over (``ValueError`` if they use several)."""
+    groups = {id(s.group): s.group for s in shards.values()}
+    if len(groups) > 1:
+        raise ValueError(f"covered weights are sharded over {len(groups)} different process groups; use one mesh")
+    return next(iter(groups.values()), None)
+
+
+@torch.no_grad()
+def calibrate_bank(bank: nn.Module, target_std: torch.Tensor, plan: BankPlan, group: Any = None) -> None:
+    """`GNetBank.calibrate` from this rank's tiles only: each rank predicts its tiles, and the per-tile std and
+    mean are summed over ranks with a count (a tile two ranks share is computed identically by both), so every rank
+    ends with the scales one process would set, and no rank ever predicts the whole bank."""
+    import torch.distributed as dist
+
+    bank.scale.fill_(1.0)
+    stats = bank.scale.new_zeros(bank.n_tiles, 3, dtype=torch.float64)  # (std, mean, count) per tile
+    if len(plan.index):
+        index = plan.index.to(bank.scale.device)
+        out = bank.predict(index, keep_graph=False)
+        std, mean = torch.std_mean(out.flatten(1), dim=1, correction=0)
+        stats[index] = torch.stack([std.double(), mean.double(), torch.ones_like(std, dtype=torch.float64)], 1)
+        del out
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    if not bool((stats[:, 2] > 0).all()):
+        raise RuntimeError("some tiles are predicted by no rank; the shard plan does not cover the bank")
+    std, mean = (stats[:, :2] / stats[:, 2:]).to(bank.scale.dtype).unbind(1)
+    bank._remove_mean_(mean)
+    target = target_std.to(bank.scale)
+    # As in GNetBank.calibrate: a tile without spread keeps unit gain.
+    bank.scale.copy_(torch.where(std > 1e-6, target / std.clamp_min(1e-6), target))
+
+
+def write_bank(out: torch.Tensor, plan: BankPlan) -> None:
+    """Write the predicted tiles ``out`` (one bank, ``plan.index`` order) into each tensor's local rows."""
+    from .layers import view3d
+    from .tiling import untile_into
+
+    with torch.no_grad():
+        for m in plan.members:
+            t, tiles = m.tensor, out[m.pos : m.pos + m.n]
+            if m.shard is None:
+                untile_into(view3d(t.param.data, t.layout), tiles, t.geometry)
+            else:  # a view of this rank's shard: written in place, never reassigned
+                write_rows(view3d(t.param.to_local(), t.layout), tiles, t.shape, t.geometry, m.shard)
+
+
+def grad_bank(G: torch.Tensor, plan: BankPlan) -> None:
+    """Fill ``G`` (``plan.index`` order) from each tensor's local gradient rows, then drop those gradients."""
+    from .layers import view3d
+    from .tiling import tile_into
+
+    for m in plan.members:
+        t, dst = m.tensor, G[m.pos : m.pos + m.n]
+        grad = t.param.grad
+        if grad is None:
+            dst.zero_()
+        elif m.shard is None:
+            tile_into(dst, view3d(grad, t.layout), t.geometry)
+        else:
+            grad_tiles(dst, view3d(grad.to_local(), t.layout), t.shape, t.geometry, m.shard)
+        t.param.grad = None
+
+
+@contextmanager
+def gathered(gb: Any) -> Iterator[None]:
+    """While open, ``gb.uncompressed_state_dict()`` holds whole copies of the sharded uncompressed tensors.
+
+    Every rank must enter it (gathering is a collective); only the covered weights are never gathered. Use it
+    around a save on the main process::
+
+        with gathered(gb):
+            if is_main_process:
+                gb.save_pretrained(path)
+    """
+    state = {k: v for k, v in gb.uncompressed_state_dict().items()}
+    gb._full_uncompressed = {k: full_tensor(v.detach()) for k, v in state.items() if is_dtensor(v)}
+    try:
+        yield
+    finally:
+        gb._full_uncompressed = None
+
+
+def distribute_like(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Replace each whole tensor ``tensors[prefix + name]`` whose target is a sharded DTensor by a DTensor holding
+    this rank's rows (so ``target.copy_(value)`` loads a checkpoint shard-locally); shapes are checked later."""
+    from torch.distributed.tensor import DTensor
+
+    for name, target in targets.items():
+        value = tensors.get(prefix + name)
+        if value is None or not is_dtensor(target) or tuple(value.shape) != tuple(target.shape):
+            continue
+        shard = row_shard(target)
+        local = value[shard.start : shard.stop].to(target.to_local().dtype).contiguous()
+        tensors[prefix + name] = DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
+                                                    shape=target.shape, stride=target.stride())
+
+
+# ----------------------------------------------------------------------------- after wrapping
+def rebind(gb: Any, model: nn.Module) -> bool:
+    """Point ``gb``'s covered tensors at ``model``'s parameters of the same names (after ``fully_shard`` or
+    Accelerate replaced them) and plan shard-local prediction; True when anything changed."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    changed = False
+    for t in gb.covered:
+        new = params.get(t.name)
+        if new is None:
+            names = ", ".join(sorted(params)[:5])
+            raise ValueError(f"covered weight {t.name!r} is not a parameter of the wrapped model ({names}, ...)")
+        if tuple(new.shape) != tuple(t.param_shape):
+            raise ValueError(f"covered weight {t.name!r} has shape {tuple(new.shape)} after wrapping, "
+                             f"{tuple(t.param_shape)} before")
+        changed |= new is not t.param
+        t.param = new
+    if model is not gb.model:
+        from .bottleneck import _ATTACHED
+
+        object.__setattr__(model, _ATTACHED, getattr(gb.model, _ATTACHED, None))
+        object.__setattr__(gb, "_model", model)
+    gb._shards = find_shards(gb.covered)
+    gb._shard_group = shard_group(gb._shards)
+    gb._plans = {key: plan_bank(gb._members[key], gb._shards) for key in gb.banks} if gb._shards else {}
+    for bank in gb.banks.values():  # a prediction kept before rebinding belongs to the old tensors
+        bank.discard()
+    gb._predicted = False
+    return changed

@@ -1,0 +1,13 @@
+"""Test-wide settings: tiny banks run the eager kernels unless a test is marked ``compiled``."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _kernel_path(request, monkeypatch):
+    # Compiling tiny banks costs more than it tests; the compiled path has its own tests (marked `compiled`).
+    # The variable also reaches the subprocesses that tests launch.
+    if request.node.get_closest_marker("compiled") is None:
+        monkeypatch.setenv("HF_GB_DISABLE_COMPILE", "1")
+    else:
+        monkeypatch.delenv("HF_GB_DISABLE_COMPILE", raising=False)
