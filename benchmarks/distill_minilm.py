@@ -354,6 +354,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=3, help="students trained at once (one torch thread each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from_partial", metavar="JSONL", help="write the table, JSON and plot from the partial file of "
+                   "a run cut short (its arguments must be given again)")
     p.add_argument("--out", default=None, help="path prefix of .json/.png (default results/distill_minilm, "
                    "or a temporary folder with --quick)")
     args = p.parse_args(argv)
@@ -370,6 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.from_partial:
+        return finish(args, [json.loads(line) for line in open(args.from_partial, encoding="utf-8")], None, False)
     t_start = time.time()
     train, held = stdlib_sentences()
     gen = torch.Generator().manual_seed(args.seed)
@@ -397,9 +401,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(done.result())
             log.write(json.dumps(rows[-1]) + "\n")
             log.flush()
-    order = {(j["kind"], j["level"], j.get("init")): i for i, j in enumerate(jobs)}
-    rows.sort(key=lambda r: order[(r["method"], r["level"], r["init"])])
+    return finish(args, rows, {"train_sentences_available": len(train), "wall_s": round(time.time() - t_start, 1)},
+                  True)
+
+
+def finish(args, rows: list[dict[str, Any]], extra: dict[str, Any] | None, complete: bool) -> dict[str, Any]:
+    """Table, JSON and plot of the finished students (``complete=False``: a run cut short, from its partial file)."""
+    teacher, _ = load_teacher()
     teacher_values = stored_values(teacher)
+    methods = ["gb", "dense", "lowrank"]
+    rows = sorted(rows, key=lambda r: (r["init"] == "scratch", args.levels.index(r["level"])
+                                       if r["level"] in args.levels else r["level"], methods.index(r["method"])))
     for r in rows:
         r["overall_compression"] = teacher_values / r["stored_values"]
     cols = [("method", "method", ""), ("level", "target", ".0f"), ("init", "init", ""),
@@ -410,8 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nall-MiniLM-L6-v2 distilled on stdlib sentences: {args.steps} steps x {args.batch_size}, "
           f"held-out {args.held_out}")
     print(table(rows, cols))
-    payload = {"quick": args.quick, "machine": machine(), "args": vars(args), "teacher_stored_values": teacher_values,
-               "train_sentences_available": len(train), "wall_s": round(time.time() - t_start, 1), "rows": rows}
+    payload = {"quick": args.quick, "complete": complete, "machine": machine(), "args": vars(args),
+               "teacher_stored_values": teacher_values, **(extra or {}), "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     path = write_json(os.path.basename(args.out) + ".json", payload, os.path.dirname(args.out))
     plot(rows, args.out + ".png")
