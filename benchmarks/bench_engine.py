@@ -81,6 +81,7 @@ def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) 
             # The fastest round: on a loaded machine the median mostly measures waiting for a core.
             row["best_total_ms_per_M"] = min(a + b for a, b in zip(predict, push)) * 1e3 * scale
             rows.append(row)
+            gb.detach_model()  # the next setting attaches its own bottleneck to the same model
             print(f"  h={h:<3} {kernel:<8} predict {row['predict_ms_per_M']:8.2f}  push {row['push_ms_per_M']:8.2f}"
                   f"  total {row['total_ms_per_M']:8.2f}  best {row['best_total_ms_per_M']:8.2f} ms per 1M weights",
                   flush=True)

@@ -100,6 +100,7 @@ def main() -> None:
         with torch.no_grad():
             diff = (reloaded(input_ids=probe).logits - logits).abs().max().item()
         print(f"wrote {args.output_dir}; reloaded in one process: max |logit difference| {diff:.2e}")
+    dist.barrier()  # leave together: a rank that tears the process group down early can abort the other's exit
     dist.destroy_process_group()
 
 
