@@ -178,6 +178,30 @@ class GNetBank(nn.Module):
         """Drop what the last `predict` kept for `push` (e.g. after a checkpoint load)."""
         self._saved = None
 
+    # ----------------------------------------------------------------- the separable first layer (mlp, deep)
+    def _init_separable(self, config: GBConfig, hidden: int, generator: torch.Generator) -> None:
+        """Position codes and the first layer ``w_row``, ``w_col``, ``w_ker``, ``b1`` of ``hidden`` units per tile,
+        drawn in that order from ``generator``, with pre-activations of unit variance."""
+        g, n = self.geometry, self.n_tiles
+        self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
+        self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
+        std = 1 / math.sqrt(max(1, num_bits(g.rows) + num_bits(g.cols) + (1 if g.kernel_bits else 0)))
+        self.w_row = _randn(generator, n, num_bits(g.rows), hidden, std=std)
+        self.w_col = _randn(generator, n, num_bits(g.cols), hidden, std=std)
+        self.w_ker = _randn(generator, n, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
+        self.b1 = _randn(generator, n, hidden, std=0.1)
+
+    def _separable_tables(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = codes_row @ w_row + b1`` (n, rows, h) and ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h)."""
+        g = self.geometry
+        A = torch.einsum("rb,nbh->nrh", self.row_codes, _pick(self.w_row, index)) + _pick(self.b1, index)[:, None, :]
+        B = torch.einsum("cb,nbh->nch", self.col_codes, _pick(self.w_col, index))  # (n, cols, h)
+        if self.w_ker is not None:
+            B = (B[:, :, None, :] + _pick(self.w_ker, index)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
+        # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
+        # kernels to one compilation (their guards include strides).
+        return A.contiguous(), B.contiguous()
+
     def forward(self, index: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """Differentiable noise-free prediction of tiles ``index`` (fused kernels, or the unfused reference)."""
         tables = self.tables(index)
@@ -221,6 +245,14 @@ class GNetBank(nn.Module):
         return f"family={self.family!r}, geometry={self.geometry.key()}, n_tiles={self.n_tiles}"
 
 
+def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+def _randn(generator: torch.Generator, *shape: int, std: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape, generator=generator) * std)
+
+
 class _BankFunction(torch.autograd.Function):
     """Autograd over a bank's fused kernels: saves only the tables, recomputes what the backward needs."""
 
@@ -259,21 +291,11 @@ class MLPBank(GNetBank):
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__(geometry, n_tiles, config, generator)
-        g, h, n = geometry, config.hidden_dim, n_tiles
+        h, n = config.hidden_dim, n_tiles
         self.hidden_dim = h
-        self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
-        self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
-        fan_in = max(1, num_bits(g.rows) + num_bits(g.cols) + (1 if g.kernel_bits else 0))
-
-        def randn(*shape, std):
-            return nn.Parameter(torch.randn(*shape, generator=generator) * std)
-
-        # Pre-activations of unit variance; the output is calibrated to the layer's scale in `calibrate`.
-        self.w_row = randn(n, num_bits(g.rows), h, std=1 / math.sqrt(fan_in))
-        self.w_col = randn(n, num_bits(g.cols), h, std=1 / math.sqrt(fan_in))
-        self.w_ker = randn(n, g.kernel_bits, h, std=1 / math.sqrt(fan_in)) if g.kernel_bits else None
-        self.b1 = randn(n, h, std=0.1)
-        self.w2 = randn(n, h, std=1 / math.sqrt(h))
+        self._init_separable(config, h, generator)
+        # The output is calibrated to the layer's scale in `calibrate`.
+        self.w2 = _randn(generator, n, h, std=1 / math.sqrt(h))
         self.b2 = None if self.center else nn.Parameter(torch.zeros(n))
 
     @classmethod
@@ -283,20 +305,9 @@ class MLPBank(GNetBank):
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
         """``(A, B, w2)`` or ``(A, B, w2, b2)`` of tiles ``index``, with the output scale folded into w2 and b2."""
-        g = self.geometry
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t if index is None else t[index]
-
-        scale = pick(self.scale)
-        A = torch.einsum("rb,nbh->nrh", self.row_codes, pick(self.w_row)) + pick(self.b1)[:, None, :]  # (n, rows, h)
-        B = torch.einsum("cb,nbh->nch", self.col_codes, pick(self.w_col))  # (n, cols, h)
-        if self.w_ker is not None:
-            B = (B[:, :, None, :] + pick(self.w_ker)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
-        # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
-        # kernels to one compilation (their guards include strides).
-        tables = (A.contiguous(), B.contiguous(), pick(self.w2) * scale[:, None])
-        return tables if self.b2 is None else (*tables, pick(self.b2) * scale)
+        scale = _pick(self.scale, index)
+        tables = (*self._separable_tables(index), _pick(self.w2, index) * scale[:, None])
+        return tables if self.b2 is None else (*tables, _pick(self.b2, index) * scale)
 
     def evaluate(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .bank import GNetBank, Tables, register_family
-from .tiling import TileGeometry, num_bits, position_codes
+from .tiling import TileGeometry, num_bits
 
 if TYPE_CHECKING:
     from .config import GBConfig
@@ -76,20 +76,14 @@ class DeepBank(GNetBank):
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__(geometry, n_tiles, config, generator)
-        g, h1, h2, n = geometry, config.hidden_dim, config.second_hidden_dim, n_tiles
+        h1, h2, n = config.hidden_dim, config.second_hidden_dim, n_tiles
         self.hidden_dim, self.second_hidden_dim = h1, h2
-        self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
-        self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
-        fan_in = max(1, num_bits(g.rows) + num_bits(g.cols) + (1 if g.kernel_bits else 0))
+        # Unit-variance first pre-activations (as "mlp"), He-scaled second layer; `calibrate` sets the output scale.
+        self._init_separable(config, h1, generator)
 
         def randn(*shape, std):
             return nn.Parameter(torch.randn(*shape, generator=generator) * std)
 
-        # Unit-variance first pre-activations (as "mlp"), He-scaled second layer; `calibrate` sets the output scale.
-        self.w_row = randn(n, num_bits(g.rows), h1, std=1 / math.sqrt(fan_in))
-        self.w_col = randn(n, num_bits(g.cols), h1, std=1 / math.sqrt(fan_in))
-        self.w_ker = randn(n, g.kernel_bits, h1, std=1 / math.sqrt(fan_in)) if g.kernel_bits else None
-        self.b1 = randn(n, h1, std=0.1)
         self.w2 = randn(n, h1, h2, std=math.sqrt(2 / h1))
         self.b2 = randn(n, h2, std=0.1)
         self.w3 = randn(n, h2, std=1 / math.sqrt(h2))
@@ -103,17 +97,12 @@ class DeepBank(GNetBank):
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
         """``(A, B, w2, b2, w3)`` (and ``b3`` when uncentred) of tiles ``index``, the scale folded into w3, b3."""
-        g = self.geometry
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t if index is None else t[index]
 
         scale = pick(self.scale)
-        A = torch.einsum("rb,nbh->nrh", self.row_codes, pick(self.w_row)) + pick(self.b1)[:, None, :]
-        B = torch.einsum("cb,nbh->nch", self.col_codes, pick(self.w_col))
-        if self.w_ker is not None:
-            B = (B[:, :, None, :] + pick(self.w_ker)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
-        tables = (A.contiguous(), B.contiguous(), pick(self.w2), pick(self.b2), pick(self.w3) * scale[:, None])
+        tables = (*self._separable_tables(index), pick(self.w2), pick(self.b2), pick(self.w3) * scale[:, None])
         return tables if self.b3 is None else (*tables, pick(self.b3) * scale)
 
     def _chunks(self, tables: Tables) -> Iterator[tuple[slice, slice]]:
