@@ -50,6 +50,27 @@ def _median_ms(times: list[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- part 1: predict + push
+def _time_predict_push(gb: GenomicBottleneck, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``predict_weights()`` and of ``push_gradients()`` in each of ``repeats`` rounds after a warm-up
+    round (which also compiles); random weight gradients stand in for a backward pass."""
+    grads = [torch.randn_like(t.param) for t in gb.covered]
+    predict, push = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        gb.predict_weights()
+        t1 = time.perf_counter()
+        for t, g in zip(gb.covered, grads):
+            t.param.grad = g.clone()
+        t2 = time.perf_counter()
+        gb.push_gradients()
+        t3 = time.perf_counter()
+        gb.zero_grad(set_to_none=True)
+        if i:
+            predict.append(t1 - t0)
+            push.append(t3 - t2)
+    return predict, push
+
+
 def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) -> list[dict]:
     """ms per million weights of predict+push on ``layers`` bias-free ``side x side`` Linear layers."""
     torch.manual_seed(0)
@@ -59,21 +80,7 @@ def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) 
     for h in hidden_dims:
         for kernel in ("eager", "compiled"):
             gb = GenomicBottleneck(model, GBConfig(hidden_dim=h, kernel=kernel, tile_size=128))
-            grads = [torch.randn_like(t.param) for t in gb.covered]
-            predict, push = [], []
-            for i in range(repeats + 1):  # the first round warms up (and compiles)
-                t0 = time.perf_counter()
-                gb.predict_weights()
-                t1 = time.perf_counter()
-                for t, g in zip(gb.covered, grads):
-                    t.param.grad = g.clone()
-                t2 = time.perf_counter()
-                gb.push_gradients()
-                t3 = time.perf_counter()
-                gb.zero_grad(set_to_none=True)
-                if i:
-                    predict.append(t1 - t0)
-                    push.append(t3 - t2)
+            predict, push = _time_predict_push(gb, repeats)
             scale = 1e6 / numel
             row = {"hidden_dim": h, "kernel": kernel, "numel": numel,
                    "predict_ms_per_M": _median_ms(predict) * scale, "push_ms_per_M": _median_ms(push) * scale}
@@ -111,20 +118,8 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
     rows = []
     for config in configs:
         gb = GenomicBottleneck(model, config)
-        grads = [torch.randn_like(t.param) for t in gb.covered]
-        totals = []
-        for i in range(repeats + 1):  # the first round warms up (and compiles)
-            t0 = time.perf_counter()
-            gb.predict_weights()
-            t1 = time.perf_counter()
-            for t, g in zip(gb.covered, grads):
-                t.param.grad = g.clone()
-            t2 = time.perf_counter()
-            gb.push_gradients()
-            t3 = time.perf_counter()
-            gb.zero_grad(set_to_none=True)
-            if i:
-                totals.append((t1 - t0) + (t3 - t2))
+        predict, push = _time_predict_push(gb, repeats)
+        totals = [a + b for a, b in zip(predict, push)]
         row = {"family": config.family, "hidden_dim": config.hidden_dim,
                "second_hidden_dim": config.second_hidden_dim if config.family == "deep" else None,
                "covered_compression": gb.stats()["covered_compression"], "numel": numel,
