@@ -88,4 +88,7 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from leave import leave_together  # here: the tests import this file as a module
+
     main(sys.argv[1])
+    leave_together()

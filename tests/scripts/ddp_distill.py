@@ -10,6 +10,7 @@ import sys
 
 import torch
 from datasets import Dataset
+from leave import leave_together
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_gb.distill import GBDistillationArguments, GBDistillationTrainer
@@ -52,3 +53,4 @@ def main(output_dir: str, report_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave_together()

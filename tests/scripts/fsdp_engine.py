@@ -15,6 +15,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from leave import leave_together
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -133,8 +134,8 @@ def main(report_dir: str) -> None:
     reports = {c["name"]: run(c, rank, world) for c in cases if not only or c["name"] in only.split(",")}
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
         json.dump(reports, f, indent=1)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_together()

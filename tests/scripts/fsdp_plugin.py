@@ -12,6 +12,7 @@ import sys
 
 import torch
 from force_fsdp import force_fsdp2
+from leave import leave_together
 from torch import nn
 
 from hf_gb import GBConfig, GBPlugin, GenomicBottleneck
@@ -80,3 +81,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_together()

@@ -15,6 +15,7 @@ import sys
 import torch
 from datasets import Dataset
 from force_fsdp import force_fsdp2
+from leave import leave_together
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_gb import GBTrainer, GBTrainingArguments
@@ -75,3 +76,4 @@ def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: st
 
 if __name__ == "__main__":
     main(*sys.argv[1:6])
+    leave_together()
