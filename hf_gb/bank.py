@@ -96,11 +96,28 @@ class GNetBank(nn.Module):
         """Stored values per tile of ``geometry`` (what compression ratios and tile choice count)."""
         raise NotImplementedError
 
+    @classmethod
+    def bank_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
+        """Stored values per bank of ``geometry``, shared by all its tiles, whatever their number (0: a family
+        whose g-nets are all per tile). A bank of ``n`` tiles stores ``n * params_per_tile + bank_params``."""
+        return 0
+
     # ----------------------------------------------------------------- shared by every family
     @classmethod
     def params_per_tile(cls, geometry: TileGeometry, config: GBConfig) -> float:
         """Parameters per tile: the family's, plus the learned noise scale of stochastic banks."""
         return cls.tile_params(geometry, config) + (1 if config.stochastic else 0)
+
+    @classmethod
+    def params_per_tile_of(cls, geometry: TileGeometry, config: GBConfig, n_tiles: int) -> float:
+        """Stored values per tile of a bank of ``n_tiles`` tiles: `params_per_tile` plus `bank_params` spread over
+        them (exactly `params_per_tile` for families without shared values).
+
+        The tile choice and ``min_compression`` count each tensor with its own ``n_tiles``, as if it had its bank
+        to itself: where other tensors share the bank (same tile geometry), the shared values are counted once per
+        tensor there, so the compression they expect is a lower bound of what `GenomicBottleneck.stats` reports.
+        """
+        return cls.params_per_tile(geometry, config) + cls.bank_params(geometry, config) / n_tiles
 
     def num_gnet_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -179,25 +196,38 @@ class GNetBank(nn.Module):
         self._saved = None
 
     # ----------------------------------------------------------------- the separable first layer (mlp, deep)
-    def _init_separable(self, config: GBConfig, hidden: int, generator: torch.Generator) -> None:
+    def _init_separable(
+        self, config: GBConfig, hidden: int, generator: torch.Generator, shared: bool = False, b1_std: float = 0.1
+    ) -> None:
         """Position codes and the first layer ``w_row``, ``w_col``, ``w_ker``, ``b1`` of ``hidden`` units per tile,
-        drawn in that order from ``generator``, with pre-activations of unit variance."""
+        drawn in that order from ``generator``, with code pre-activations of unit variance. ``shared``: one set of
+        code weights ``(1, bits, hidden)`` for the whole bank, and only ``b1`` per tile."""
         g, n = self.geometry, self.n_tiles
+        m = 1 if shared else n
+        self._shared_codes = shared
         self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
         self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
         std = 1 / math.sqrt(max(1, num_bits(g.rows) + num_bits(g.cols) + (1 if g.kernel_bits else 0)))
-        self.w_row = _randn(generator, n, num_bits(g.rows), hidden, std=std)
-        self.w_col = _randn(generator, n, num_bits(g.cols), hidden, std=std)
-        self.w_ker = _randn(generator, n, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
-        self.b1 = _randn(generator, n, hidden, std=0.1)
+        self.w_row = _randn(generator, m, num_bits(g.rows), hidden, std=std)
+        self.w_col = _randn(generator, m, num_bits(g.cols), hidden, std=std)
+        self.w_ker = _randn(generator, m, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
+        self.b1 = _randn(generator, n, hidden, std=b1_std)
 
     def _separable_tables(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A = codes_row @ w_row + b1`` (n, rows, h) and ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h)."""
+        """``A = codes_row @ w_row + b1`` (n, rows, h) and ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h).
+
+        Shared code weights give one ``B`` for every tile, expanded (and copied: the kernels take one table per
+        tile); the autograd of the expansion sums the tiles' gradients into the shared weights."""
         g = self.geometry
-        A = torch.einsum("rb,nbh->nrh", self.row_codes, _pick(self.w_row, index)) + _pick(self.b1, index)[:, None, :]
-        B = torch.einsum("cb,nbh->nch", self.col_codes, _pick(self.w_col, index))  # (n, cols, h)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if self._shared_codes else _pick(t, index)
+
+        A = torch.einsum("rb,nbh->nrh", self.row_codes, pick(self.w_row)) + _pick(self.b1, index)[:, None, :]
+        B = torch.einsum("cb,nbh->nch", self.col_codes, pick(self.w_col))  # (n or 1, cols, h)
         if self.w_ker is not None:
-            B = (B[:, :, None, :] + _pick(self.w_ker, index)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
+            B = (B[:, :, None, :] + pick(self.w_ker)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
+        B = B.expand(A.shape[0], -1, -1)  # a no-op for per-tile weights
         # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
         # kernels to one compilation (their guards include strides).
         return A.contiguous(), B.contiguous()

@@ -59,6 +59,7 @@ class CoveredTensor:
     param: nn.Parameter
 
     def gnet_params(self, config: GBConfig) -> int:
+        """Values of this tensor's own tiles (a bank's shared values are not included; see `bank_shares`)."""
         return round(self.n_tiles * family_class(config.family).params_per_tile(self.geometry, config))
 
     def to_json(self) -> dict[str, Any]:
@@ -119,14 +120,15 @@ class GenomicBottleneck(nn.Module):
             # The full (out, in, K) shape, also of a DTensor shard (a meta tensor holds no data).
             shape = tuple(view3d(torch.empty(target.param.shape, device="meta"), target.layout).shape)
             geometry = self._geometry(shape, family)
-            ratio = compression_of(shape, geometry, family.params_per_tile(geometry, config))
+            n_tiles = math.prod(grid(shape, geometry))
+            ratio = compression_of(shape, geometry, family.params_per_tile_of(geometry, config, n_tiles))
             if ratio < config.min_compression:
                 self.skipped.append((target.name, f"g-nets would compress it only {ratio:.2f}x"))
                 continue
             group = by_geometry.setdefault(geometry, [])
             group.append(CoveredTensor(
                 target.name, target.module_type, target.layout, shape, tuple(target.param.shape), geometry,
-                offset=sum(t.n_tiles for t in group), n_tiles=math.prod(grid(shape, geometry)), param=target.param,
+                offset=sum(t.n_tiles for t in group), n_tiles=n_tiles, param=target.param,
             ))
         generator = torch.Generator().manual_seed(config.seed)
         for geometry, group in by_geometry.items():
@@ -151,7 +153,9 @@ class GenomicBottleneck(nn.Module):
     def _geometry(self, shape: tuple[int, int, int], family: type[GNetBank]) -> TileGeometry:
         c = self.config
         tile_size = c.tile_size if c.tile_size is not None or c.compression is not None else DEFAULT_TILE_SIZE
-        return choose_geometry(shape, lambda g: family.params_per_tile(g, c), c.compression, tile_size)
+        # Shared values (`GNetBank.bank_params`) are spread over this tensor's own tiles (see `params_per_tile_of`).
+        return choose_geometry(shape, lambda g: family.params_per_tile_of(g, c, math.prod(grid(shape, g))),
+                               c.compression, tile_size)
 
     @torch.no_grad()
     def _calibrate(self) -> None:
@@ -308,8 +312,24 @@ class GenomicBottleneck(nn.Module):
             state = {k: self._full_uncompressed.get(k, v) for k, v in state.items()}
         return state
 
+    def bank_shares(self) -> dict[str, int]:
+        """Each covered tensor's share of its bank's shared values (`GNetBank.bank_params`), in proportion to its
+        tiles and rounded so that a bank's shares sum to its shared values exactly (all 0 for per-tile families)."""
+        family = family_class(self.config.family)
+        shares = {}
+        for key, members in self._members.items():
+            total = family.bank_params(self.banks[key].geometry, self.config)
+            n = sum(t.n_tiles for t in members)
+            done = 0
+            for t in members:
+                shares[t.name] = round(total * (done + t.n_tiles) / n) - round(total * done / n)
+                done += t.n_tiles
+        return shares
+
     def stats(self) -> dict[str, Any]:
-        """Sizes and compression ratios: totals and one row per covered tensor."""
+        """Sizes and compression ratios: totals and one row per covered tensor (with its share of shared values)."""
+        shares = self.bank_shares()
+        values = {t.name: t.gnet_params(self.config) + shares[t.name] for t in self.covered}
         rows = [
             {
                 "name": t.name,
@@ -318,8 +338,8 @@ class GenomicBottleneck(nn.Module):
                 "tile": [t.geometry.rows, t.geometry.cols, t.geometry.kernel],
                 "n_tiles": t.n_tiles,
                 "numel": t.param.numel(),
-                "gnet_params": t.gnet_params(self.config),
-                "compression": t.param.numel() / t.gnet_params(self.config),
+                "gnet_params": values[t.name],
+                "compression": t.param.numel() / values[t.name],
             }
             for t in self.covered
         ]

@@ -172,26 +172,28 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
 
 def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
     """How many values the g-nets of ``config`` over ``model`` hold, from the shapes alone: the same targets,
-    geometry and ``min_compression`` as `GenomicBottleneck`, counted by the family's `GNetBank.params_per_tile`."""
+    geometry and ``min_compression`` as `GenomicBottleneck`, counted by the family's `GNetBank.params_per_tile`
+    per tile and `GNetBank.bank_params` once per bank (tile geometry)."""
     from .bank import family_class
     from .bottleneck import DEFAULT_TILE_SIZE
     from .layers import find_targets, view3d
     from .tiling import choose_geometry, compression_of, grid
 
     family = family_class(config.family)
-
-    def per_tile(geometry):
-        return family.params_per_tile(geometry, config)
-
     explicit_tile = config.tile_size is not None or config.compression is not None
     tile_size = config.tile_size if explicit_tile else DEFAULT_TILE_SIZE
-    total = 0
+    total, banks = 0, set()
     for target in find_targets(model, config)[0]:
         shape = tuple(view3d(target.param.detach(), target.layout).shape)
+
+        def per_tile(geometry, shape=shape):
+            return family.params_per_tile_of(geometry, config, _prod(grid(shape, geometry)))
+
         geometry = choose_geometry(shape, per_tile, config.compression, tile_size)
         if compression_of(shape, geometry, per_tile(geometry)) >= config.min_compression:
-            total += _prod(grid(shape, geometry)) * per_tile(geometry)
-    return round(total)
+            total += _prod(grid(shape, geometry)) * family.params_per_tile(geometry, config)
+            banks.add(geometry)
+    return round(total + sum(family.bank_params(g, config) for g in banks))
 
 
 def _prod(values) -> int:

@@ -97,12 +97,17 @@ class GBConfig:
     family: str = field(
         default="mlp",
         metadata={
-            "help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile) or 'deep' (a "
-            "second hidden layer of `second_hidden_dim` units after the first; hf_gb.families)."
+            "help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile), 'deep' (a "
+            "second hidden layer of `second_hidden_dim` units after the first) or 'shared' (one g-net per bank, "
+            "each tile keeping only its own first-layer bias; hf_gb.families)."
         },
     )
     second_hidden_dim: int = field(
         default=8, metadata={"help": "Width of the second hidden layer of the 'deep' family (other families: unused)."}
+    )
+    tile_gain: bool = field(
+        default=True,
+        metadata={"help": "A learned output gain per tile in the 'shared' family (other families: unused)."},
     )
     skip_nonfinite: bool = field(
         default=True,
@@ -132,7 +137,8 @@ class GBConfig:
         for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS)):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
                 raise ValueError(f"{name} must be one of {choices}, got {name}={getattr(self, name)!r}")
-        for name in ("stochastic", "center", "skip_nonfinite"):  # strict: "no" or null must not read as a boolean
+        # strict: "no" or null must not read as a boolean
+        for name in ("stochastic", "center", "tile_gain", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
         for name in ("init_noise", "min_compression"):
