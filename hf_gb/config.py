@@ -37,8 +37,9 @@ _KERNELS = ("auto", "compiled", "eager")
 class GBConfig:
     """Configuration of a genomic bottleneck.
 
-    Every covered weight tensor is cut into tiles; each tile gets its own g-net, a one-hidden-layer MLP that maps
-    the binary code of a position (row bits, column bits, one bit per kernel position) to the weight there.
+    Every covered weight tensor is cut into tiles; by default (``family="mlp"``) each tile gets its own g-net, a
+    one-hidden-layer MLP that maps the binary code of a position (row bits, column bits, one bit per kernel
+    position) to the weight there (``"shared"``: one g-net per bank of equal tiles, a learned embedding per tile).
 
     Example::
 
