@@ -111,16 +111,17 @@ def narrow_spec(name: str, target: int) -> tuple[tuple, int]:
 
 
 # ----------------------------------------------------------------------------- configs
-def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS,
+def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS, closest: bool = False,
                 **family: Any) -> tuple[GBConfig, float]:
-    """The widest g-net whose covered compression lands within 25% of ``target`` (else the closest one)."""
+    """The widest g-net whose covered compression lands within 25% of ``target`` (else, or with ``closest``, the
+    one closest to it). ``family`` may hold ``tile_size`` (then the tile is fixed and only the width adapts)."""
     build, exclude = MODELS[name]
     best = None
     for h in hidden_dims:
         cfg = GBConfig(hidden_dim=h, compression=target, encoding=encoding, kernel="eager", exclude_modules=exclude,
                        **family)
         ratio = GenomicBottleneck(build(), cfg).stats()["covered_compression"]
-        if 0.8 * target <= ratio <= 1.25 * target:
+        if 0.8 * target <= ratio <= 1.25 * target and not closest:
             return cfg, ratio
         score = abs(math.log(ratio / target))
         if best is None or score < best[0]:
@@ -210,6 +211,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encoding", default="gray", choices=["binary", "gray"])
     p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
     p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
+    p.add_argument("--hidden_dims", nargs="+", type=int, default=list(HIDDEN_DIMS),
+                   help="g-net widths to choose from per target (widest within 25%%, or the closest: --closest)")
+    p.add_argument("--closest", action="store_true",
+                   help="take the width whose covered compression is closest to each target")
+    p.add_argument("--tile_size", nargs="+", type=int, default=None,
+                   help="fixed GBConfig.tile_size (one int or rows cols) instead of the tile chosen per target")
+    p.add_argument("--no_tile_gain", action="store_true", help="GBConfig.tile_gain=False ('shared' family)")
+    p.add_argument("--label", default=None,
+                   help="name of this GB setting in tables and plot (runs of several settings can be combined)")
     p.add_argument("--gnet_bias_shift", type=float, default=0.0,
                    help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of each regression fit")
@@ -265,10 +275,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, seed)
                 plain_states[seed] = copy.deepcopy(model.state_dict())
         for target in args.targets:
-            cfg, ratio = pick_config(name, target, args.encoding, family=args.family,
-                                     second_hidden_dim=args.second_hidden_dim)
+            extra = {} if args.tile_size is None else {"tile_size": args.tile_size}
+            if args.no_tile_gain:
+                extra["tile_gain"] = False
+            cfg, ratio = pick_config(name, target, args.encoding, args.hidden_dims, args.closest, family=args.family,
+                                     second_hidden_dim=args.second_hidden_dim, **extra)
             common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim,
                       "family": cfg.family, "second_hidden_dim": cfg.second_hidden_dim}
+            if args.label is not None:  # a named setting: its rows (GB and baselines) are grouped apart
+                probe = GenomicBottleneck(fresh(name, 0), cfg)
+                tiles = sorted({"x".join(map(str, t.geometry.key()[:2])) for t in probe.covered})
+                common |= {"setting": args.label, "tiles": [t.n_tiles for t in probe.covered],
+                           "tile_size": cfg.tile_size, "tile_gain": cfg.tile_gain, "geometries": tiles}
             probe = GenomicBottleneck(fresh(name, 0), cfg)
             budget, covered = stored_values(probe), [t.name.rpartition(".")[0] for t in probe.covered]
             common["gb_stored"] = budget
@@ -351,7 +369,7 @@ def combine(args: argparse.Namespace) -> dict[str, Any]:
     return finish(payload, args.out)
 
 
-TABLE = [("model", "model", ""), ("method", "method", ""), ("target", "target", "g"),
+TABLE = [("model", "model", ""), ("method", "method", ""), ("setting", "setting", ""), ("target", "target", "g"),
          ("ratio", "covered x", ".1f"), ("stored", "stored", ",.0f"), ("stored_vs_gb", "vs GB", "+.1%"),
          ("size", "h / widths / ranks", ""), ("lr", "LR", "g"), ("n", "seeds", "d"), ("mean", "test acc", ".4f"),
          ("std", "+-", ".4f")]
@@ -375,18 +393,19 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, method, target, LR): mean, std, min and max over seeds."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["model"], r["method"], r["target"], r.get("lr")), []).append(r)
+        groups.setdefault((r["model"], r["method"], r["target"], r.get("setting"), r.get("lr")), []).append(r)
     out = []
-    for (name, method, target, lr), rows in groups.items():
+    for (name, method, target, setting, lr), rows in groups.items():
         mean, std = mean_std([r["accuracy"] for r in rows])
         stored = mean_std([r["stored"] for r in rows])[0]
         first = rows[0]
-        size = {"gb": f"h={first.get('hidden_dim')}", "gb_deep": f"h={first.get('hidden_dim')},"
-                f"{first.get('second_hidden_dim')}", "innate": f"h={first.get('hidden_dim')}",
-                "alternating": f"h={first.get('hidden_dim')}", "plain": "-",
+        size = {"gb_deep": f"h={first.get('hidden_dim')},{first.get('second_hidden_dim')}", "plain": "-",
                 "narrow": "-".join(map(str, _flat(first.get("widths", ())))),
-                "lowrank": "r=" + ",".join(map(str, (first.get("ranks") or {}).values()))}[method]
-        out.append({"model": name, "method": method, "target": target, "lr": lr,
+                "lowrank": "r=" + ",".join(map(str, (first.get("ranks") or {}).values()))}.get(
+                    method, f"h={first.get('hidden_dim')}")
+        if method.startswith("gb") and first.get("tiles"):
+            size += f", tiles {'/'.join(map(str, first['tiles']))}"
+        out.append({"model": name, "method": method, "target": target, "setting": setting, "lr": lr,
                     "ratio": mean_std([r["ratio"] for r in rows if "ratio" in r])[0] if method != "narrow" else None,
                     "stored": stored, "gb_stored": first.get("gb_stored"),
                     "stored_vs_gb": stored / first["gb_stored"] - 1 if first.get("gb_stored") else None,
@@ -403,9 +422,9 @@ def best_of_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, method, target): the LR of the best mean test accuracy (the same rule for every method)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for g in grid:
-        groups.setdefault((g["model"], g["method"], g["target"]), []).append(g)
+        groups.setdefault((g["model"], g["method"], g["target"], g.get("setting")), []).append(g)
     best = [best_by(rows, "lr", "mean", higher=True)[0] for rows in groups.values()]
-    return sorted(best, key=lambda g: (g["model"], order(g["method"]), g["target"] or 0))
+    return sorted(best, key=lambda g: (g["model"], order(g["method"]), g["target"] or 0, g.get("setting") or ""))
 
 
 def order(method: str) -> int:
@@ -414,6 +433,7 @@ def order(method: str) -> int:
 
 STYLES = {"gb": ("o-", "GB, trained end to end"), "narrow": ("D-", "narrower dense model"),
           "lowrank": ("v-", "low-rank U @ V"), "gb_deep": ("s-", "GB, 'deep' g-nets"),
+          "gb_shared": ("P-", "GB, 'shared' g-nets (best setting per target)"),
           "innate": ("s--", "GB innate (regression)"),
           "alternating": ("^:", "GB innate (PNAS alternating)")}
 
@@ -432,10 +452,17 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
                 ax.axhline(s["mean"], color="k", lw=1, label=f"plain {s['mean']:.3f} ({s['stored']:,.0f} values)")
         ax.axhline(0.1, color="gray", lw=1, ls=":", label="chance 0.1")
         for method, (style, label) in STYLES.items():
-            pts = sorted((s["stored"], s["mean"], s["std"]) for s in rows if s["method"] == method)
+            best = {}  # per (target): the best setting, so that a line joins one point per target
+            for s in rows:
+                if s["method"] == method and (s["target"] not in best or s["mean"] > best[s["target"]]["mean"]):
+                    best[s["target"]] = s
+            pts = sorted((s["stored"], s["mean"], s["std"]) for s in best.values())
             if pts:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
+            others = [s for s in rows if s["method"] == method and s not in best.values()]
+            if others:  # the other settings, as faint markers
+                ax.plot([s["stored"] for s in others], [s["mean"] for s in others], style[0], alpha=0.35, ms=4)
         ax.set_xscale("log")
         xs = [r["stored"] for r in rows if r.get("stored")]
         if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
