@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
     p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
     p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
+    p.add_argument("--tile_size", nargs="+", type=int, default=None,
+                   help="fixed GBConfig.tile_size (one int or rows cols); the compression then follows hidden_dim")
     p.add_argument("--steps", nargs="+", type=int, default=[150],
                    help="training budgets (one run per budget: the cosine schedule spans the budget)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="model/data seeds; the first runs the LR grid")
@@ -201,7 +203,7 @@ _BUDGETS: dict[tuple, int] = {}
 
 def gb_config(args, target: float, **kwargs: Any) -> GBConfig:
     return GBConfig(hidden_dim=args.hidden_dim, compression=target, family=args.family,
-                    second_hidden_dim=args.second_hidden_dim, **kwargs)
+                    second_hidden_dim=args.second_hidden_dim, tile_size=args.tile_size, **kwargs)
 
 
 def gb_budget(args, target: float, vocab: int) -> int:
@@ -209,7 +211,7 @@ def gb_budget(args, target: float, vocab: int) -> int:
     from examples.train import build_model
 
     key = (target, args.hidden_size, args.num_layers, args.intermediate_size, args.hidden_dim, args.family,
-           args.second_hidden_dim, vocab)
+           args.second_hidden_dim, str(args.tile_size), vocab)
     if key not in _BUDGETS:
         model = build_model(script_args(args), vocab, seed=0)
         _BUDGETS[key] = stored_values(GenomicBottleneck(model, gb_config(args, target, kernel="eager")))
