@@ -239,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seeds, args.epochs, args.fit_steps, args.fit_lrs = 1, 4, 40, [1e-2]
         args.rounds, args.round_epochs, args.alt_seeds = 2, 2, 1
         args.targets, args.lrs, args.gnet_lrs = [10, 300], [3e-3, 1e-2], [1e-2]
+    if args.tile_size is not None:  # one int: square tiles
+        args.tile_size = args.tile_size[0] if len(args.tile_size) == 1 else args.tile_size
     args.out = args.out or default_out("digits", args.quick)
     return args
 

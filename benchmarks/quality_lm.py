@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup, args.eval_every, args.max_train_tokens, args.max_eval_tokens = 2, 6, 100_000, 4096
         args.hidden_size, args.num_layers, args.intermediate_size = 64, 2, 192
         args.lrs, args.gnet_lrs = [3e-3, 1e-2], [1e-2]
+    if args.tile_size is not None:  # one int: square tiles
+        args.tile_size = args.tile_size[0] if len(args.tile_size) == 1 else args.tile_size
     args.out = args.out or default_out("lm", args.quick)
     return args
 
