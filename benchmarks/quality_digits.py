@@ -459,12 +459,17 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
                 if s["method"] == method and (s["target"] not in best or s["mean"] > best[s["target"]]["mean"]):
                     best[s["target"]] = s
             pts = sorted((s["stored"], s["mean"], s["std"]) for s in best.values())
-            if pts:
-                x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
+            settings = sorted({s["setting"] for s in best.values() if s.get("setting")})
+            if settings:  # named settings: say which ones the line joins
+                label += f" [{', '.join(settings)}]"
+            if not pts:
+                continue
+            x, y, e = zip(*pts)
+            color = ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)[0].get_color()
             others = [s for s in rows if s["method"] == method and s not in best.values()]
             if others:  # the other settings, as faint markers
-                ax.plot([s["stored"] for s in others], [s["mean"] for s in others], style[0], alpha=0.35, ms=4)
+                ax.plot([s["stored"] for s in others], [s["mean"] for s in others], style[0], color=color,
+                        alpha=0.35, ms=4)
         ax.set_xscale("log")
         xs = [r["stored"] for r in rows if r.get("stored")]
         if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
