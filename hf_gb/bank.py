@@ -168,7 +168,12 @@ class GNetBank(nn.Module):
                 tensors.append(tensor)
                 grads.append(g)
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            # Accumulated by hand rather than by backward(): no gradient hook of an engine fires on the g-nets
+            # here (DeepSpeed's would queue them for a reduction of its next backward; see trainer_deepspeed).
+            params = [p for p in self.parameters() if p.requires_grad]
+            for param, g in zip(params, torch.autograd.grad(tensors, params, grads, allow_unused=True)):
+                if g is not None:
+                    param.grad = g if param.grad is None else param.grad.add_(g)
 
     def __getstate__(self):
         # What predict kept for push holds an autograd graph, which neither copies nor pickles; a copy starts clean.

@@ -7,10 +7,12 @@ predicts the same weights, DDP averages the weight gradients, and every rank pus
 step (`GenomicBottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
 
 Under FSDP2 (``fsdp_version=2``) the g-nets are replicated the same way, but each rank predicts only the tiles of its
-own rows (`hf_gb.sharding`). `check_setup` refuses, at start and with the reason and what works instead, the setups
-that would train wrong: FSDP1 (one ``FlatParameter`` per unit: no rows to predict) and DeepSpeed. The rest of this
-module is the glue FSDP2 needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved
-rank by rank.
+own rows (`hf_gb.sharding`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer` only, `hf_gb.trainer_deepspeed`) the
+parameters stay replicated as under DDP and the g-net gradients are handed to DeepSpeed's optimizer before its step.
+`check_setup` refuses, at start and with the reason and what works instead, the setups that would train wrong:
+FSDP1 (one ``FlatParameter`` per unit: no rows to predict), ZeRO stage 3 (flat partitions: no rows either), ZeRO
+stage 0, a DeepSpeed ``optimizer`` section, and DeepSpeed under `GBPlugin`. The rest of this module is the glue FSDP2
+needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved rank by rank.
 """
 
 from __future__ import annotations
@@ -81,14 +83,37 @@ def requested(args: Any) -> tuple[bool, bool]:
     return fsdp, deepspeed
 
 
-def _refuse_deepspeed(who: str, stage: Any) -> None:
-    raise NotImplementedError(
-        f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): its "
-        "engine reduces and steps only the gradients it bucketed during the loss backward, while the g-net "
-        "gradients come later from the weight gradients (push), and under ZeRO-3 the parameters are flat "
-        "partitions (ds_tensor) with no rows to predict. Train with DDP (accelerate launch --multi_gpu / torchrun) "
-        "or, for models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows."
-    )
+DEEPSPEED_STAGES = (1, 2)  # ZeRO stages GBTrainer runs (parameters replicated; see hf_gb.trainer_deepspeed)
+
+
+def _refuse_deepspeed(who: str, stage: Any, optimizer_section: bool = False) -> None:
+    """Raise for the DeepSpeed setups ``who`` cannot train; return for ZeRO stage 1 or 2 under `GBTrainer`."""
+    instead = ("Train with ZeRO stage 2 under GBTrainer, DDP (accelerate launch --multi_gpu / torchrun) or, for "
+               "models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows.")
+    if who != "GBTrainer":
+        raise NotImplementedError(
+            f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): "
+            "DeepSpeed steps its optimizer inside accelerator.backward(), before the plugin could push the g-net "
+            "gradients. Use GBTrainer (ZeRO stage 1 or 2), DDP, or FSDP2 (fsdp_version=2) with "
+            "GBPlugin.accelerator_prepare."
+        )
+    if optimizer_section:
+        raise NotImplementedError(
+            "GBTrainer does not support a DeepSpeed config with an 'optimizer' section: DeepSpeed would build it over "
+            "every model parameter, covered weights included, which the g-nets overwrite. Remove the section; "
+            "Trainer then builds the optimizer (optim, learning_rate, gb_learning_rate) over the g-nets and the "
+            "uncompressed tensors and hands it to DeepSpeed."
+        )
+    if stage == 3:
+        raise NotImplementedError(
+            "GBTrainer does not support DeepSpeed ZeRO stage 3: its parameters are flat partitions (ds_tensor) with "
+            "no rows to predict, so every rank would need whole weights. " + instead
+        )
+    if stage is not None and int(stage) not in DEEPSPEED_STAGES:
+        raise NotImplementedError(
+            f"GBTrainer does not support DeepSpeed ZeRO stage {stage}: stage 0 is plain data parallelism, which DDP "
+            "does without DeepSpeed. " + instead
+        )
 
 
 def _refuse_fsdp1(who: str, version: Any) -> None:
@@ -99,19 +124,24 @@ def _refuse_fsdp1(who: str, version: Any) -> None:
     )
 
 
-def _zero_stage(args: Any) -> Any:
-    """The ZeRO stage Trainer arguments configure (None when it cannot be read without DeepSpeed)."""
+def _deepspeed_config(args: Any) -> dict:
+    """The DeepSpeed config Trainer arguments carry ({} when it cannot be read without DeepSpeed)."""
     config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
     if config is None and isinstance(getattr(args, "deepspeed", None), dict):
         config = args.deepspeed
-    return (config or {}).get("zero_optimization", {}).get("stage")
+    return config or {}
+
+
+def _zero_stage(args: Any) -> Any:
+    """The ZeRO stage Trainer arguments configure (None when it cannot be read without DeepSpeed)."""
+    return _deepspeed_config(args).get("zero_optimization", {}).get("stage")
 
 
 def check_arguments(args: Any, who: str) -> None:
     """Refuse, before anything is built, what Trainer arguments ask for and `check_setup` would refuse."""
     fsdp, deepspeed = requested(args)
     if deepspeed:
-        _refuse_deepspeed(who, _zero_stage(args))
+        _refuse_deepspeed(who, _zero_stage(args), "optimizer" in _deepspeed_config(args))
     config = getattr(args, "fsdp_config", None) or {}
     version = config.get("version", config.get("fsdp_version", 2)) if isinstance(config, dict) else 2
     if fsdp and int(version) != 2:
@@ -119,12 +149,17 @@ def check_arguments(args: Any, who: str) -> None:
 
 
 def check_setup(accelerator: Any, fsdp_requested: bool, deepspeed_requested: bool, who: str) -> str:
-    """The kind of run the bottleneck sees (``"single"``, ``"ddp"`` or ``"fsdp2"``); raises for the setups that
-    would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
+    """The kind of run the bottleneck sees (``"single"``, ``"ddp"``, ``"fsdp2"`` or ``"deepspeed"``); raises for
+    the setups that would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
     state = accelerator.state
     ds_plugin = getattr(state, "deepspeed_plugin", None)
     if ds_plugin is not None or deepspeed_requested:
-        _refuse_deepspeed(who, getattr(ds_plugin, "zero_stage", None))
+        config = getattr(getattr(ds_plugin, "hf_ds_config", None), "config", None) or {}
+        stage = getattr(ds_plugin, "zero_stage", None)
+        _refuse_deepspeed(who, stage, "optimizer" in config)
+        if ds_plugin is None:  # asked for, but Accelerate did not engage it
+            raise RuntimeError(f"{who}: DeepSpeed was requested but Accelerate did not enable it")
+        return "deepspeed"
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
     if fsdp_plugin is not None:
         version = getattr(fsdp_plugin, "fsdp_version", 1)
