@@ -1,6 +1,6 @@
-"""GBTrainer under DeepSpeed ZeRO (hf_gb.trainer_deepspeed): stages 1 and 2 train like DDP over 2 gloo processes
-(torchrun, DS_ACCELERATOR=cpu) and resume exactly; stage 3, stage 0, a DeepSpeed optimizer section and DeepSpeed under
-GBPlugin are refused at start with the reason."""
+"""DeepSpeed ZeRO (hf_gb.trainer_deepspeed, hf_gb.distributed): GBTrainer at stages 1 and 2 and GBPlugin at stage 2
+train like DDP over 2 gloo processes (torchrun, DS_ACCELERATOR=cpu) and resume exactly; stage 3, stage 0 and (for
+GBTrainer) a DeepSpeed optimizer section are refused at start with the reason."""
 
 import json
 import os
@@ -82,7 +82,7 @@ def tiny_model():
 
 @pytest.mark.parametrize(
     "zero,extra,message",
-    [({"stage": 3}, {}, "ZeRO stage 3: its parameters are flat partitions .*ZeRO stage 2"),
+    [({"stage": 3}, {}, "ZeRO stage 3: its parameters are flat partitions .*ZeRO stage 1 or 2"),
      ({"stage": 0}, {}, "ZeRO stage 0: stage 0 is plain data parallelism"),
      ({"stage": 2}, {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "'optimizer' section")],
 )
@@ -94,13 +94,42 @@ def test_unsupported_deepspeed_configs_are_refused(tmp_path, monkeypatch, zero, 
         GBTrainer(model=tiny_model(), args=args)
 
 
-def test_plugin_refuses_deepspeed():
+def test_plugin_under_zero2_trains_like_ddp_and_resumes_exactly(tmp_path):
+    """A custom loop (tests/scripts/accelerate_ddp.py's) with plugin.accelerator_prepare: ZeRO-2 and DDP give the same
+    model and g-nets after 4 steps of gradient accumulation 2 from rank-dependent initial models; both ranks agree;
+    save_state, 2 steps, load_state, the same 2 steps: the same state exactly."""
+    import torch
+
+    for mode in ("zero2", "ddp"):
+        (tmp_path / mode).mkdir()
+        torchrun("ds_plugin.py", str(tmp_path / mode), mode, env=CPU)
+    ds = [torch.load(tmp_path / "zero2" / f"rank{r}.pt") for r in range(2)]
+    ddp = torch.load(tmp_path / "ddp" / "rank0.pt")
+    assert ds[0]["wrapped"] == "DeepSpeedEngine" and ddp["wrapped"] == "DistributedDataParallel"
+    assert ds[0]["keys"] == []
+    for key, value in ds[0]["state"].items():
+        assert torch.equal(value, ds[1]["state"][key]), key
+        torch.testing.assert_close(value, ddp["state"][key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    moved = max(float((ds[0]["continued"][k] - ds[0]["state"][k]).abs().max()) for k in ds[0]["state"])
+    assert moved > 1e-3
+    for key, value in ds[0]["continued"].items():
+        assert torch.equal(value, ds[0]["resumed"][key]), key
+
+
+def test_check_setup_under_deepspeed():
     import types
 
     from hf_gb.distributed import check_setup
 
-    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(
-        zero_stage=2, hf_ds_config=None)), num_processes=2)
-    with pytest.raises(NotImplementedError, match="GBPlugin does not support DeepSpeed .*GBTrainer"):
-        check_setup(accelerator, False, True, "GBPlugin")
-    assert check_setup(accelerator, False, True, "GBTrainer") == "deepspeed"
+    def accelerator(stage, config=None):
+        ds = types.SimpleNamespace(zero_stage=stage, hf_ds_config=types.SimpleNamespace(config=config or {}))
+        return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=ds), num_processes=2)
+
+    assert check_setup(accelerator(2), False, True, "GBPlugin") == "deepspeed"
+    assert check_setup(accelerator(1), False, True, "GBTrainer") == "deepspeed"
+    optimizer = {"optimizer": {"type": "AdamW"}}
+    assert check_setup(accelerator(2, optimizer), False, True, "GBPlugin") == "deepspeed"  # its own DummyOptim
+    with pytest.raises(NotImplementedError, match="'optimizer' section"):
+        check_setup(accelerator(2, optimizer), False, True, "GBTrainer")
+    with pytest.raises(NotImplementedError, match="GBPlugin does not support DeepSpeed ZeRO stage 3"):
+        check_setup(accelerator(3), False, True, "GBPlugin")
