@@ -50,7 +50,7 @@ def _eager_forward(A, B, w2, b2):
     n, R, h = A.shape
     out = torch.empty(n, R, B.shape[1], dtype=A.dtype, device=A.device)
     for ts, rs in _chunks(n, R, B.shape[1], h):
-        hidden = torch.relu(A[ts, rs, None, :] + B[ts, None, :, :])  # (t, r, C, h)
+        hidden = torch.relu_(A[ts, rs, None, :] + B[ts, None, :, :])  # (t, r, C, h), the one buffer of the chunk
         out[ts, rs] = torch.matmul(hidden, w2[ts, None, :, None]).squeeze(-1)
     return out if b2 is None else out.add_(b2[:, None, None])
 
@@ -61,12 +61,15 @@ def _eager_backward(A, B, w2, G):
     dB = torch.zeros_like(B)
     dw2 = torch.zeros_like(w2)
     for ts, rs in _chunks(n, R, B.shape[1], h):
-        pre = A[ts, rs, None, :] + B[ts, None, :, :]  # (t, r, C, h)
-        g = G[ts, rs, :, None]  # (t, r, C, 1)
-        dw2[ts] += (torch.relu(pre) * g).sum((1, 2))
-        gm = (pre > 0) * g  # (t, r, C, h): dL/d(hidden pre-activation) / w2
-        dA[ts, rs] = gm.sum(2) * w2[ts, None, :]
-        dB[ts] += gm.sum(1) * w2[ts, None, :]
+        # One (t, r, C, h) buffer, reused in place: pre-activation, then its mask, then the masked gradient
+        # m = G [A + B > 0] (dL/d(hidden pre-activation) / w2). dw2 needs no pass of its own: relu(p) = p [p > 0]
+        # with p = A[i] + B[j], so sum_ij relu(p) G = sum_i A[i] sum_j m + sum_j B[j] sum_i m (as the compiled path).
+        m = A[ts, rs, None, :] + B[ts, None, :, :]
+        m.gt_(0).mul_(G[ts, rs, :, None])
+        mA, mB = m.sum(2), m.sum(1)  # (t, r, h), (t, C, h)
+        dw2[ts] += (A[ts, rs] * mA).sum(1) + (B[ts] * mB).sum(1)
+        dA[ts, rs] = mA * w2[ts, None, :]
+        dB[ts] += mB * w2[ts, None, :]
     return dA, dB, dw2, G.sum((1, 2))
 
 
