@@ -21,8 +21,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Elements of the (tiles, rows, C, h) intermediate the eager path may hold at once (64 MiB of fp32).
-_EAGER_BUDGET = 1 << 24
+# Elements of the (tiles, rows, C, h) intermediate the eager path may hold at once: 1 MiB of fp32, so that each pass
+# over a chunk runs from cache (2.5x faster than 64 MiB chunks on the 2-core CPU for 128 x 128 tiles at h = 32).
+_EAGER_BUDGET = 1 << 18
 # Banks smaller than this many weights run eager under kernel="auto": compiling them costs more than it saves.
 AUTO_COMPILE_MIN_NUMEL = 1 << 18
 
