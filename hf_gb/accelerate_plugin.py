@@ -14,7 +14,9 @@ and every rank pushes the same gradient, so no g-net communication is needed aft
 (``fsdp_version=2``) the g-nets are replicated too, but each rank predicts and pushes only the tiles of its own rows
 and the g-net gradients are summed over ranks (`hf_gb.sharding`); prepare the model and optimizer with
 `GBPlugin.accelerator_prepare` instead of ``accelerator.prepare`` so that the g-nets stay out of Accelerate's
-FSDP2 parameter remapping.
+FSDP2 parameter remapping. Under DeepSpeed ZeRO stage 1 or 2 the same call builds the engine with the g-nets in its
+optimizer and pushes their gradients inside ``accelerator.backward``, just before DeepSpeed steps
+(`hf_gb.distributed.wrap_engine_step`); ``after_backward`` then only checks that it happened.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class GBPlugin:
         self._bottleneck: GenomicBottleneck | None = None
         self._phase = _IDLE
         self._steps = 0  # optimizer steps begun; seeds the weight noise of stochastic g-nets
-        self._kind = "single"  # "single", "ddp" or "fsdp2" (hf_gb.distributed.check_setup), set by prepare
+        self._kind = "single"  # "single", "ddp", "fsdp2" or "deepspeed" (distributed.check_setup), set by prepare
 
     # ----------------------------------------------------------------- attaching
     @property
@@ -159,16 +161,28 @@ class GBPlugin:
         return model, gb
 
     def accelerator_prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *others: Any) -> tuple:
-        """``accelerator.prepare(model, optimizer, *others)`` that also works under FSDP2; returns what it returns.
+        """``accelerator.prepare(model, optimizer, *others)`` that also works under FSDP2 and DeepSpeed; returns what
+        it returns.
 
         FSDP2's prepare maps every optimizer parameter to a model parameter and the g-nets are none, so they are
         taken out of ``optimizer`` for the call and put back after, and the bottleneck is bound to the sharded
-        weights (each rank then predicts only its own rows). Under one process or DDP it is ``accelerator.prepare``.
+        weights (each rank then predicts only its own rows). DeepSpeed (ZeRO 1/2) maps them to named model
+        parameters, so they join the model for the call and leave it after, and the engine's step is wrapped to
+        push the g-net gradients first. Under one process or DDP it is ``accelerator.prepare``.
         """
         from . import distributed
         from .sharding import rebind
 
         accelerator, gb = self._accelerator, self.bottleneck
+        if self._kind == "deepspeed":
+            inner = accelerator.unwrap_model(model)
+            distributed.join_model(inner, gb)
+            try:
+                prepared = accelerator.prepare(model, optimizer, *others)
+            finally:
+                distributed.leave_model(inner)
+            distributed.wrap_engine_step(accelerator.deepspeed_engine_wrapped.engine, gb)
+            return prepared
         if self._kind != "fsdp2":
             return accelerator.prepare(model, optimizer, *others)
         taken = distributed.detach_params(optimizer, gb.parameters())
@@ -221,7 +235,14 @@ class GBPlugin:
                 "start of every micro-batch"
             )
         if self._accelerator.sync_gradients:
-            gb.push_gradients()
+            if self._kind != "deepspeed":
+                gb.push_gradients()
+            elif gb._predicted:  # DeepSpeed's step inside accelerator.backward() pushes (accelerator_prepare)
+                raise RuntimeError(
+                    "Under DeepSpeed the g-net gradients are pushed inside accelerator.backward(), by the engine "
+                    "that plugin.accelerator_prepare(model, optimizer) builds; prepare with it instead of "
+                    "accelerator.prepare"
+                )
             self._phase = _IDLE
         else:
             self._phase = _ACCUMULATING

@@ -12,6 +12,7 @@ rows of a weight predicts just the tiles that intersect them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -91,6 +92,14 @@ class GNetBank(nn.Module):
         """Unfused differentiable twin of `evaluate`, for tests."""
         raise NotImplementedError
 
+    def evaluate_centered(self, tables: Tables) -> torch.Tensor:
+        """`evaluate`, double-centred (`hf_gb.kernels.center_tiles`); a family may fuse the two."""
+        return center_tiles_(self.evaluate(tables))
+
+    def evaluate_backward_centered(self, tables: Tables, grad: torch.Tensor) -> Tables:
+        """`evaluate_backward` of `evaluate_centered` (``grad`` may be modified in place); a family may fuse it."""
+        return self.evaluate_backward(tables, center_tiles_(grad))  # the centring's backward is itself
+
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
         """Stored values per tile of ``geometry`` (what compression ratios and tile choice count)."""
@@ -101,6 +110,19 @@ class GNetBank(nn.Module):
         """Stored values per bank of ``geometry``, shared by all its tiles, whatever their number (0: a family
         whose g-nets are all per tile). A bank of ``n`` tiles stores ``n * params_per_tile + bank_params``."""
         return 0
+
+    def table_backward(
+        self, index: torch.Tensor | None, table_grads: Tables
+    ) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
+        """Optional: ``(parameter, gradient)`` pairs from the gradients of ``tables(index)``, in closed form (the
+        gradient of a parameter may cover only tiles ``index``: rows ``index`` of it, zeros elsewhere). The default,
+        None, differentiates `tables` by autograd instead. A family that overrides it returns the pairs on every
+        call: `predict` then builds its tables without a graph."""
+        return None
+
+    @property
+    def _closed_form(self) -> bool:
+        return type(self).table_backward is not GNetBank.table_backward
 
     # ----------------------------------------------------------------- shared by every family
     @classmethod
@@ -152,11 +174,11 @@ class GNetBank(nn.Module):
         """
         if noise_seed is not None and self.log_sigma is None:
             raise ValueError("noise_seed given to a bank without learned noise (GBConfig.stochastic=False)")
-        tables = self.tables(index)
+        with torch.no_grad() if self._closed_form else contextlib.nullcontext():
+            tables = self.tables(index)
         with torch.no_grad():
-            out = self.evaluate(tuple(t.detach() for t in tables))
-            if self.center:
-                center_tiles_(out)
+            detached = tuple(t.detach() for t in tables)
+            out = self.evaluate_centered(detached) if self.center else self.evaluate(detached)
             if noise_seed is not None:
                 out += self.sigma(index)[:, None, None] * self.noise(noise_seed, index)
         self._saved = (tables, index, noise_seed) if keep_graph else None
@@ -176,16 +198,29 @@ class GNetBank(nn.Module):
         if noise_seed is not None:  # the noise is added after centring: it sees the raw gradient
             tensors.append(self.sigma(index))
             grads.append((grad * self.noise(noise_seed, index)).sum((1, 2)))
-        if self.center:
-            center_tiles_(grad)  # the centring is a symmetric projection: its backward is itself
         with torch.no_grad():
-            table_grads = self.evaluate_backward(tuple(t.detach() for t in tables), grad)
-        for tensor, g in zip(tables, table_grads):
-            if tensor.requires_grad:
-                tensors.append(tensor)
-                grads.append(g)
+            detached = tuple(t.detach() for t in tables)
+            if self.center:
+                table_grads = self.evaluate_backward_centered(detached, grad)
+            else:
+                table_grads = self.evaluate_backward(detached, grad)
+            closed = self.table_backward(index, table_grads)
+        if closed is None:
+            if self._closed_form:
+                raise RuntimeError(f"{type(self).__name__}.table_backward returned None; it must return the pairs")
+            for tensor, g in zip(tables, table_grads):
+                if tensor.requires_grad:
+                    tensors.append(tensor)
+                    grads.append(g)
+        # Accumulated by hand rather than by backward(): no gradient hook of an engine fires on the g-nets here
+        # (DeepSpeed's would queue them for a reduction of its next backward; see hf_gb.distributed).
+        pairs = list(closed or [])
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            params = [p for p in self.parameters() if p.requires_grad]
+            pairs += zip(params, torch.autograd.grad(tensors, params, grads, allow_unused=True))
+        for param, g in pairs:
+            if g is not None and param.requires_grad:
+                param.grad = g if param.grad is None else param.grad.add_(g)
 
     def __getstate__(self):
         # What predict kept for push holds an autograd graph, which neither copies nor pickles; a copy starts clean.
@@ -232,6 +267,26 @@ class GNetBank(nn.Module):
         # kernels to one compilation (their guards include strides).
         return A.contiguous(), B.contiguous()
 
+    def _separable_backward(
+        self, index: torch.Tensor | None, dA: torch.Tensor, dB: torch.Tensor
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Closed-form gradients of `_separable_tables`' parameters from ``dA`` (n, rows, h), ``dB`` (n, cols*K, h).
+
+        Shared code weights get the sum over the tiles (the backward of their expansion to every tile)."""
+        g = self.geometry
+        b1 = (self.b1, _scatter(self.b1, index, dA.sum(1)))
+        if self._shared_codes:  # sum the tiles first: the einsums then run once, not once per tile
+            dA, dB = dA.sum(0, keepdim=True), dB.sum(0, keepdim=True)
+        pairs = [(self.w_row, torch.einsum("rb,nrh->nbh", self.row_codes, dA))]
+        if self.w_ker is not None:
+            dB = dB.reshape(dB.shape[0], g.cols, g.kernel, dB.shape[2])
+            pairs.append((self.w_ker, dB.sum(1)))
+            dB = dB.sum(2)
+        pairs.append((self.w_col, torch.einsum("cb,nch->nbh", self.col_codes, dB)))
+        if not self._shared_codes:
+            pairs = [(p, _scatter(p, index, grad)) for p, grad in pairs]
+        return [pairs[0], b1, *pairs[1:]]
+
     def forward(self, index: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """Differentiable noise-free prediction of tiles ``index`` (fused kernels, or the unfused reference)."""
         tables = self.tables(index)
@@ -277,6 +332,11 @@ class GNetBank(nn.Module):
 
 def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return t if index is None else t[index]
+
+
+def _scatter(param: torch.Tensor, index: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``param`` whose tiles ``index`` got ``grad`` (the inverse of `_pick`)."""
+    return grad if index is None else torch.zeros_like(param).index_add_(0, index, grad)
 
 
 def _randn(generator: torch.Generator, *shape: int, std: float) -> nn.Parameter:
@@ -339,15 +399,34 @@ class MLPBank(GNetBank):
         tables = (*self._separable_tables(index), _pick(self.w2, index) * scale[:, None])
         return tables if self.b2 is None else (*tables, _pick(self.b2, index) * scale)
 
+    def table_backward(
+        self, index: torch.Tensor | None, table_grads: Tables
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        # Closed form instead of autograd through `tables`: the same sums, without a graph to build and walk.
+        dA, dB, dw2 = table_grads[:3]
+        scale = _pick(self.scale, index)
+        pairs = [*self._separable_backward(index, dA, dB), (self.w2, _scatter(self.w2, index, dw2 * scale[:, None]))]
+        if self.b2 is not None:
+            pairs.append((self.b2, _scatter(self.b2, index, table_grads[3] * scale)))
+        return pairs
+
     def evaluate(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]
         b2 = tables[3] if len(tables) > 3 else None
         return fused_forward(A, B, w2, b2, compiled=self.compiled())
 
+    def evaluate_centered(self, tables: Tables) -> torch.Tensor:
+        A, B, w2 = tables[:3]  # centred banks have no b2
+        return fused_forward(A, B, w2, compiled=self.compiled(), center=True)
+
     def evaluate_backward(self, tables: Tables, grad: torch.Tensor) -> Tables:
         A, B, w2 = tables[:3]
         dA, dB, dw2, db2 = fused_backward(A, B, w2, grad, compiled=self.compiled(), bias=len(tables) > 3)
         return (dA, dB, dw2) if len(tables) == 3 else (dA, dB, dw2, db2)
+
+    def evaluate_backward_centered(self, tables: Tables, grad: torch.Tensor) -> Tables:
+        A, B, w2 = tables[:3]
+        return fused_backward(A, B, w2, grad, compiled=self.compiled(), bias=False, center=True)[:3]
 
     def reference(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]

@@ -234,7 +234,7 @@ class GenomicBottleneck(nn.Module):
                     untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
         self._predicted = keep_graph
 
-    def push_gradients(self) -> bool:
+    def push_gradients(self, average_replicas: bool = False) -> bool:
         """Chain rule from the covered weights' accumulated ``.grad`` into the g-net parameters' ``.grad``.
 
         Adds to the g-net gradients (call ``zero_grad()`` after each optimizer step) and sets the covered
@@ -242,6 +242,11 @@ class GenomicBottleneck(nn.Module):
         prediction. With ``config.skip_nonfinite`` (default), a step whose gradients are not finite is skipped:
         the g-net and uncompressed gradients are set to None (so optimizers leave those tensors alone) and a
         warning is logged. Returns whether the gradients were kept.
+
+        ``average_replicas``: the covered weights' gradients are this process's own (an engine that does not
+        average them, e.g. DeepSpeed, which reduces only its optimizer's parameters): the g-net gradients are
+        averaged over the processes after the push, which equals pushing the averaged weight gradients (the push
+        is linear in them) at a fraction of the communication.
         """
         if not self._predicted:
             raise RuntimeError("push_gradients() called without a preceding predict_weights() for this step")
@@ -275,6 +280,14 @@ class GenomicBottleneck(nn.Module):
             from .sharding import all_reduce_gradients
 
             all_reduce_gradients(self.parameters(), self._shard_group)  # before the finiteness check: all agree
+        elif average_replicas and torch.distributed.is_available() and torch.distributed.is_initialized():
+            from .sharding import all_reduce_gradients
+
+            all_reduce_gradients(self.parameters())
+            world = torch.distributed.get_world_size()
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.div_(world)
         if self.config.skip_nonfinite and not self._gradients_finite():
             logger.warning(
                 "Skipping the g-net update of this step: its gradients are not finite (NaN or Inf; "
@@ -296,7 +309,7 @@ class GenomicBottleneck(nn.Module):
     # ----------------------------------------------------------------- bookkeeping
     def uncompressed_parameters(self) -> list[nn.Parameter]:
         """Model parameters an optimizer must still train: everything not covered that requires grad."""
-        covered = {id(t.param) for t in self.covered}
+        covered = {id(t.param) for t in self.covered} | {id(p) for p in self.parameters()}  # ours may join it
         seen, out = set(), []
         for p in self._model.parameters():
             if id(p) not in covered and id(p) not in seen and p.requires_grad:

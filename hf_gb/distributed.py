@@ -7,16 +7,19 @@ predicts the same weights, DDP averages the weight gradients, and every rank pus
 step (`GenomicBottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
 
 Under FSDP2 (``fsdp_version=2``) the g-nets are replicated the same way, but each rank predicts only the tiles of its
-own rows (`hf_gb.sharding`). `check_setup` refuses, at start and with the reason and what works instead, the setups
-that would train wrong: FSDP1 (one ``FlatParameter`` per unit: no rows to predict) and DeepSpeed. The rest of this
-module is the glue FSDP2 needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved
-rank by rank.
+own rows (`hf_gb.sharding`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer` only, `hf_gb.trainer_deepspeed`) the
+parameters stay replicated as under DDP and the g-net gradients are handed to DeepSpeed's optimizer before its step.
+`check_setup` refuses, at start and with the reason and what works instead, the setups that would train wrong:
+FSDP1 (one ``FlatParameter`` per unit: no rows to predict), ZeRO stage 3 (flat partitions: no rows either), ZeRO
+stage 0, a DeepSpeed ``optimizer`` section, and DeepSpeed under `GBPlugin`. The rest of this module is the glue FSDP2
+needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved rank by rank.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -81,14 +84,34 @@ def requested(args: Any) -> tuple[bool, bool]:
     return fsdp, deepspeed
 
 
-def _refuse_deepspeed(who: str, stage: Any) -> None:
-    raise NotImplementedError(
-        f"{who} does not support DeepSpeed (ZeRO stage {stage if stage is not None else 'from the config'}): its "
-        "engine reduces and steps only the gradients it bucketed during the loss backward, while the g-net "
-        "gradients come later from the weight gradients (push), and under ZeRO-3 the parameters are flat "
-        "partitions (ds_tensor) with no rows to predict. Train with DDP (accelerate launch --multi_gpu / torchrun) "
-        "or, for models that need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows."
-    )
+DEEPSPEED_STAGES = (1, 2)  # ZeRO stages that keep parameters replicated (see hf_gb.trainer_deepspeed)
+
+
+def _refuse_deepspeed(who: str, stage: Any, optimizer_section: bool = False) -> None:
+    """Raise for the DeepSpeed setups ``who`` cannot train; return for ZeRO stage 1 or 2.
+
+    ``optimizer_section``: the config has an ``optimizer`` section that Trainer would build over every model
+    parameter (a `GBPlugin` loop builds its ``DummyOptim`` itself, over ``plugin.trainable_parameters()``).
+    """
+    instead = ("Train with ZeRO stage 1 or 2, DDP (accelerate launch --multi_gpu / torchrun) or, for models that "
+               "need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows.")
+    if optimizer_section:
+        raise NotImplementedError(
+            "GBTrainer does not support a DeepSpeed config with an 'optimizer' section: DeepSpeed would build it over "
+            "every model parameter, covered weights included, which the g-nets overwrite. Remove the section; "
+            "Trainer then builds the optimizer (optim, learning_rate, gb_learning_rate) over the g-nets and the "
+            "uncompressed tensors and hands it to DeepSpeed."
+        )
+    if stage == 3:
+        raise NotImplementedError(
+            f"{who} does not support DeepSpeed ZeRO stage 3: its parameters are flat partitions (ds_tensor) with "
+            "no rows to predict, so every rank would need whole weights. " + instead
+        )
+    if stage is not None and int(stage) not in DEEPSPEED_STAGES:
+        raise NotImplementedError(
+            f"{who} does not support DeepSpeed ZeRO stage {stage}: stage 0 is plain data parallelism, which DDP "
+            "does without DeepSpeed. " + instead
+        )
 
 
 def _refuse_fsdp1(who: str, version: Any) -> None:
@@ -99,19 +122,24 @@ def _refuse_fsdp1(who: str, version: Any) -> None:
     )
 
 
-def _zero_stage(args: Any) -> Any:
-    """The ZeRO stage Trainer arguments configure (None when it cannot be read without DeepSpeed)."""
+def _deepspeed_config(args: Any) -> dict:
+    """The DeepSpeed config Trainer arguments carry ({} when it cannot be read without DeepSpeed)."""
     config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
     if config is None and isinstance(getattr(args, "deepspeed", None), dict):
         config = args.deepspeed
-    return (config or {}).get("zero_optimization", {}).get("stage")
+    return config or {}
+
+
+def _zero_stage(args: Any) -> Any:
+    """The ZeRO stage Trainer arguments configure (None when it cannot be read without DeepSpeed)."""
+    return _deepspeed_config(args).get("zero_optimization", {}).get("stage")
 
 
 def check_arguments(args: Any, who: str) -> None:
     """Refuse, before anything is built, what Trainer arguments ask for and `check_setup` would refuse."""
     fsdp, deepspeed = requested(args)
     if deepspeed:
-        _refuse_deepspeed(who, _zero_stage(args))
+        _refuse_deepspeed(who, _zero_stage(args), "optimizer" in _deepspeed_config(args))
     config = getattr(args, "fsdp_config", None) or {}
     version = config.get("version", config.get("fsdp_version", 2)) if isinstance(config, dict) else 2
     if fsdp and int(version) != 2:
@@ -119,12 +147,17 @@ def check_arguments(args: Any, who: str) -> None:
 
 
 def check_setup(accelerator: Any, fsdp_requested: bool, deepspeed_requested: bool, who: str) -> str:
-    """The kind of run the bottleneck sees (``"single"``, ``"ddp"`` or ``"fsdp2"``); raises for the setups that
-    would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
+    """The kind of run the bottleneck sees (``"single"``, ``"ddp"``, ``"fsdp2"`` or ``"deepspeed"``); raises for
+    the setups that would train wrong and warns when FSDP was asked for but Accelerate did not engage it."""
     state = accelerator.state
     ds_plugin = getattr(state, "deepspeed_plugin", None)
     if ds_plugin is not None or deepspeed_requested:
-        _refuse_deepspeed(who, getattr(ds_plugin, "zero_stage", None))
+        config = getattr(getattr(ds_plugin, "hf_ds_config", None), "config", None) or {}
+        stage = getattr(ds_plugin, "zero_stage", None)
+        _refuse_deepspeed(who, stage, "optimizer" in config and who == "GBTrainer")
+        if ds_plugin is None:  # asked for, but Accelerate did not engage it
+            raise RuntimeError(f"{who}: DeepSpeed was requested but Accelerate did not enable it")
+        return "deepspeed"
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
     if fsdp_plugin is not None:
         version = getattr(fsdp_plugin, "fsdp_version", 1)
@@ -232,3 +265,64 @@ def reattach_params(optimizer: torch.optim.Optimizer, taken: list) -> None:
             group["params"] = [*mine, *group["params"]]
         else:
             optimizer.param_groups.insert(i, {**options, "params": list(mine)})
+
+
+# ----------------------------------------------------------------------------- DeepSpeed ZeRO 1/2
+GNET_MODULE = "hf_gb"  # the g-nets' name inside the model while DeepSpeed builds its engine
+
+
+def join_model(model: nn.Module, gb: GenomicBottleneck) -> None:
+    """Make the g-nets the submodule ``hf_gb`` of ``model`` for the ``accelerator.prepare`` that builds a DeepSpeed
+    engine: DeepSpeed maps every optimizer parameter to a named parameter of the model it wraps, and `leave_model`
+    right after keeps them out of the model's ``state_dict``."""
+    if GNET_MODULE not in model._modules:
+        model.add_module(GNET_MODULE, gb)
+
+
+def leave_model(model: nn.Module) -> None:
+    if GNET_MODULE in model._modules:
+        del model._modules[GNET_MODULE]
+
+
+def wrap_engine_step(engine: Any, gb: GenomicBottleneck) -> None:
+    """Push the g-net gradients into ``engine`` just before each of its optimizer steps.
+
+    Accelerate's ``backward`` runs DeepSpeed's ``engine.backward`` and then ``engine.step()``, and the g-net gradients
+    exist only once the weight gradients are complete, so ``step`` is wrapped on this one engine object: at a
+    gradient-accumulation boundary it first calls `push_into_deepspeed`. Raises ``RuntimeError`` when the engine's
+    optimizer does not hold the g-nets (ZeRO 1/2 link every parameter they optimize to a partition).
+    """
+    if getattr(engine, "_hf_gb_step", None) is not None:
+        return
+    unlinked = [n for n, p in gb.named_parameters() if not hasattr(p, "_hp_mapping")]
+    if unlinked:
+        raise RuntimeError(f"DeepSpeed's ZeRO optimizer does not hold the g-net parameter {unlinked[0]!r}; build the "
+                           "optimizer over the g-nets and the uncompressed parameters (ZeRO stages 1 and 2)")
+    step = engine.step
+
+    def step_with_push(self, *args, **kwargs):
+        if self.is_gradient_accumulation_boundary():
+            push_into_deepspeed(gb)
+        return step(*args, **kwargs)
+
+    engine._hf_gb_step = step
+    engine.step = types.MethodType(step_with_push, engine)
+
+
+def push_into_deepspeed(gb: GenomicBottleneck) -> None:
+    """This rank's weight gradients -> g-net gradients averaged over the ranks -> DeepSpeed's gradient partitions.
+
+    The covered weights are in no optimizer, so DeepSpeed leaves their ``.grad`` unreduced; averaging the g-net
+    gradients instead gives what DDP's averaged weight gradients would (the push is linear in them).
+    """
+    from deepspeed.utils import safe_set_full_grad
+
+    kept = gb.push_gradients(average_replicas=True)
+    for p in gb.parameters():
+        grad, p.grad = p.grad, None  # DeepSpeed writes .grad when one exists, its partitions otherwise
+        if grad is None:
+            grad = torch.zeros_like(p)  # a skipped step or an unused g-net
+        safe_set_full_grad(p, grad)
+    if not kept:
+        logger.warning("Under DeepSpeed the uncompressed tensors of the skipped step are still stepped by "
+                       "DeepSpeed's own rules (its fp16 loss scaler skips overflowing steps; bf16 and fp32 do not)")

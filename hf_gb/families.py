@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .bank import GNetBank, MLPBank, Tables, _pick, _randn, register_family
+from .bank import GNetBank, MLPBank, Tables, _pick, _randn, _scatter, register_family
 from .tiling import TileGeometry, num_bits
 
 if TYPE_CHECKING:
@@ -202,3 +202,17 @@ class SharedBank(MLPBank):
         gain = scale if self.gain is None else scale * _pick(self.gain, index)
         tables = (*self._separable_tables(index), self.w2 * gain[:, None])  # w2: (1, h) -> (n_sel, h)
         return tables if self.b2 is None else (*tables, _pick(self.b2, index) * scale)
+
+    def table_backward(
+        self, index: torch.Tensor | None, table_grads: Tables
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        # Closed form, as "mlp": shared weights sum over the tiles, per-tile ones land in rows `index`.
+        dA, dB, dw2 = table_grads[:3]
+        scale = _pick(self.scale, index)
+        gain = scale if self.gain is None else scale * _pick(self.gain, index)
+        pairs = [*self._separable_backward(index, dA, dB), (self.w2, (dw2 * gain[:, None]).sum(0, keepdim=True))]
+        if self.gain is not None:
+            pairs.append((self.gain, _scatter(self.gain, index, (dw2 * self.w2).sum(1) * scale)))
+        if self.b2 is not None:
+            pairs.append((self.b2, _scatter(self.b2, index, table_grads[3] * scale)))
+        return pairs

@@ -46,6 +46,7 @@ from .files import (
     remove_stale_staging,
 )
 from .settings import add_config_fields, config_from, settings
+from .trainer_deepspeed import DeepSpeedTrainerMixin
 from .trainer_fsdp import FSDP2TrainerMixin
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class _BottleneckCallback(TrainerCallback):
             logger.warning("%s; the main process's g-nets are the ones saved", e)
 
 
-class GBTrainer(FSDP2TrainerMixin, Trainer):
+class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
     """`transformers.Trainer` that trains the g-nets of a genomic bottleneck instead of the model's weights.
 
     Takes every ``Trainer`` argument plus ``gb_config`` (default: ``args.to_gb_config()`` for
@@ -152,7 +153,9 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
     ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
     format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
     weights; under FSDP2 (``fsdp_version=2``) every rank keeps the same g-nets and predicts only the tiles of its own
-    rows (`hf_gb.sharding`). FSDP1 and DeepSpeed are refused at start (`hf_gb.distributed.check_setup`).
+    rows (`hf_gb.sharding`); under DeepSpeed ZeRO stage 1 or 2 as under DDP, with the g-net gradients handed to
+    DeepSpeed's optimizer (`hf_gb.trainer_deepspeed`). FSDP1 and ZeRO stage 3 are refused at start
+    (`hf_gb.distributed.check_setup`).
 
     Example::
 
@@ -202,6 +205,7 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
         if self.optimizer is not None:
             self._check_optimizer(self.optimizer)
             self._detach_for_fsdp2()
+            self._join_model_for_deepspeed()
         # First in line, so that every other callback's on_optimizer_step / on_step_end sees the new weights.
         self.callback_handler.callbacks.insert(0, _BottleneckCallback(self))
         logger.info("Genomic bottleneck:\n%s", self.gb.summary(per_tensor=False))
@@ -273,7 +277,9 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:  # last micro-batch: W.grad is complete (and all-reduced under DDP)
+        # Last micro-batch: W.grad is complete (and all-reduced under DDP). DeepSpeed stepped inside backward;
+        # its engine pushed just before (`hf_gb.trainer_deepspeed`).
+        if self.accelerator.sync_gradients and not self._deepspeed:
             self.gb.push_gradients()
         return loss
 
@@ -321,6 +327,7 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
             )
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         self._detach_for_fsdp2()
+        self._join_model_for_deepspeed()
         return self.optimizer
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -351,7 +358,7 @@ class GBTrainer(FSDP2TrainerMixin, Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        if state_dict is not None:
+        if state_dict is not None and not self._deepspeed:  # under DeepSpeed, Trainer's save_model always passes one
             logger.warning("GBTrainer saves the g-nets and uncompressed tensors; ignoring the given state_dict")
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving compressed checkpoint to %s", output_dir)

@@ -5,7 +5,7 @@ import torch
 
 from hf_gb import GBConfig, kernels
 from hf_gb.bank import MLPBank
-from hf_gb.kernels import fused_backward, fused_forward, reference_forward, use_compiled
+from hf_gb.kernels import center_tiles, fused_backward, fused_forward, reference_forward, use_compiled
 from hf_gb.tiling import TileGeometry
 
 # (tiles, rows, cols, hidden): single positions, thin tiles, and one shape large enough to need chunking.
@@ -79,6 +79,14 @@ def test_compiled_matches_eager():
     got = fused_backward(A, B, w2, G, compiled=True)
     for g, want in zip(got, ref_grads):
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+    # The double centring fused into both (what centred banks, the default, run).
+    leaves = [t.detach().requires_grad_() for t in (A, B, w2)]
+    want = center_tiles(reference_forward(*leaves))
+    want_grads = torch.autograd.grad(want, leaves, G)
+    torch.testing.assert_close(fused_forward(A, B, w2, compiled=True, center=True), want, rtol=1e-4, atol=1e-4)
+    got = fused_backward(A, B, w2, G.clone(), compiled=True, bias=False, center=True)
+    for g, w in zip(got[:3], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert not kernels._compile_failed
 
 

@@ -1,0 +1,52 @@
+"""GBPlugin in a custom Accelerate loop under DeepSpeed ZeRO-2 or DDP, 2 CPU processes (``torchrun``).
+
+DeepSpeed runs on CPU with ``DS_ACCELERATOR=cpu``; the gloo backend is passed explicitly. Every rank starts from its
+own random model on purpose (DeepSpeed and DDP broadcast rank 0's parameters, the plugin its g-nets). Plain SGD, so
+the two modes must give the same state step by step (see ds_trainer.py). Writes ``OUT/rank<r>.pt``.
+"""
+
+import os
+import sys
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import InitProcessGroupKwargs
+from accelerate_ddp import GLOBAL_BATCH, GRAD_ACCUM, STEPS, make_model, make_plugin, snapshot, train
+from leave import leave_together
+
+
+def main(out_dir: str, mode: str) -> None:
+    gloo = [InitProcessGroupKwargs(backend="gloo")]
+    if mode == "zero2":
+        config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2,
+                  "gradient_accumulation_steps": GRAD_ACCUM, "train_batch_size": GLOBAL_BATCH * GRAD_ACCUM,
+                  "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=gloo,
+                                  gradient_accumulation_steps=GRAD_ACCUM)
+    else:
+        accelerator = Accelerator(cpu=True, kwargs_handlers=gloo, gradient_accumulation_steps=GRAD_ACCUM)
+    assert accelerator.num_processes == 2, accelerator.num_processes
+    rank = accelerator.process_index
+    plugin = make_plugin()
+    model, _ = plugin.prepare(accelerator, make_model(100 + rank))
+    optimizer = torch.optim.SGD(plugin.trainable_parameters(), lr=0.1)
+    model, optimizer = plugin.accelerator_prepare(model, optimizer)
+    losses = train(accelerator, plugin, model, optimizer, STEPS)
+    state = snapshot(accelerator, plugin, model)
+    plugin.save_pretrained(os.path.join(out_dir, "ckpt"))
+    # save_state, two more steps; load_state, the same two steps again: the same end state.
+    accelerator.save_state(os.path.join(out_dir, "state"))
+    train(accelerator, plugin, model, optimizer, 2, start=STEPS)
+    continued = snapshot(accelerator, plugin, model)
+    accelerator.load_state(os.path.join(out_dir, "state"))
+    train(accelerator, plugin, model, optimizer, 2, start=STEPS)
+    resumed = snapshot(accelerator, plugin, model)
+    torch.save({"losses": losses, "state": state, "wrapped": type(model).__name__, "continued": continued,
+                "resumed": resumed, "keys": [k for k in accelerator.unwrap_model(model).state_dict()
+                                             if k.startswith("hf_gb")]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    leave_together()
