@@ -102,7 +102,7 @@ def flops_per_weight(config: GBConfig) -> float:
     second layer (2 h1 h2 + 2 h2) and the output (2 h2); its backward recomputes the forward in chunks.
     """
     h = config.hidden_dim
-    if config.family == "mlp":
+    if config.family in ("mlp", "shared"):  # shared: the same kernels over tables expanded from one g-net per bank
         return 3 * h * 3
     if config.family == "deep":
         h2 = config.second_hidden_dim
@@ -111,7 +111,11 @@ def flops_per_weight(config: GBConfig) -> float:
 
 
 def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int) -> list[dict]:
-    """ms per million weights of predict+push for each g-net family at its `GBConfig`, with flop estimates."""
+    """ms per million weights of predict+push for each g-net family at its `GBConfig`, with flop estimates.
+
+    The row header says "at compression 20": mlp and deep get ``compression=20``; shared gets the tile and width of
+    the LM benchmark instead (about 20x), because ``compression`` alone makes it pick the smallest tiles that reach
+    the ratio (2 x 384 at h = 32), the opposite of what the family is for."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(side, side, bias=False) for _ in range(layers)])
     numel = layers * side * side
@@ -262,7 +266,9 @@ def main() -> None:
         print("predict + push per g-net family at compression 20, ms per million weights (median)", flush=True)
         side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 7)
         configs = [GBConfig(family="mlp", hidden_dim=32, compression=20),
-                   GBConfig(family="deep", hidden_dim=16, second_hidden_dim=8, compression=20)]
+                   GBConfig(family="deep", hidden_dim=16, second_hidden_dim=8, compression=20),
+                   # "shared" as the LM benchmark runs it: 128 x 128 tiles, h sized for ~20x (quality_lm.py)
+                   GBConfig(family="shared", hidden_dim=510, tile_size=128)]
         results["families"] = bench_families(configs, side, layers, repeats)
     if not args.skip_step:
         warmup, steps = (1, 2) if args.quick else (3, 7)
