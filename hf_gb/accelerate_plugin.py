@@ -1,4 +1,4 @@
-"""`GBPlugin`: the genomic bottleneck in a custom Accelerate training loop (one process, DDP or FSDP2).
+"""`GBPlugin`: the genomic bottleneck in a custom Accelerate loop (one process, DDP, FSDP2 or DeepSpeed ZeRO-1/2).
 
 Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
 explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
