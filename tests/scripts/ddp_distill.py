@@ -9,20 +9,12 @@ import os
 import sys
 
 import torch
+from checksums import Checksums
 from datasets import Dataset
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gb.distill import GBDistillationArguments, GBDistillationTrainer
-
-
-class Checksums(TrainerCallback):
-    def __init__(self):
-        self.trainer, self.steps = None, []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        with torch.no_grad():
-            self.steps.append([float(p.double().sum()) for p in self.trainer.gb.parameters()])
 
 
 def main(output_dir: str, report_dir: str) -> None:

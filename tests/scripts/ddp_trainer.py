@@ -10,29 +10,12 @@ import os
 import sys
 
 import torch
+from checksums import Checksums
 from datasets import Dataset
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gb import GBTrainer, GBTrainingArguments, GenomicBottleneck
-
-
-class Checksums(TrainerCallback):
-    def __init__(self):
-        self.trainer = None
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        gb = self.trainer.gb
-        with torch.no_grad():
-            self.steps.append(
-                {
-                    "step": state.global_step,
-                    "gnet": [float(p.double().sum()) for p in gb.parameters()],
-                    "weights": [float(t.param.double().sum()) for t in gb.covered],
-                    "uncompressed": [float(p.double().sum()) for p in gb.uncompressed_parameters()],
-                }
-            )
 
 
 def main(output_dir: str, report_dir: str) -> None:
@@ -54,7 +37,7 @@ def main(output_dir: str, report_dir: str) -> None:
         return original(self, *a, **k)
 
     GenomicBottleneck.save_pretrained = counting_save
-    checksums = Checksums()
+    checksums = Checksums("weights", "uncompressed")
     trainer = GBTrainer(model=model, args=args, train_dataset=data, callbacks=[checksums])
     checksums.trainer = trainer
     trainer.train()

@@ -15,25 +15,14 @@ import sys
 
 import torch
 from accelerate import PartialState
+from checksums import Checksums
 from datasets import Dataset
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gb import GBTrainer, GBTrainingArguments
 
 IDS = torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(5))
-
-
-class Checksums(TrainerCallback):
-    def __init__(self):
-        self.trainer = None
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        gb = self.trainer.gb
-        with torch.no_grad():
-            self.steps.append({"step": state.global_step, "gnet": [float(p.double().sum()) for p in gb.parameters()],
-                               "uncompressed": [float(p.double().sum()) for p in gb.uncompressed_parameters()]})
 
 
 def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: str) -> None:
@@ -58,7 +47,7 @@ def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: st
                                max_grad_norm=1.0, deepspeed=deepspeed,
                                accelerator_config={"use_configured_state": mode == "ddp"},
                                gb_hidden_dim=4, gb_tile_size=[16], gb_exclude_modules=["embed_tokens"])
-    checksums = Checksums()
+    checksums = Checksums("uncompressed")
     trainer = GBTrainer(model=model, args=args, train_dataset=data, callbacks=[checksums])
     checksums.trainer = trainer
     trainer.train(resume_from_checkpoint=resume or None)

@@ -13,26 +13,16 @@ import os
 import sys
 
 import torch
+from checksums import Checksums
 from datasets import Dataset
 from force_fsdp import force_fsdp2
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gb import GBTrainer, GBTrainingArguments
 from hf_gb.sharding import is_dtensor
 
 IDS = torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(5))
-
-
-class Checksums(TrainerCallback):
-    def __init__(self):
-        self.trainer = None
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        gb = self.trainer.gb
-        with torch.no_grad():
-            self.steps.append({"step": state.global_step, "gnet": [float(p.double().sum()) for p in gb.parameters()]})
 
 
 def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: str = "fsdp") -> None:
