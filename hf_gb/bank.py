@@ -96,10 +96,6 @@ class GNetBank(nn.Module):
         """`evaluate`, double-centred (`hf_gb.kernels.center_tiles`); a family may fuse the two."""
         return center_tiles_(self.evaluate(tables))
 
-    def evaluate_backward_centered(self, tables: Tables, grad: torch.Tensor) -> Tables:
-        """`evaluate_backward` of `evaluate_centered` (``grad`` may be modified in place); a family may fuse it."""
-        return self.evaluate_backward(tables, center_tiles_(grad))  # the centring's backward is itself
-
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
         """Stored values per tile of ``geometry`` (what compression ratios and tile choice count)."""
@@ -199,11 +195,9 @@ class GNetBank(nn.Module):
             tensors.append(self.sigma(index))
             grads.append((grad * self.noise(noise_seed, index)).sum((1, 2)))
         with torch.no_grad():
-            detached = tuple(t.detach() for t in tables)
             if self.center:
-                table_grads = self.evaluate_backward_centered(detached, grad)
-            else:
-                table_grads = self.evaluate_backward(detached, grad)
+                center_tiles_(grad)  # the centring is a symmetric projection: its backward is itself
+            table_grads = self.evaluate_backward(tuple(t.detach() for t in tables), grad)
             closed = self.table_backward(index, table_grads)
         if closed is None:
             if self._closed_form:
@@ -423,10 +417,6 @@ class MLPBank(GNetBank):
         A, B, w2 = tables[:3]
         dA, dB, dw2, db2 = fused_backward(A, B, w2, grad, compiled=self.compiled(), bias=len(tables) > 3)
         return (dA, dB, dw2) if len(tables) == 3 else (dA, dB, dw2, db2)
-
-    def evaluate_backward_centered(self, tables: Tables, grad: torch.Tensor) -> Tables:
-        A, B, w2 = tables[:3]
-        return fused_backward(A, B, w2, grad, compiled=self.compiled(), bias=False, center=True)[:3]
 
     def reference(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]

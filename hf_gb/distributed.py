@@ -7,12 +7,13 @@ predicts the same weights, DDP averages the weight gradients, and every rank pus
 step (`GenomicBottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
 
 Under FSDP2 (``fsdp_version=2``) the g-nets are replicated the same way, but each rank predicts only the tiles of its
-own rows (`hf_gb.sharding`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer` only, `hf_gb.trainer_deepspeed`) the
-parameters stay replicated as under DDP and the g-net gradients are handed to DeepSpeed's optimizer before its step.
-`check_setup` refuses, at start and with the reason and what works instead, the setups that would train wrong:
-FSDP1 (one ``FlatParameter`` per unit: no rows to predict), ZeRO stage 3 (flat partitions: no rows either), ZeRO
-stage 0, a DeepSpeed ``optimizer`` section, and DeepSpeed under `GBPlugin`. The rest of this module is the glue FSDP2
-needs around Accelerate: the optimizer around its ``prepare`` and optimizer state saved rank by rank.
+own rows (`hf_gb.sharding`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer`, `hf_gb.trainer_deepspeed`, and
+`GBPlugin.accelerator_prepare`) the parameters stay replicated as under DDP and the g-net gradients are handed to
+DeepSpeed's optimizer just before its step (the DeepSpeed glue at the end of this module). `check_setup` refuses, at
+start and with the reason and what works instead, the setups that would train wrong: FSDP1 (one ``FlatParameter``
+per unit: no rows to predict), ZeRO stage 3 (flat partitions: no rows either), ZeRO stage 0, and under `GBTrainer`
+a DeepSpeed ``optimizer`` section. The rest is the glue FSDP2 needs around Accelerate: the optimizer around its
+``prepare`` and optimizer state saved rank by rank.
 """
 
 from __future__ import annotations

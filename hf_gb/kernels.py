@@ -98,7 +98,6 @@ def _fused_forward_centered(A, Bt, w2):
     return center_tiles(_fused_forward(A, Bt, w2))
 
 
-
 _compiled: dict[str, Callable] = {}
 _compile_failed = False
 
@@ -145,11 +144,11 @@ def fused_forward(A, B, w2, b2=None, compiled: bool = False, center: bool = Fals
     return center_tiles_(out) if center else out
 
 
-def fused_backward(A, B, w2, G, compiled: bool = False, bias: bool = True, center: bool = False):
-    """Gradients (dA, dB, dw2, db2) of ``sum(G * fused_forward(A, B, w2, b2, center=center))``; nothing of size
-    N x h is kept. ``G`` may be modified in place."""
-    if center:  # the centring is symmetric: its backward is itself. (Inside the compiled graph it measured 8x
-        center_tiles_(G)  # slower on CPU: inductor no longer runs the masked sums as one pass over (i, h, j).)
+def fused_backward(A, B, w2, G, compiled: bool = False, bias: bool = True):
+    """Gradients (dA, dB, dw2, db2) of ``sum(G * fused_forward(A, B, w2, b2))``; nothing of size N x h is kept.
+
+    Of a centred forward, pass the centred ``G`` (the centring is symmetric: its backward is itself). Inside the
+    compiled graph that centring measured 8x slower on CPU: inductor no longer runs the masked sums as one pass."""
     if compiled:
         out = _run_compiled("backward", _masked_sums, A, B.transpose(1, 2).contiguous(), w2, G)
         if out is not None:
