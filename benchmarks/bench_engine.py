@@ -78,7 +78,7 @@ def bench_kernels(hidden_dims: list[int], side: int, layers: int, repeats: int) 
     numel = layers * side * side
     rows = []
     for h in hidden_dims:
-        for kernel in ("eager", "compiled"):
+        for kernel in ("eager", "compiled", "native"):
             gb = GenomicBottleneck(model, GBConfig(hidden_dim=h, kernel=kernel, tile_size=128))
             predict, push = _time_predict_push(gb, repeats)
             scale = 1e6 / numel
@@ -142,13 +142,13 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
 class _Trainer:
     """One model, its optimizer and (optionally) its bottleneck; ``step()`` runs one full AdamW step."""
 
-    def __init__(self, use_gb: bool, llama: dict, batch: int, seq: int, seed: int = 0):
+    def __init__(self, use_gb: bool, llama: dict, batch: int, seq: int, seed: int = 0, kernel: str = "auto"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
         self.model = LlamaForCausalLM(LlamaConfig(**llama))
         self.model.train()
-        self.gb = GenomicBottleneck(self.model, GBConfig()) if use_gb else None
+        self.gb = GenomicBottleneck(self.model, GBConfig(kernel=kernel)) if use_gb else None
         if self.gb is not None:
             params = list(self.gb.parameters()) + self.gb.uncompressed_parameters()
         else:
@@ -171,9 +171,9 @@ class _Trainer:
         return time.perf_counter() - t0
 
 
-def bench_step(llama: dict, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def bench_step(llama: dict, batch: int, seq: int, warmup: int, steps: int, kernel: str = "auto") -> dict:
     """Interleaved plain / GB step times in one process; medians and their ratio."""
-    plain, gb = _Trainer(False, llama, batch, seq), _Trainer(True, llama, batch, seq)
+    plain, gb = _Trainer(False, llama, batch, seq), _Trainer(True, llama, batch, seq, kernel=kernel)
     times = {"plain": [], "gb": []}
     for i in range(warmup + steps):
         # Alternate which goes first so a slow phase of the machine hits both alike.
@@ -207,9 +207,9 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
 
 
-def _child(mode: str, llama: dict, batch: int, seq: int, steps: int) -> None:
+def _child(mode: str, llama: dict, batch: int, seq: int, steps: int, kernel: str) -> None:
     """Run in a fresh process: build, train ``steps`` steps, report peak RSS (before and after training)."""
-    trainer = _Trainer(mode == "gb", llama, batch, seq)
+    trainer = _Trainer(mode == "gb", llama, batch, seq, kernel=kernel)
     built = _vm_hwm_mb()
     for _ in range(steps):
         trainer.step()
@@ -219,7 +219,8 @@ def _child(mode: str, llama: dict, batch: int, seq: int, steps: int) -> None:
 def bench_memory(args: argparse.Namespace, steps: int) -> dict:
     out = {}
     for mode in ("plain", "gb"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--_steps", str(steps)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, "--_steps", str(steps),
+               "--kernel", args.kernel]
         if args.quick:
             cmd.append("--quick")
         if args.threads:
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--skip-step", action="store_true", help="skip part 2 (training step and memory)")
     parser.add_argument("--skip-families", action="store_true", help="skip the per-family predict+push at 20x")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--kernel", default="auto", choices=("auto", "native", "compiled", "eager"),
+                        help="GBConfig.kernel of the training step (part 2; default: %(default)s)")
     parser.add_argument("--_child", choices=("plain", "gb"), help=argparse.SUPPRESS)
     parser.add_argument("--_steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,7 +250,7 @@ def main() -> None:
     llama = LLAMA_QUICK if args.quick else LLAMA
     batch, seq = (2, 32) if args.quick else (8, 128)
     if args._child:
-        _child(args._child, llama, batch, seq, args._steps)
+        _child(args._child, llama, batch, seq, args._steps, args.kernel)
         return
 
     results: dict = {
@@ -275,9 +278,9 @@ def main() -> None:
         print(f"training step, Llama {llama['num_hidden_layers']} layers, batch {batch} x {seq}, AdamW "
               f"({warmup} warm-up + {steps} interleaved steps each)", flush=True)
         memory = bench_memory(args, steps=2 if args.quick else 4)  # first, while this process is still small
-        step = bench_step(llama, batch, seq, warmup, steps)
+        step = bench_step(llama, batch, seq, warmup, steps, kernel=args.kernel)
         step["memory"] = memory
-        step.update(llama=llama, batch=batch, seq=seq)
+        step.update(llama=llama, batch=batch, seq=seq, kernel=args.kernel)
         results["step"] = step
     results["machine"]["load_avg_at_end"] = os.getloadavg()
 

@@ -20,8 +20,18 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .kernels import center_tiles, center_tiles_, fused_backward, fused_forward, reference_forward, use_compiled
-from .tiling import TileGeometry, num_bits, position_codes
+from .kernels import (
+    backward_from,
+    center_tiles,
+    center_tiles_,
+    forward_into,
+    fused_backward,
+    fused_forward,
+    reference_forward,
+    use_compiled,
+)
+from .kernels import kernel_path as _kernel_path
+from .tiling import TileGeometry, TileRows, num_bits, position_codes
 
 if TYPE_CHECKING:
     from .config import GBConfig
@@ -96,6 +106,20 @@ class GNetBank(nn.Module):
         """`evaluate`, double-centred (`hf_gb.kernels.center_tiles`); a family may fuse the two."""
         return center_tiles_(self.evaluate(tables))
 
+    def writes_rows(self) -> bool:
+        """Optional: whether `evaluate_into` and `evaluate_backward_from` run here (kernels that address the
+        weights' rows themselves, so no tile-shaped copy of the weights or their gradient is made)."""
+        return False
+
+    def evaluate_into(self, tables: Tables, rows: TileRows) -> None:
+        """Optional: `evaluate` (centred if the bank is) written straight into the weight rows ``rows``."""
+        raise NotImplementedError
+
+    def evaluate_backward_from(self, tables: Tables, rows: TileRows) -> Tables:
+        """Optional: `evaluate_backward` of the gradient read from the weight-gradient rows ``rows`` (centred here
+        if the bank is; ``rows`` is not modified)."""
+        raise NotImplementedError
+
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
         """Stored values per tile of ``geometry`` (what compression ratios and tile choice count)."""
@@ -141,8 +165,13 @@ class GNetBank(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def compiled(self) -> bool:
-        """Whether this bank runs the compiled kernels (`GBConfig.kernel`, bank size, availability)."""
+        """Whether this bank runs built kernels, compiled or native (`GBConfig.kernel`, bank size, availability)."""
         return use_compiled(self.kernel, self.n_tiles * self.geometry.numel)
+
+    def kernel_path(self) -> str:
+        """The kernels this bank runs on its parameters' device and dtype: 'native', 'compiled' or 'eager'."""
+        p = next(self.parameters())
+        return _kernel_path(self.kernel, self.n_tiles * self.geometry.numel, p.device, p.dtype)
 
     def _rows(self, index: torch.Tensor | None) -> int:
         return self.n_tiles if index is None else index.numel()
@@ -180,6 +209,29 @@ class GNetBank(nn.Module):
         self._saved = (tables, index, noise_seed) if keep_graph else None
         return out
 
+    def predict_into(self, rows: TileRows, keep_graph: bool = True) -> None:
+        """`predict` of every tile, noise-free, written into the weight rows ``rows`` (`writes_rows` banks)."""
+        with torch.no_grad() if self._closed_form else contextlib.nullcontext():
+            tables = self.tables(None)
+        with torch.no_grad():
+            self.evaluate_into(tuple(t.detach() for t in tables), rows)
+        self._saved = (tables, None, None) if keep_graph else None
+
+    def push_from(self, rows: TileRows) -> bool:
+        """`push` of the gradient in the weight-gradient rows ``rows``; False (nothing done) if the last `predict`
+        added noise, whose gradient needs the tile-shaped copy that `push` takes."""
+        if self._saved is None:
+            raise RuntimeError("push_from() needs a preceding predict(keep_graph=True) of this bank")
+        tables, index, noise_seed = self._saved
+        if noise_seed is not None or index is not None:
+            return False
+        self._saved = None
+        with torch.no_grad():
+            table_grads = self.evaluate_backward_from(tuple(t.detach() for t in tables), rows)
+            closed = self.table_backward(index, table_grads)
+        self._accumulate(tables, table_grads, closed, [], [])
+        return True
+
     def push(self, grad: torch.Tensor) -> None:
         """Add the gradient of ``sum(grad * predicted tiles)`` to the bank's parameters' ``.grad``.
 
@@ -199,6 +251,10 @@ class GNetBank(nn.Module):
                 center_tiles_(grad)  # the centring is a symmetric projection: its backward is itself
             table_grads = self.evaluate_backward(tuple(t.detach() for t in tables), grad)
             closed = self.table_backward(index, table_grads)
+        self._accumulate(tables, table_grads, closed, tensors, grads)
+
+    def _accumulate(self, tables: Tables, table_grads: Tables, closed, tensors: list, grads: list) -> None:
+        """Add the parameters' gradients (closed-form pairs, else autograd through ``tables``) to their ``.grad``."""
         if closed is None:
             if self._closed_form:
                 raise RuntimeError(f"{type(self).__name__}.table_backward returned None; it must return the pairs")
@@ -407,15 +463,26 @@ class MLPBank(GNetBank):
     def evaluate(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]
         b2 = tables[3] if len(tables) > 3 else None
-        return fused_forward(A, B, w2, b2, compiled=self.compiled())
+        return fused_forward(A, B, w2, b2, compiled=self.kernel_path())
 
     def evaluate_centered(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]  # centred banks have no b2
-        return fused_forward(A, B, w2, compiled=self.compiled(), center=True)
+        return fused_forward(A, B, w2, compiled=self.kernel_path(), center=True)
+
+    def writes_rows(self) -> bool:
+        return self.kernel_path() == "native"
+
+    def evaluate_into(self, tables: Tables, rows: TileRows) -> None:
+        A, B, w2 = tables[:3]
+        forward_into(A, B, w2, rows, center=self.center, b2=tables[3] if len(tables) > 3 else None)
+
+    def evaluate_backward_from(self, tables: Tables, rows: TileRows) -> Tables:
+        dA, dB, dw2, db2 = backward_from(*tables[:3], rows, center=self.center)
+        return (dA, dB, dw2) if len(tables) == 3 else (dA, dB, dw2, db2)
 
     def evaluate_backward(self, tables: Tables, grad: torch.Tensor) -> Tables:
         A, B, w2 = tables[:3]
-        dA, dB, dw2, db2 = fused_backward(A, B, w2, grad, compiled=self.compiled(), bias=len(tables) > 3)
+        dA, dB, dw2, db2 = fused_backward(A, B, w2, grad, compiled=self.kernel_path(), bias=len(tables) > 3)
         return (dA, dB, dw2) if len(tables) == 3 else (dA, dB, dw2, db2)
 
     def reference(self, tables: Tables) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from .bank import GNetBank, family_class
 from .config import GBConfig
 from .layers import find_targets, view3d
-from .tiling import TileGeometry, choose_geometry, compression_of, grid, tile_into, untile_into
+from .tiling import TileGeometry, TileRows, choose_geometry, compression_of, grid, tile_into, tile_rows, untile_into
 
 logger = logging.getLogger(__name__)
 
@@ -228,11 +228,22 @@ class GenomicBottleneck(nn.Module):
                 out = bank.predict(plan.index.to(bank.scale.device), noise_seed=bank_seed, keep_graph=keep_graph)
                 write_bank(out, plan)
                 continue
+            rows = self._weight_rows(key, bank, "data") if bank_seed is None else None
+            if rows is not None:  # the kernels write the weights' rows themselves: no tile-shaped copy
+                bank.predict_into(rows, keep_graph=keep_graph)
+                continue
             out = bank.predict(noise_seed=bank_seed, keep_graph=keep_graph)
             with torch.no_grad():
                 for t in self._members[key]:
                     untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
         self._predicted = keep_graph
+
+    def _weight_rows(self, key: str, bank: GNetBank, what: str) -> TileRows | None:
+        """Where bank ``key``'s tile rows lie in its weights' ``what`` ('data' or 'grad'), if its kernels address
+        them in place (`GNetBank.writes_rows`) and the weights allow it (contiguous float32, whole tiles)."""
+        if not bank.writes_rows():
+            return None
+        return tile_rows([view3d(getattr(t.param, what), t.layout) for t in self._members[key]], bank.geometry)
 
     def push_gradients(self, average_replicas: bool = False) -> bool:
         """Chain rule from the covered weights' accumulated ``.grad`` into the g-net parameters' ``.grad``.
@@ -259,6 +270,10 @@ class GenomicBottleneck(nn.Module):
                 for t in members:
                     t.param.grad = None
                 continue
+            if plan is None and all(t.param.grad is not None for t in members):
+                rows = self._weight_rows(key, bank, "grad")
+                if rows is not None and bank.push_from(rows):  # read in place, centred on the fly
+                    continue
             g0 = bank.geometry
             G = bank.scale.new_empty(bank.n_tiles if plan is None else len(plan.index), g0.rows, g0.cols * g0.kernel)
             if plan is not None:  # this rank's rows of each tile, zeros elsewhere; summed over ranks below

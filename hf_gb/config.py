@@ -30,7 +30,7 @@ MAX_PATTERN_ITEMS = 65536  # names in a list of module names
 MAX_CONFIG_BYTES = 64 * 2**20
 MAX_TENSOR_DIMS = 8
 _ENCODINGS = ("binary", "gray")
-_KERNELS = ("auto", "compiled", "eager")
+_KERNELS = ("auto", "native", "compiled", "eager")
 
 
 @dataclass
@@ -92,7 +92,10 @@ class GBConfig:
     )
     kernel: str = field(
         default="auto",
-        metadata={"help": "'compiled' (torch.compile fused kernels), 'eager' (chunked reference), or 'auto'."},
+        metadata={
+            "help": "'native' (a C++ kernel for float32 on CPU, built on first use), 'compiled' (torch.compile fused "
+            "kernels), 'eager' (chunked reference), or 'auto' (native on CPU, else compiled; small banks eager)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
     family: str = field(

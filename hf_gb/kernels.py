@@ -7,6 +7,8 @@ layer is separable, so the (n, R, C, bits) code matrix never exists). Two implem
 - ``compiled``: the same arithmetic under ``torch.compile``; inductor fuses the reduction over ``h`` (forward) and
   the two masked sums of the backward (over ``j`` and over ``i``, from which ``dw2`` follows) into loops that
   recompute the ReLU, so memory is O(n R C), not O(n R C h).
+- ``native``: a C++ kernel for float32 on CPU (`hf_gb.native`, ``csrc/gnet_cpu.cpp``): the forward with the double
+  centring inside, and the backward (from the two masked sums, as the compiled path).
 
 `hf_gb.bank` wraps either in an autograd Function; ``reference_forward`` is the unfused autograd reference.
 """
@@ -18,6 +20,9 @@ import os
 from collections.abc import Callable
 
 import torch
+
+from . import native
+from .tiling import TileRows
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +105,7 @@ def _fused_forward_centered(A, Bt, w2):
 
 _compiled: dict[str, Callable] = {}
 _compile_failed = False
+_native_refused = False  # kernel='native' was asked for a bank it cannot run (warned once)
 
 
 def _compile(name: str, fn: Callable) -> Callable | None:
@@ -128,13 +134,38 @@ def use_compiled(kernel: str, numel: int) -> bool:
     """Whether a bank of ``numel`` weights takes the compiled path under ``kernel`` ('auto'|'compiled'|'eager')."""
     if kernel == "eager" or _compile_failed or os.environ.get("HF_GB_DISABLE_COMPILE", "0") == "1":
         return False
-    return kernel == "compiled" or numel >= AUTO_COMPILE_MIN_NUMEL
+    return kernel in ("compiled", "native") or numel >= AUTO_COMPILE_MIN_NUMEL
 
 
-def fused_forward(A, B, w2, b2=None, compiled: bool = False, center: bool = False) -> torch.Tensor:
+def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernels a bank of ``numel`` weights runs: 'native', 'compiled' or 'eager'.
+
+    ``kernel`` is `GBConfig.kernel`. 'auto' and 'native' take the native kernel for float32 on CPU (where it
+    builds; `hf_gb.native` warns once if it cannot), else the compiled ones; 'auto' runs small banks eager.
+    ``HF_GB_DISABLE_COMPILE=1`` turns every built kernel off."""
+    global _native_refused
+    if not use_compiled(kernel, numel):
+        return "eager"
+    if kernel == "compiled":
+        return "compiled"
+    if device.type == "cpu" and dtype == torch.float32:
+        if native.get() is not None:
+            return "native"
+    elif kernel == "native" and not _native_refused:
+        _native_refused = True
+        logger.warning("GBConfig.kernel='native' runs float32 banks on CPU only; this bank (%s, %s) runs the "
+                       "compiled kernels", device.type, dtype)
+    return "compiled"
+
+
+def fused_forward(A, B, w2, b2=None, compiled: bool | str = False, center: bool = False) -> torch.Tensor:
     """Tiles (n, R, C) from the row table A (n, R, h), column table B (n, C, h), w2 (n, h) and b2 (n,) or None;
-    ``center``: double-centred (`center_tiles`; b2 is then irrelevant and must be None)."""
+    ``center``: double-centred (`center_tiles`; b2 is then irrelevant and must be None). ``compiled``: a path of
+    `kernel_path`, or True for 'compiled' and False for 'eager'."""
     assert not (center and b2 is not None), "a centred tile has no constant"
+    if compiled == "native":
+        out = native.get().forward(A, B, w2, center)
+        return out if b2 is None else out.add_(b2[:, None, None])
     if compiled:
         name, fn = ("forward_centered", _fused_forward_centered) if center else ("forward", _fused_forward)
         out = _run_compiled(name, fn, A, B.transpose(1, 2).contiguous(), w2)
@@ -144,11 +175,14 @@ def fused_forward(A, B, w2, b2=None, compiled: bool = False, center: bool = Fals
     return center_tiles_(out) if center else out
 
 
-def fused_backward(A, B, w2, G, compiled: bool = False, bias: bool = True):
+def fused_backward(A, B, w2, G, compiled: bool | str = False, bias: bool = True):
     """Gradients (dA, dB, dw2, db2) of ``sum(G * fused_forward(A, B, w2, b2))``; nothing of size N x h is kept.
 
     Of a centred forward, pass the centred ``G`` (the centring is symmetric: its backward is itself). Inside the
     compiled graph that centring measured 8x slower on CPU: inductor no longer runs the masked sums as one pass."""
+    if compiled == "native":
+        dA, dB, dw2, db2 = native.get().backward(A, B, w2, G)
+        return dA, dB, dw2, db2 if bias else None
     if compiled:
         out = _run_compiled("backward", _masked_sums, A, B.transpose(1, 2).contiguous(), w2, G)
         if out is not None:
@@ -156,6 +190,24 @@ def fused_backward(A, B, w2, G, compiled: bool = False, bias: bool = True):
             return dA, dBt.contiguous(), dw2, G.sum((1, 2)) if bias else None
     dA, dB, dw2, db2 = _eager_backward(A, B, w2, G)
     return dA, dB, dw2, db2 if bias else None
+
+
+def forward_into(A, B, w2, rows: TileRows, center: bool, b2=None) -> None:
+    """`fused_forward` on the native path, written into the weight rows ``rows`` instead of a tile tensor; an
+    uncentred bank's ``b2`` is added to its tiles' rows."""
+    assert not (center and b2 is not None), "a centred tile has no constant"
+    native.get().forward_into(A, B, w2, center, list(rows.tensors), rows.which, rows.offsets)
+    if b2 is not None:
+        for m in range(len(rows.tensors)):  # rare (center=False): per tile through the tile grid
+            tiles = (rows.which == m).nonzero().flatten()
+            blocks = rows.grid(m)
+            blocks.add_(b2[tiles].view(*blocks.shape[:2], 1, 1, 1))
+
+
+def backward_from(A, B, w2, rows: TileRows, center: bool):
+    """`fused_backward` on the native path, the tile gradient read from the weight-gradient rows ``rows`` and
+    double-centred on the fly if ``center`` (``rows`` is not modified); returns (dA, dB, dw2, db2)."""
+    return tuple(native.get().backward_from(A, B, w2, center, list(rows.tensors), rows.which, rows.offsets))
 
 
 def center_tiles(x: torch.Tensor) -> torch.Tensor:

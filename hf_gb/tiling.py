@@ -149,3 +149,36 @@ def choose_geometry(
             if best_score is None or score < best_score:
                 best, best_score = geom, score
     return best
+
+
+@dataclass(frozen=True)
+class TileRows:
+    """Where the rows of a bank's tiles live in its weights, for kernels that write and read them in place.
+
+    Row ``i`` of tile ``t`` is the ``cols * K`` contiguous values at element offset ``offsets[t, i]`` of
+    ``tensors[which[t]]``, an ``(out, in, K)`` contiguous view of a weight (or of its gradient)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    which: torch.Tensor  # (n_tiles,) int64
+    offsets: torch.Tensor  # (n_tiles, rows) int64
+    geometry: TileGeometry
+
+    def grid(self, m: int) -> torch.Tensor:
+        """``(nr, nc, rows, cols, K)`` view of tensor ``m`` by tile."""
+        return _blocks(self.tensors[m], self.geometry).permute(0, 2, 1, 3, 4)
+
+
+def tile_rows(views: Sequence[torch.Tensor], geom: TileGeometry) -> TileRows | None:
+    """`TileRows` of ``views`` (``(out, in, K)`` views, tiled one after the other in row-major tile order, as
+    `tile`), or None unless every view is contiguous float32 and divided exactly by the tiles."""
+    which, offsets = [], []
+    for m, v in enumerate(views):
+        if v.dtype != torch.float32 or not v.is_contiguous() or _blocks(v, geom) is None:
+            return None
+        _, inp, k = v.shape
+        nr, nc = grid(v.shape, geom)
+        rows = torch.arange(nr)[:, None, None] * geom.rows + torch.arange(geom.rows)
+        off = rows * (inp * k) + (torch.arange(nc) * (geom.cols * k))[None, :, None]  # (nr, nc, rows)
+        offsets.append(off.reshape(nr * nc, geom.rows))
+        which.append(torch.full((nr * nc,), m, dtype=torch.int64))
+    return TileRows(tuple(views), torch.cat(which), torch.cat(offsets).contiguous(), geom)

@@ -1,0 +1,228 @@
+"""The native CPU kernel (hf_gb/csrc/gnet_cpu.cpp): values and gradients against the float64 reference, the
+in-place route through the weights' rows, the kernel choice, and the fallback when it cannot be built."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_gb import GBConfig, GenomicBottleneck, kernels, native
+from hf_gb.bank import GNetBank
+from hf_gb.kernels import backward_from, center_tiles, forward_into, fused_backward, fused_forward, kernel_path
+from hf_gb.tiling import TileGeometry, tile, tile_rows
+
+pytestmark = pytest.mark.compiled  # builds the extension (about 40 s, once per machine)
+
+# (tiles, rows, cols, hidden): one position, column counts off the 16- and 64-wide blocks, one tile (split into row
+# blocks across threads), many tiles, and h with every w2 of one sign in some tile.
+SHAPES = [(1, 1, 1, 1), (3, 5, 7, 2), (2, 9, 83, 5), (1, 64, 130, 7), (9, 16, 64, 4)]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = native.get()
+    if module is None:
+        pytest.fail("the native kernel did not build here (see the warning); CI must be able to build it")
+    return module
+
+
+def _inputs(n, r, c, h, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(n, r, h, generator=gen), torch.randn(n, c, h, generator=gen)
+    w2, G = torch.randn(n, h, generator=gen), torch.randn(n, r, c, generator=gen)
+    return A, B, w2, G
+
+
+def _reference(A, B, w2, G, center):
+    leaves = [x.double().requires_grad_() for x in (A, B, w2)]
+    out = kernels.reference_forward(*leaves)
+    out = center_tiles(out) if center else out
+    return out.detach(), torch.autograd.grad((out * G.double()).sum(), leaves)
+
+
+def _close(got, want):
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("center", [False, True], ids=["raw", "centred"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_native_matches_reference(ext, shape, center):
+    A, B, w2, G = _inputs(*shape)
+    w2[0, : shape[3] // 2 + 1] = w2[0, : shape[3] // 2 + 1].abs()  # tile 0: mostly positive w2
+    want_out, want_grads = _reference(A, B, w2, G, center)
+    _close(fused_forward(A, B, w2, compiled="native", center=center), want_out)
+    Gc = center_tiles(G) if center else G  # the tile route takes the centred gradient, as push gives it
+    dA, dB, dw2, db2 = fused_backward(A, B, w2, Gc, compiled="native")
+    for got, want in zip((dA, dB, dw2), want_grads):
+        _close(got, want)
+    _close(db2, Gc.double().sum((1, 2)))
+
+
+def test_native_threads_agree(ext):
+    """One tile split over row blocks (partial sums added per block) gives what one thread gives."""
+    A, B, w2, G = _inputs(1, 96, 70, 6)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused_forward(A, B, w2, compiled="native", center=True), fused_backward(A, B, w2, G, compiled="native")
+        torch.set_num_threads(2)
+        two = fused_forward(A, B, w2, compiled="native", center=True), fused_backward(A, B, w2, G, compiled="native")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(two[0], one[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(two[1], one[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("center", [False, True], ids=["raw", "centred"])
+def test_rows_route_matches_tile_route(ext, center):
+    """Written into (and read from) two weights' rows in place, the kernels give the tile tensors' values."""
+    geom = TileGeometry(4, 6, 2)
+    weights = [torch.randn(8, 12, 2), torch.randn(4, 18, 2)]  # 4 and 3 tiles, K = 2 kernel positions
+    n = 7
+    A, B, w2, _ = _inputs(n, 4, 12, 3)
+    b2 = None if center else torch.randn(n)
+    rows = tile_rows(weights, geom)
+    assert rows is not None and rows.offsets.shape == (n, 4)
+    forward_into(A, B, w2, rows, center=center, b2=b2)
+    want = fused_forward(A, B, w2, b2, compiled="native", center=center)
+    torch.testing.assert_close(torch.cat([tile(w, geom) for w in weights]), want, rtol=1e-6, atol=1e-6)
+
+    grads = [torch.randn_like(w) for w in weights]
+    kept = [g.clone() for g in grads]
+    G = torch.cat([tile(g, geom) for g in grads])
+    got = backward_from(A, B, w2, tile_rows(grads, geom), center=center)
+    want = fused_backward(A, B, w2, center_tiles(G) if center else G, compiled="native")
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], G.sum((1, 2)), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(g, k) for g, k in zip(grads, kept)), "the gradient rows must not be modified"
+
+
+def test_tile_rows_refuses_what_it_cannot_address():
+    geom = TileGeometry(4, 4)
+    assert tile_rows([torch.zeros(8, 8, 1)], geom) is not None
+    assert tile_rows([torch.zeros(8, 8).t().unsqueeze(-1)], geom) is None  # a transposed (Conv1D) view
+    assert tile_rows([torch.zeros(8, 6, 1)], geom) is None  # tiles that do not divide the tensor
+    assert tile_rows([torch.zeros(8, 8, 1, dtype=torch.float64)], geom) is None
+
+
+class _Sum(nn.Sequential):
+    def forward(self, x):
+        return sum(m(x) for m in self)
+
+
+def _train(kernel, model_fn, x, steps=2, **config):
+    torch.manual_seed(0)
+    model = model_fn()
+    gb = GenomicBottleneck(model, GBConfig(kernel=kernel, **config))
+    seen = []
+    for step in range(steps):
+        gb.predict_weights(step=step)
+        model(x).pow(2).sum().backward()
+        gb.push_gradients()
+        seen.append([p.detach().clone() for p in model.parameters()] + [p.grad.clone() for p in gb.parameters()])
+        with torch.no_grad():
+            for p in gb.parameters():
+                p.sub_(1e-2 * p.grad)
+        gb.zero_grad()
+    return gb, seen
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["linear", "linear-uncentred", "linear-stochastic", "conv1d", "conv2d", "shared"],
+)
+def test_bottleneck_native_equals_eager(ext, case, monkeypatch):
+    """Two predict/push steps through the native kernels (in place where the weights allow it, through tiles
+    elsewhere) give the eager kernels' weights and g-net gradients; the route taken is the expected one."""
+    routes = []
+    for name in ("predict_into", "push_from"):
+        original = getattr(GNetBank, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            result = _original(self, *args, **kwargs)
+            routes.append((_name, result is not False))
+            return result
+
+        monkeypatch.setattr(GNetBank, name, spy)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    config = dict(hidden_dim=4, tile_size=[16, 16])
+    if case.startswith("linear"):
+        model_fn = lambda: _Sum(nn.Linear(32, 48), nn.Linear(32, 48))  # noqa: E731
+        config.update(center=case != "linear-uncentred", stochastic=case == "linear-stochastic")
+    elif case == "conv1d":
+        model_fn = lambda: _Sum(Conv1D(48, 32), nn.Linear(32, 48))  # noqa: E731 (one bank: Conv1D's rows are strided)
+    elif case == "conv2d":
+        model_fn = lambda: nn.Sequential(nn.Conv2d(2, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 16))  # noqa: E731
+        x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    else:
+        model_fn = lambda: _Sum(nn.Linear(32, 48), nn.Linear(32, 48))  # noqa: E731
+        config.update(family="shared", hidden_dim=6)
+    _, want = _train("eager", model_fn, x, **config)
+    routes.clear()
+    gb, got = _train("native", model_fn, x, **config)
+    assert {bank.kernel_path() for bank in gb.banks.values()} == {"native"}
+    for a_step, b_step in zip(got, want):
+        for a, b in zip(a_step, b_step):  # float32 sums in another order: tolerance relative to each tensor
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+    in_place = {"linear": True, "linear-uncentred": True, "shared": True, "conv2d": True}
+    pushed_in_place = [ok for name, ok in routes if name == "push_from"]
+    if in_place.get(case):
+        assert pushed_in_place and all(pushed_in_place)
+    elif case == "conv1d":
+        assert not routes  # one bank holds a transposed weight: the tile route, for the whole bank
+    else:  # stochastic: noise is added to tiles, so the push takes the tile route
+        assert not any(pushed_in_place)
+
+
+def test_kernel_choice(ext, monkeypatch):
+    cpu, big = torch.device("cpu"), kernels.AUTO_COMPILE_MIN_NUMEL
+    assert kernel_path("auto", big, cpu, torch.float32) == "native"
+    assert kernel_path("native", 1, cpu, torch.float32) == "native"
+    assert kernel_path("auto", big - 1, cpu, torch.float32) == "eager"
+    assert kernel_path("compiled", big, cpu, torch.float32) == "compiled"
+    assert kernel_path("auto", big, cpu, torch.bfloat16) == "compiled"
+    assert kernel_path("auto", big, torch.device("meta"), torch.float32) == "compiled"
+    monkeypatch.setenv("HF_GB_DISABLE_COMPILE", "1")
+    assert kernel_path("native", big, cpu, torch.float32) == "eager"
+
+
+def test_native_refused_off_cpu_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_native_refused", False)
+    with caplog.at_level(logging.WARNING, logger="hf_gb.kernels"):
+        for _ in range(2):
+            assert kernel_path("native", 1, torch.device("meta"), torch.float32) == "compiled"
+    assert len([r for r in caplog.records if "CPU only" in r.getMessage()]) == 1
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setattr(cpp, "load", broken)
+    with caplog.at_level(logging.WARNING, logger="hf_gb.native"):
+        for _ in range(2):
+            assert kernel_path("auto", 1 << 30, torch.device("cpu"), torch.float32) == "compiled"
+    assert native.failed()
+    messages = [r.getMessage() for r in caplog.records if "cannot be built" in r.getMessage()]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0]
+
+
+def test_bad_tables_are_refused(ext):
+    A, B, w2, G = _inputs(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.forward(A.double(), B, w2, False)
+    with pytest.raises(RuntimeError, match=r"A \(n, R, h\)"):
+        ext.forward(A, B[:, :, :4], w2, False)
+    with pytest.raises(RuntimeError, match="tile gradient"):
+        ext.backward(A, B, w2, G[:, :2])
+    rows = tile_rows([torch.zeros(3, 4, 1)], TileGeometry(3, 4))
+    with pytest.raises(RuntimeError, match="offsets"):  # rows of one tile for tables of two
+        ext.forward_into(A, B, w2, False, list(rows.tensors), rows.which, rows.offsets)
