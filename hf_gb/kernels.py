@@ -158,15 +158,24 @@ def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtyp
     return "compiled"
 
 
+def _path(compiled: bool | str) -> str:
+    if isinstance(compiled, str):
+        if compiled not in ("native", "compiled", "eager"):
+            raise ValueError(f"kernel path must be 'native', 'compiled' or 'eager', got {compiled!r}")
+        return compiled
+    return "compiled" if compiled else "eager"
+
+
 def fused_forward(A, B, w2, b2=None, compiled: bool | str = False, center: bool = False) -> torch.Tensor:
     """Tiles (n, R, C) from the row table A (n, R, h), column table B (n, C, h), w2 (n, h) and b2 (n,) or None;
     ``center``: double-centred (`center_tiles`; b2 is then irrelevant and must be None). ``compiled``: a path of
     `kernel_path`, or True for 'compiled' and False for 'eager'."""
     assert not (center and b2 is not None), "a centred tile has no constant"
-    if compiled == "native":
+    path = _path(compiled)
+    if path == "native":
         out = native.get().forward(A, B, w2, center)
         return out if b2 is None else out.add_(b2[:, None, None])
-    if compiled:
+    if path == "compiled":
         name, fn = ("forward_centered", _fused_forward_centered) if center else ("forward", _fused_forward)
         out = _run_compiled(name, fn, A, B.transpose(1, 2).contiguous(), w2)
         if out is not None:
@@ -180,10 +189,11 @@ def fused_backward(A, B, w2, G, compiled: bool | str = False, bias: bool = True)
 
     Of a centred forward, pass the centred ``G`` (the centring is symmetric: its backward is itself). Inside the
     compiled graph that centring measured 8x slower on CPU: inductor no longer runs the masked sums as one pass."""
-    if compiled == "native":
+    path = _path(compiled)
+    if path == "native":
         dA, dB, dw2, db2 = native.get().backward(A, B, w2, G)
         return dA, dB, dw2, db2 if bias else None
-    if compiled:
+    if path == "compiled":
         out = _run_compiled("backward", _masked_sums, A, B.transpose(1, 2).contiguous(), w2, G)
         if out is not None:
             dA, dBt, dw2 = out

@@ -226,3 +226,19 @@ def test_bad_tables_are_refused(ext):
     rows = tile_rows([torch.zeros(3, 4, 1)], TileGeometry(3, 4))
     with pytest.raises(RuntimeError, match="offsets"):  # rows of one tile for tables of two
         ext.forward_into(A, B, w2, False, list(rows.tensors), rows.which, rows.offsets)
+
+
+def test_path_names_pick_their_kernels(monkeypatch):
+    """'eager' runs the eager kernels (a path name is not a truthy 'compile it'), and an unknown name is refused."""
+
+    def no_compiling(*args):
+        raise AssertionError("the compiled kernels ran for path 'eager'")
+
+    monkeypatch.setattr(kernels, "_run_compiled", no_compiling)
+    A, B, w2, G = _inputs(2, 3, 4, 5)
+    want_out, want_grads = _reference(A, B, w2, G, center=False)
+    _close(fused_forward(A, B, w2, compiled="eager"), want_out)
+    for got, want in zip(fused_backward(A, B, w2, G, compiled="eager"), want_grads):
+        _close(got, want)
+    with pytest.raises(ValueError, match="kernel path"):
+        fused_forward(A, B, w2, compiled="fast")
