@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
     p.add_argument("--tile_size", nargs="+", type=int, default=None,
                    help="fixed GBConfig.tile_size (one int or rows cols); the compression then follows hidden_dim")
+    p.add_argument("--target_modules", default=None,
+                   help="GBConfig.target_modules of the GB runs, a regex over module names (default: every Linear); "
+                   "e.g. '.*(proj|lm_head|embed_tokens)' also covers the input embedding")
+    p.add_argument("--gb_label", default=None, help="method name of the GB runs in tables and plots")
     p.add_argument("--steps", nargs="+", type=int, default=[150],
                    help="training budgets (one run per budget: the cosine schedule spans the budget)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="model/data seeds; the first runs the LR grid")
@@ -132,6 +136,8 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     from examples.train import build_model
 
     label = method if method != "gb" or args.family == "mlp" else f"gb_{args.family}"  # a line per family
+    if method == "gb" and args.gb_label:
+        label = args.gb_label
     row: dict[str, Any] = {"method": label, "mode": label, "target": target, "lr": lr, "steps": steps,
                            "seed": seed}
     gb = None
@@ -148,7 +154,7 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
         row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
         row |= {"gnet_lr": lr, "gnet_bias_shift": args.gnet_bias_shift, "stored": stored_values(gb),
-                "family": args.family, "hidden_dim": args.hidden_dim}
+                "family": args.family, "hidden_dim": args.hidden_dim, "target_modules": args.target_modules}
         groups = [{"params": list(gb.parameters()), "lr": lr},
                   {"params": gb.uncompressed_parameters(), "lr": args.lr}]
     else:
@@ -205,7 +211,8 @@ _BUDGETS: dict[tuple, int] = {}
 
 def gb_config(args, target: float, **kwargs: Any) -> GBConfig:
     return GBConfig(hidden_dim=args.hidden_dim, compression=target, family=args.family,
-                    second_hidden_dim=args.second_hidden_dim, tile_size=args.tile_size, **kwargs)
+                    second_hidden_dim=args.second_hidden_dim, tile_size=args.tile_size,
+                    target_modules=args.target_modules, **kwargs)
 
 
 def gb_budget(args, target: float, vocab: int) -> int:
@@ -213,7 +220,7 @@ def gb_budget(args, target: float, vocab: int) -> int:
     from examples.train import build_model
 
     key = (target, args.hidden_size, args.num_layers, args.intermediate_size, args.hidden_dim, args.family,
-           args.second_hidden_dim, str(args.tile_size), vocab)
+           args.second_hidden_dim, str(args.tile_size), args.target_modules, vocab)
     if key not in _BUDGETS:
         model = build_model(script_args(args), vocab, seed=0)
         _BUDGETS[key] = stored_values(GenomicBottleneck(model, gb_config(args, target, kernel="eager")))

@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--compression", type=float, default=20.0, help="GBConfig.compression (covered target)")
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
-    p.add_argument("--kernel", default="auto", choices=["auto", "compiled", "eager"])
+    p.add_argument("--kernel", default="auto", choices=["auto", "native", "compiled", "eager"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,

@@ -140,22 +140,22 @@ def use_compiled(kernel: str, numel: int) -> bool:
 def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtype) -> str:
     """The kernels a bank of ``numel`` weights runs: 'native', 'compiled' or 'eager'.
 
-    ``kernel`` is `GBConfig.kernel`. 'auto' and 'native' take the native kernel for float32 on CPU (where it
-    builds; `hf_gb.native` warns once if it cannot), else the compiled ones; 'auto' runs small banks eager.
+    ``kernel`` is `GBConfig.kernel`. 'auto' and 'native' take the native kernel for float32 on CPU, at any bank
+    size (it has no per-shape compile cost; `hf_gb.native` warns once if it cannot be built); elsewhere 'auto'
+    compiles banks of at least `AUTO_COMPILE_MIN_NUMEL` weights and runs smaller ones eager.
     ``HF_GB_DISABLE_COMPILE=1`` turns every built kernel off."""
     global _native_refused
-    if not use_compiled(kernel, numel):
+    if kernel == "eager" or os.environ.get("HF_GB_DISABLE_COMPILE", "0") == "1":
         return "eager"
-    if kernel == "compiled":
-        return "compiled"
-    if device.type == "cpu" and dtype == torch.float32:
-        if native.get() is not None:
-            return "native"
-    elif kernel == "native" and not _native_refused:
-        _native_refused = True
-        logger.warning("GBConfig.kernel='native' runs float32 banks on CPU only; this bank (%s, %s) runs the "
-                       "compiled kernels", device.type, dtype)
-    return "compiled"
+    if kernel != "compiled":
+        if device.type == "cpu" and dtype == torch.float32:
+            if native.get() is not None:
+                return "native"
+        elif kernel == "native" and not _native_refused:
+            _native_refused = True
+            logger.warning("GBConfig.kernel='native' runs float32 banks on CPU only; this bank (%s, %s) runs the "
+                           "compiled kernels", device.type, dtype)
+    return "compiled" if use_compiled("compiled" if kernel != "auto" else kernel, numel) else "eager"
 
 
 def _path(compiled: bool | str) -> str:
