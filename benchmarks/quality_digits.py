@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="g-net LR grid of GB runs (tables show the best)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                    help="methods to run (to split a run over processes; innate/alternating need no plain run)")
-    p.add_argument("--encoding", default="gray", choices=["binary", "gray"])
+    p.add_argument("--encoding", default="gray", choices=["binary", "gray", "fourier"])
     p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
     p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
     p.add_argument("--hidden_dims", nargs="+", type=int, default=list(HIDDEN_DIMS),

@@ -24,7 +24,7 @@ from torch import nn
 
 from .kernels import center_tiles, center_tiles_, use_compiled
 from .kernels import kernel_path as _kernel_path
-from .tiling import TileGeometry, TileRows, num_bits, position_codes
+from .tiling import TileGeometry, TileRows, code_width, position_codes
 
 if TYPE_CHECKING:
     from .config import GBConfig
@@ -285,9 +285,10 @@ class GNetBank(nn.Module):
         self._shared_codes = shared
         self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
         self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
-        std = 1 / math.sqrt(max(1, num_bits(g.rows) + num_bits(g.cols) + (1 if g.kernel_bits else 0)))
-        self.w_row = _randn(generator, m, num_bits(g.rows), hidden, std=std)
-        self.w_col = _randn(generator, m, num_bits(g.cols), hidden, std=std)
+        br, bc = code_width(g.rows, config.encoding), code_width(g.cols, config.encoding)
+        std = 1 / math.sqrt(max(1, br + bc + (1 if g.kernel_bits else 0)))
+        self.w_row = _randn(generator, m, br, hidden, std=std)
+        self.w_col = _randn(generator, m, bc, hidden, std=std)
         self.w_ker = _randn(generator, m, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
         self.b1 = _randn(generator, n, hidden, std=b1_std)
 

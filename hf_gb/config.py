@@ -29,7 +29,7 @@ MAX_PATTERN_LENGTH = 4096  # characters of one regex or one name suffix
 MAX_PATTERN_ITEMS = 65536  # names in a list of module names
 MAX_CONFIG_BYTES = 64 * 2**20
 MAX_TENSOR_DIMS = 8
-_ENCODINGS = ("binary", "gray")
+_ENCODINGS = ("binary", "gray", "fourier")
 _KERNELS = ("auto", "native", "compiled", "eager")
 
 
@@ -71,7 +71,11 @@ class GBConfig:
     exclude_modules: str | list[str] | None = field(
         default=None, metadata={"help": "Modules never to cover (regex or list of name suffixes)."}
     )
-    encoding: str = field(default="binary", metadata={"help": "Position code: 'binary' or 'gray'."})
+    encoding: str = field(
+        default="binary",
+        metadata={"help": "Position code: 'binary', 'gray', or 'fourier' (the binary bits plus 4 sine/cosine pairs "
+                  "of the position per axis; more inputs per g-net)."},
+    )
     stochastic: bool = field(
         default=False,
         metadata={"help": "Sample weights around the g-net output with a learned per-tile noise scale in training."},

@@ -36,7 +36,7 @@ from torch import nn
 
 from .bank import GNetBank, Tables, _pick, _randn, _scatter, register_family
 from .kernels import backward_from, forward_into, fused_backward, fused_forward, reference_forward
-from .tiling import TileGeometry, TileRows, num_bits
+from .tiling import TileGeometry, TileRows, code_inputs
 
 if TYPE_CHECKING:
     from .config import GBConfig
@@ -79,7 +79,7 @@ class MLPBank(GNetBank):
 
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
-        inputs = num_bits(geometry.rows) + num_bits(geometry.cols) + geometry.kernel_bits
+        inputs = code_inputs(geometry, config.encoding)
         return (inputs + 2) * config.hidden_dim + (0 if config.center else 1)
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
@@ -198,7 +198,7 @@ class DeepBank(GNetBank):
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
         h1, h2 = config.hidden_dim, config.second_hidden_dim
-        inputs = num_bits(geometry.rows) + num_bits(geometry.cols) + geometry.kernel_bits
+        inputs = code_inputs(geometry, config.encoding)
         return (inputs + 1) * h1 + (h1 + 2) * h2 + (0 if config.center else 1)
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
@@ -288,7 +288,7 @@ class SharedBank(MLPBank):
 
     @classmethod
     def bank_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
-        inputs = num_bits(geometry.rows) + num_bits(geometry.cols) + geometry.kernel_bits
+        inputs = code_inputs(geometry, config.encoding)
         return (inputs + 1) * config.hidden_dim
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:

@@ -1,6 +1,12 @@
 """Test-wide settings: tiny banks run the eager kernels unless a test is marked ``compiled``."""
 
+import os
+
 import pytest
+
+# The same default for what runs outside a test function (module- and session-scoped fixtures build models too):
+# a checkpoint saved by a fixture on one kernel path and reloaded in a test on another would differ in the last bit.
+os.environ.setdefault("HF_GB_DISABLE_COMPILE", "1")
 
 
 @pytest.fixture(autouse=True)

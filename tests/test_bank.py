@@ -8,7 +8,9 @@ from hf_gb.bank import GNetBank, MLPBank, families, family_class, register_famil
 from hf_gb.tiling import TileGeometry
 
 GEOMETRIES = [TileGeometry(4, 6), TileGeometry(5, 3, 4), TileGeometry(1, 7)]
-SETTINGS = [dict(center=True), dict(center=False), dict(center=True, stochastic=True, init_noise=0.3)]
+SETTINGS = [dict(center=True), dict(center=False), dict(center=True, stochastic=True, init_noise=0.3),
+            dict(center=True, encoding="fourier")]
+IDS = ["centred", "uncentred", "stochastic", "fourier"]
 
 
 def _bank(family, geometry, n=5, **config):
@@ -21,7 +23,7 @@ def family(request):
     return request.param
 
 
-@pytest.mark.parametrize("config", SETTINGS, ids=["centred", "uncentred", "stochastic"])
+@pytest.mark.parametrize("config", SETTINGS, ids=IDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_predict_any_subset_of_tiles(family, geometry, config):
     bank = _bank(family, geometry, **config)
@@ -36,7 +38,7 @@ def test_predict_any_subset_of_tiles(family, geometry, config):
         torch.testing.assert_close(mean.sum(2), torch.zeros_like(mean.sum(2)), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("config", SETTINGS, ids=["centred", "uncentred", "stochastic"])
+@pytest.mark.parametrize("config", SETTINGS, ids=IDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_push_equals_autograd_of_the_reference(family, geometry, config):
     """push(grad) of tiles `index` == d sum(grad * prediction) / d params, with the unfused reference and autograd."""
@@ -58,6 +60,16 @@ def test_push_equals_autograd_of_the_reference(family, geometry, config):
         torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
     untouched = [i for i in range(5) if i not in index.tolist()]
     assert all(got[n][untouched].abs().sum() == 0 for n in got if got[n].shape[0] == 5)  # only tiles `index` learn
+
+
+@pytest.mark.parametrize("encoding", ["binary", "fourier"])
+def test_counted_values_are_the_parameters(family, encoding):
+    """What compression ratios count (`params_per_tile`, `bank_params`) is what the bank holds, for every code."""
+    geometry = TileGeometry(8, 16, 3)
+    cls = family_class(family)
+    config = GBConfig(hidden_dim=3, kernel="eager", encoding=encoding)
+    bank = cls(geometry, 5, config, torch.Generator().manual_seed(0))
+    assert bank.num_gnet_params() == 5 * cls.params_per_tile(geometry, config) + cls.bank_params(geometry, config)
 
 
 def test_fused_forward_matches_reference(family):

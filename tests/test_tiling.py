@@ -8,8 +8,10 @@ from hf_gb import GBConfig
 from hf_gb.bank import MLPBank
 from hf_gb.layers import view3d
 from hf_gb.tiling import (
+    FOURIER_PAIRS,
     TileGeometry,
     choose_geometry,
+    code_width,
     compression_of,
     grid,
     num_bits,
@@ -105,6 +107,20 @@ def test_position_codes_are_distinct_pm1(encoding, size):
     assert codes.shape == (size, num_bits(size))
     assert set(codes.unique().tolist()) <= {-1.0, 1.0}
     assert len({tuple(c) for c in codes.tolist()}) == size
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 16, 100])
+def test_fourier_codes_are_the_bits_and_smooth_pairs(size):
+    codes = position_codes(size, "fourier")
+    pairs = min(FOURIER_PAIRS, num_bits(size))
+    assert codes.shape == (size, code_width(size, "fourier")) == (size, num_bits(size) + 2 * pairs)
+    assert torch.equal(codes[:, : num_bits(size)], position_codes(size))  # the binary bits come first
+    if not pairs:  # one position: nothing to code
+        return
+    sin, cos = codes[:, num_bits(size) :].split(pairs, dim=1)
+    torch.testing.assert_close(sin**2 + cos**2, torch.ones_like(sin))
+    if size > 1:  # the lowest frequency is monotone in the position: smooth, unlike any single bit
+        assert bool((cos[1:, 0] < cos[:-1, 0]).all())
 
 
 def test_binary_codes_lsb_first():
