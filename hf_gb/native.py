@@ -1,7 +1,7 @@
 """The native CPU g-net kernel (``hf_gb/csrc/gnet_cpu.cpp``), built on first use with `torch.utils.cpp_extension`.
 
-It computes what `hf_gb.kernels` states, for float32 banks on CPU, in about a third of the compiled forward's time
-and half of its backward's (`benchmarks/bench_engine.py`). The build needs a C++ compiler with OpenMP and ninja (the
+It computes what `hf_gb.kernels` states, for float32 banks on CPU, in about half the compiled forward's time and
+two thirds of its backward's (`benchmarks/bench_engine.py`). The build needs a C++ compiler with OpenMP and ninja (the
 compiler ``torch.compile`` needs on CPU, plus the ninja package), takes about 40 s once per machine and is cached
 in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It is compiled
 for the CPU it runs on, so its directory name hashes that CPU with the source and the torch and Python versions.
