@@ -18,6 +18,26 @@ def _bank(family, geometry, n=5, **config):
     return family_class(family)(geometry, n, cfg, torch.Generator().manual_seed(0)).double()
 
 
+def push_against_reference(bank, index, seed=None):
+    """push a random tile gradient of tiles ``index`` (noise of ``seed`` if given) and assert it equals autograd
+    through the bank's unfused reference; returns the pushed gradients by parameter name, and the tile gradient."""
+    g = bank.geometry
+    grad = torch.randn(len(index), g.rows, g.cols * g.kernel, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+    bank.predict(index, noise_seed=seed)
+    bank.push(grad.clone())
+    got = {n: p.grad.clone() for n, p in bank.named_parameters()}
+    bank.zero_grad(set_to_none=True)
+    want = bank(index, reference=True)
+    if seed is not None:
+        want = want + bank.sigma(index)[:, None, None] * bank.noise(seed, index)
+    (want * grad).sum().backward()
+    for name, p in bank.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    bank.zero_grad(set_to_none=True)
+    return got, grad
+
+
 @pytest.fixture(params=families())
 def family(request):
     return request.param
@@ -42,22 +62,8 @@ def test_predict_any_subset_of_tiles(family, geometry, config):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_push_equals_autograd_of_the_reference(family, geometry, config):
     """push(grad) of tiles `index` == d sum(grad * prediction) / d params, with the unfused reference and autograd."""
-    bank = _bank(family, geometry, **config)
-    seed = 5 if config.get("stochastic") else None
     index = torch.tensor([4, 1, 2])
-    gen = torch.Generator().manual_seed(1)
-    grad = torch.randn(3, geometry.rows, geometry.cols * geometry.kernel, generator=gen, dtype=torch.float64)
-    bank.predict(index, noise_seed=seed)
-    bank.push(grad.clone())
-    got = {n: p.grad for n, p in bank.named_parameters()}
-    bank.zero_grad(set_to_none=True)
-
-    want_out = bank(index, reference=True)
-    if seed is not None:
-        want_out = want_out + bank.sigma(index)[:, None, None] * bank.noise(seed, index)
-    (want_out * grad).sum().backward()
-    for name, p in bank.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    got, _ = push_against_reference(_bank(family, geometry, **config), index, 5 if config.get("stochastic") else None)
     untouched = [i for i in range(5) if i not in index.tolist()]
     assert all(got[n][untouched].abs().sum() == 0 for n in got if got[n].shape[0] == 5)  # only tiles `index` learn
 

@@ -93,6 +93,28 @@ def _reference_weights(gb, noise_seed=None):
     return weights
 
 
+def push_against_autograd(model, gb, batches, step=None, noise_seed=None):
+    """predict, one backward per batch, push; then assert that predict wrote exactly the reference prediction
+    (`_reference_weights`) and that the pushed gradients of the trainable g-net tensors and the uncompressed tensors
+    equal end-to-end autograd through it. Returns ``(trainable (name, param) pairs, their pushed gradients)``; the
+    gradients of the uncompressed tensors follow in the list."""
+    gb.predict_weights(step=step)
+    for x, y in batches:
+        _loss(model(x), y).backward()
+    gb.push_gradients()
+    trainable = [(n, p) for n, p in gb.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable] + gb.uncompressed_parameters()
+    got = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    reference = _reference_weights(gb, noise_seed=noise_seed)
+    for name, w in reference.items():  # predict wrote exactly the reference prediction
+        torch.testing.assert_close(model.get_parameter(name).detach(), w.detach(), rtol=1e-12, atol=1e-12)
+    total = sum(_loss(functional_call(model, reference, (x,)), y) for x, y in batches)
+    want = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    return trainable, got
+
+
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["deterministic", "stochastic"])
 @pytest.mark.parametrize("accumulate", [1, 3])
@@ -100,30 +122,16 @@ def test_push_equals_end_to_end_autograd(accumulate, stochastic, center):
     model, gb = _net(stochastic=stochastic, init_noise=0.3, center=center)
     assert {t.name for t in gb.covered} == NET_COVERED
     gb.train()
-    batches = _batches(accumulate)
     weights_before = {t.name: t.param for t in gb.covered}
     ptrs = {t.name: t.param.data_ptr() for t in gb.covered}
 
-    gb.predict_weights(step=7)
-    for x, y in batches:
-        _loss(model(x), y).backward()
-    gb.push_gradients()
-    trainable = [(n, p) for n, p in gb.named_parameters() if p.requires_grad]
+    trainable, got = push_against_autograd(model, gb, _batches(accumulate), step=7,
+                                           noise_seed=gb.noise_seed(7) if stochastic else None)
     # Centring removes the output bias: centred banks have none.
     assert any(n.endswith(".b2") for n, _ in trainable) == (not center)
-    gnet_params, uncompressed = [p for _, p in trainable], gb.uncompressed_parameters()
-    got = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in gnet_params + uncompressed]
     assert all(t.param.grad is None for t in gb.covered)  # the weight grads were consumed
     # Same Parameter objects, same storage: predict writes in place.
     assert all(t.param is weights_before[t.name] and t.param.data_ptr() == ptrs[t.name] for t in gb.covered)
-
-    reference = _reference_weights(gb, noise_seed=gb.noise_seed(7) if stochastic else None)
-    for name, w in reference.items():  # predict wrote exactly the reference prediction
-        torch.testing.assert_close(model.get_parameter(name).detach(), w.detach(), rtol=1e-12, atol=1e-12)
-    total = sum(_loss(functional_call(model, reference, (x,)), y) for x, y in batches)
-    want = torch.autograd.grad(total, gnet_params + uncompressed, allow_unused=True, materialize_grads=True)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
     for (name, _), g in zip(trainable, got):  # every trainable g-net tensor learns
         assert g.abs().sum() > 0 or g.numel() == 1, name
     if stochastic:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from test_bottleneck import NET_COVERED, Parallel, _batches, _loss, _net, _reference_weights
+from test_bank import push_against_reference
+from test_bottleneck import NET_COVERED, Parallel, _batches, _net, push_against_autograd
 from torch import nn
-from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -69,18 +69,7 @@ def test_push_sums_the_tiles_into_the_shared_weights(geometry, config):
     bank = _bank(geometry, **config)
     seed = 5 if config.get("stochastic") else None
     index = torch.tensor([4, 1, 2])
-    grad = torch.randn(3, geometry.rows, geometry.cols * geometry.kernel, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64)
-    bank.predict(index, noise_seed=seed)
-    bank.push(grad.clone())
-    got = {n: p.grad.clone() for n, p in bank.named_parameters()}
-    bank.zero_grad(set_to_none=True)
-    want = bank(index, reference=True)
-    if seed is not None:
-        want = want + bank.sigma(index)[:, None, None] * bank.noise(seed, index)
-    (want * grad).sum().backward()
-    for name, p in bank.named_parameters():
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    got, grad = push_against_reference(bank, index, seed)
     for name in SHARED:
         if name in got:
             assert got[name].abs().sum() > 0, name
@@ -115,20 +104,7 @@ def test_index_subsets_give_the_tiles_of_the_full_prediction(geometry):
 def test_push_equals_end_to_end_autograd(accumulate):
     model, gb = _net(family="shared", hidden_dim=3)
     assert {t.name for t in gb.covered} == NET_COVERED
-    batches = _batches(accumulate)
-    gb.predict_weights()
-    for x, y in batches:
-        _loss(model(x), y).backward()
-    gb.push_gradients()
-    params = [p for p in gb.parameters() if p.requires_grad] + gb.uncompressed_parameters()
-    got = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-    reference = _reference_weights(gb)
-    for name, w in reference.items():
-        torch.testing.assert_close(model.get_parameter(name).detach(), w.detach(), rtol=1e-12, atol=1e-12)
-    total = sum(_loss(functional_call(model, reference, (x,)), y) for x, y in batches)
-    want = torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    _, got = push_against_autograd(model, gb, _batches(accumulate))
     assert sum(float(g.abs().sum()) for g in got) > 0
 
 
