@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .kernels import center_tiles, center_tiles_, use_compiled
+from .kernels import center_tiles, center_tiles_
 from .kernels import kernel_path as _kernel_path
 from .tiling import TileGeometry, TileRows, code_width, position_codes
 
@@ -159,7 +159,7 @@ class GNetBank(nn.Module):
 
     def compiled(self) -> bool:
         """Whether this bank runs built kernels, compiled or native (`GBConfig.kernel`, bank size, availability)."""
-        return use_compiled(self.kernel, self.n_tiles * self.geometry.numel)
+        return self.kernel_path() != "eager"
 
     def kernel_path(self) -> str:
         """The kernels this bank runs on its parameters' device and dtype: 'native', 'compiled' or 'eager'."""

@@ -134,7 +134,7 @@ def use_compiled(kernel: str, numel: int) -> bool:
     """Whether a bank of ``numel`` weights takes the compiled path under ``kernel`` ('auto'|'compiled'|'eager')."""
     if kernel == "eager" or _compile_failed or os.environ.get("HF_GB_DISABLE_COMPILE", "0") == "1":
         return False
-    return kernel in ("compiled", "native") or numel >= AUTO_COMPILE_MIN_NUMEL
+    return kernel == "compiled" or numel >= AUTO_COMPILE_MIN_NUMEL
 
 
 def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtype) -> str:
@@ -155,7 +155,9 @@ def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtyp
             _native_refused = True
             logger.warning("GBConfig.kernel='native' runs float32 banks on CPU only; this bank (%s, %s) runs the "
                            "compiled kernels", device.type, dtype)
-    return "compiled" if use_compiled("compiled" if kernel != "auto" else kernel, numel) else "eager"
+    if _compile_failed or (kernel == "auto" and numel < AUTO_COMPILE_MIN_NUMEL):
+        return "eager"
+    return "compiled"
 
 
 def _path(compiled: bool | str) -> str:

@@ -59,11 +59,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(script: str, *args: str) -> subprocess.CompletedProcess:
+def launch_two(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``script`` in 2 gloo processes; ``env`` overrides `subprocess_env`'s variables."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), script, *args]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
+                            timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -1,12 +1,7 @@
 """The native CPU kernel (hf_gb/csrc/gnet_cpu.cpp): values and gradients against the float64 reference, the
 in-place route through the weights' rows, the kernel choice, and the fallback when it cannot be built."""
 
-import importlib.util
 import logging
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -250,44 +245,22 @@ def test_path_names_pick_their_kernels(monkeypatch):
         fused_forward(A, B, w2, compiled="fast")
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def test_ddp_on_the_native_kernels(tmp_path, ext, monkeypatch):
     """Two gloo processes on the native kernels (weights written and their DDP-averaged gradients read in place)
     end bit-identical, and match one process on the whole batch as the eager run does (test_accelerate_plugin)."""
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from test_accelerate_plugin import _SCRIPT, launch_two, loop, new_accelerator
 
-    script = os.path.join(ROOT, "tests", "scripts", "accelerate_ddp.py")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "GB_TEST_KERNEL": "native", "OMP_NUM_THREADS": "1"}
-    env.pop("HF_GB_DISABLE_COMPILE", None)
-    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "RANK", "WORLD_SIZE",
-                "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), script, str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_two(_SCRIPT, str(tmp_path), env={"HF_GB_DISABLE_COMPILE": "0", "GB_TEST_KERNEL": "native"})
     assert "cannot be built" not in result.stderr
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for name in ("plain", "stochastic"):
         for k in rank0[name]:
             assert torch.equal(rank0[name][k], rank1[name][k]), f"{name} {k}"
 
-    spec = importlib.util.spec_from_file_location("accelerate_ddp_native", script)
-    loop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loop)
     monkeypatch.setenv("GB_TEST_KERNEL", "native")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     try:
-        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=loop.GRAD_ACCUM)
+        accelerator = new_accelerator(loop.GRAD_ACCUM)
         plugin = loop.make_plugin()
         model, optimizer = loop.setup(accelerator, plugin, seed=100)  # rank 0's init, which prepare() broadcast
         assert {b.kernel_path() for b in plugin.bottleneck.banks.values()} == {"native"}
