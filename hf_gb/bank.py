@@ -192,8 +192,7 @@ class GNetBank(nn.Module):
         """
         if noise_seed is not None and self.log_sigma is None:
             raise ValueError("noise_seed given to a bank without learned noise (GBConfig.stochastic=False)")
-        with torch.no_grad() if self._closed_form else contextlib.nullcontext():
-            tables = self.tables(index)
+        tables = self._tables_for_push(index)
         with torch.no_grad():
             detached = tuple(t.detach() for t in tables)
             out = self.evaluate_centered(detached) if self.center else self.evaluate(detached)
@@ -202,10 +201,14 @@ class GNetBank(nn.Module):
         self._saved = (tables, index, noise_seed) if keep_graph else None
         return out
 
+    def _tables_for_push(self, index: torch.Tensor | None) -> Tables:
+        # A family with closed-form parameter gradients needs no graph from its tables to its parameters.
+        with torch.no_grad() if self._closed_form else contextlib.nullcontext():
+            return self.tables(index)
+
     def predict_into(self, rows: TileRows, keep_graph: bool = True) -> None:
         """`predict` of every tile, noise-free, written into the weight rows ``rows`` (`writes_rows` banks)."""
-        with torch.no_grad() if self._closed_form else contextlib.nullcontext():
-            tables = self.tables(None)
+        tables = self._tables_for_push(None)
         with torch.no_grad():
             self.evaluate_into(tuple(t.detach() for t in tables), rows)
         self._saved = (tables, None, None) if keep_graph else None
