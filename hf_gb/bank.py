@@ -265,8 +265,14 @@ class GNetBank(nn.Module):
             params = [p for p in self.parameters() if p.requires_grad]
             pairs += zip(params, torch.autograd.grad(tensors, params, grads, allow_unused=True))
         for param, g in pairs:
-            if g is not None and param.requires_grad:
-                param.grad = g if param.grad is None else param.grad.add_(g)
+            if g is None or not param.requires_grad:
+                continue
+            if param.grad is not None:
+                param.grad.add_(g)
+            elif g.stride() == param.stride():
+                param.grad = g
+            else:  # an einsum's permuted result: a fused optimizer reads grad and param as flat memory of one layout
+                param.grad = torch.empty_like(param).copy_(g)
 
     def __getstate__(self):
         # What predict kept for push holds an autograd graph, which neither copies nor pickles; a copy starts clean.
