@@ -14,7 +14,17 @@ from torch import nn
 from .bank import GNetBank, family_class
 from .config import GBConfig
 from .layers import find_targets, view3d
-from .tiling import TileGeometry, TileRows, choose_geometry, compression_of, grid, tile_into, tile_rows, untile_into
+from .tiling import (
+    TileGeometry,
+    TileRows,
+    choose_geometry,
+    compression_of,
+    gain_values,
+    grid,
+    tile_into,
+    tile_rows,
+    untile_into,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +32,24 @@ logger = logging.getLogger(__name__)
 DEFAULT_TILE_SIZE = (128, 128)
 # Attribute of a model that points (weakly) to the bottleneck attached to it.
 _ATTACHED = "_hf_gb_bottleneck"
+
+
+def stored_per_tile(shape: tuple[int, int, int], geometry: TileGeometry, config: GBConfig) -> float:
+    """Stored values per tile of an ``(out, in, K)`` tensor: its g-net's, and its share of the bank's shared values
+    (`GNetBank.params_per_tile_of`) and of the tensor's gains, so that `compression` counts everything stored."""
+    n_tiles = math.prod(grid(shape, geometry))
+    own = family_class(config.family).params_per_tile_of(geometry, config, n_tiles)
+    return own + gain_values(shape, config.gains) / n_tiles
+
+
+def gain_key(name: str) -> str:
+    """The key of a covered tensor's gains in `GenomicBottleneck.row_gains` / ``col_gains`` (no dots allowed)."""
+    return name.replace(".", "-")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (FSDP2 DTensor) tensor; the tensor itself when it is not sharded."""
+    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
 
 
 def _check_model(model: nn.Module) -> None:
@@ -59,8 +87,10 @@ class CoveredTensor:
     param: nn.Parameter
 
     def gnet_params(self, config: GBConfig) -> int:
-        """Values of this tensor's own tiles (a bank's shared values are not included; see `bank_shares`)."""
-        return round(self.n_tiles * family_class(config.family).params_per_tile(self.geometry, config))
+        """Values of this tensor's own tiles and gains (a bank's shared values are not included; see
+        `bank_shares`)."""
+        tiles = self.n_tiles * family_class(config.family).params_per_tile(self.geometry, config)
+        return round(tiles) + gain_values(self.shape, config.gains)
 
     def to_json(self) -> dict[str, Any]:
         g = self.geometry
@@ -119,9 +149,9 @@ class GenomicBottleneck(nn.Module):
         for target in targets:
             # The full (out, in, K) shape, also of a DTensor shard (a meta tensor holds no data).
             shape = tuple(view3d(torch.empty(target.param.shape, device="meta"), target.layout).shape)
-            geometry = self._geometry(shape, family)
+            geometry = self._geometry(shape)
             n_tiles = math.prod(grid(shape, geometry))
-            ratio = compression_of(shape, geometry, family.params_per_tile_of(geometry, config, n_tiles))
+            ratio = compression_of(shape, geometry, stored_per_tile(shape, geometry, config))
             if ratio < config.min_compression:
                 self.skipped.append((target.name, f"g-nets would compress it only {ratio:.2f}x"))
                 continue
@@ -137,6 +167,16 @@ class GenomicBottleneck(nn.Module):
         order = {t.name: i for i, t in enumerate(targets)}
         self.covered.sort(key=lambda t: order[t.name])  # model order, for tables and files
         self._members = {key: [t for t in self.covered if t.geometry.key() == key] for key in self.banks}
+        # GBConfig.gains: log-gains, so exp() keeps them positive and 0 (the init) predicts what the banks do.
+        self.row_gains, self.col_gains = nn.ParameterDict(), nn.ParameterDict()
+        for t in self.covered:
+            key = gain_key(t.name)
+            if key in self.row_gains or key in self.col_gains:
+                raise ValueError(f"covered tensors {t.name!r} and another map to the same gain name {key!r}")
+            if config.gains in ("rows", "both"):
+                self.row_gains[key] = nn.Parameter(torch.zeros(t.shape[0]))
+            if config.gains in ("columns", "both"):
+                self.col_gains[key] = nn.Parameter(torch.zeros(t.shape[1]))
         device = next((t.param.device for t in self.covered), None)
         if device is not None:
             self.to(device)
@@ -150,12 +190,10 @@ class GenomicBottleneck(nn.Module):
             self.predict_weights(sample=False, keep_graph=False)
 
     # ----------------------------------------------------------------- construction
-    def _geometry(self, shape: tuple[int, int, int], family: type[GNetBank]) -> TileGeometry:
+    def _geometry(self, shape: tuple[int, int, int]) -> TileGeometry:
         c = self.config
         tile_size = c.tile_size if c.tile_size is not None or c.compression is not None else DEFAULT_TILE_SIZE
-        # Shared values (`GNetBank.bank_params`) are spread over this tensor's own tiles (see `params_per_tile_of`).
-        return choose_geometry(shape, lambda g: family.params_per_tile_of(g, c, math.prod(grid(shape, g))),
-                               c.compression, tile_size)
+        return choose_geometry(shape, lambda g: stored_per_tile(shape, g, c), c.compression, tile_size)
 
     @torch.no_grad()
     def _calibrate(self) -> None:
@@ -236,7 +274,55 @@ class GenomicBottleneck(nn.Module):
             with torch.no_grad():
                 for t in self._members[key]:
                     untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
+        if self.row_gains or self.col_gains:
+            self._apply_gains()
         self._predicted = keep_graph
+
+    def _gains_of(self, t: CoveredTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Tensor ``t``'s (rows, columns) gains, as (out, 1, 1) and (1, in, 1) factors of its local rows."""
+        key = gain_key(t.name)
+        rows = self.row_gains[key] if key in self.row_gains else None
+        cols = self.col_gains[key] if key in self.col_gains else None
+        shard = self._shards.get(t.name)
+        if rows is not None and shard is not None:
+            rows = rows[shard.start : shard.stop]
+        return (None if rows is None else rows.detach().exp()[:, None, None],
+                None if cols is None else cols.detach().exp()[None, :, None])
+
+    @torch.no_grad()
+    def _apply_gains(self) -> None:
+        """Weight = exp(rows) * G * exp(columns), in place over what the banks wrote."""
+        for t in self.covered:
+            w = view3d(_local(t.param.data), t.layout)
+            for gain in self._gains_of(t):
+                if gain is not None:
+                    w.mul_(gain)
+
+    @torch.no_grad()
+    def _push_gains(self) -> None:
+        """The gains' gradients from the weights' (d log r_i = sum_j dW_ij W_ij, likewise per column), then the
+        weights' gradients turned into the banks' output gradients (dG = r dW c), in place."""
+        for t in self.covered:
+            if t.param.grad is None:
+                continue
+            grad = view3d(_local(t.param.grad), t.layout)
+            key = gain_key(t.name)
+            dtype = (self.row_gains[key] if key in self.row_gains else self.col_gains[key]).dtype
+            prod = grad.to(dtype) * view3d(_local(t.param.data), t.layout).to(dtype)
+            for gains, dims in ((self.row_gains, (1, 2)), (self.col_gains, (0, 2))):
+                if key not in gains:
+                    continue
+                g = prod.sum(dims)
+                shard = self._shards.get(t.name)
+                if dims == (1, 2) and shard is not None:  # this rank's rows; the sum over ranks fills the rest
+                    full = torch.zeros_like(gains[key])
+                    full[shard.start : shard.stop] = g
+                    g = full
+                gains[key].grad = g if gains[key].grad is None else gains[key].grad.add_(g)
+            del prod
+            for gain in self._gains_of(t):
+                if gain is not None:
+                    grad.mul_(gain)
 
     def _weight_rows(self, key: str, bank: GNetBank, what: str) -> TileRows | None:
         """Where bank ``key``'s tile rows lie in its weights' ``what`` ('data' or 'grad'), if its kernels address
@@ -262,6 +348,8 @@ class GenomicBottleneck(nn.Module):
         if not self._predicted:
             raise RuntimeError("push_gradients() called without a preceding predict_weights() for this step")
         self._predicted = False
+        if self.row_gains or self.col_gains:
+            self._push_gains()
         for key, bank in self.banks.items():
             members = self._members[key]
             plan = self._plans.get(key)

@@ -173,11 +173,11 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
 def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
     """How many values the g-nets of ``config`` over ``model`` hold, from the shapes alone: the same targets,
     geometry and ``min_compression`` as `GenomicBottleneck`, counted by the family's `GNetBank.params_per_tile`
-    per tile and `GNetBank.bank_params` once per bank (tile geometry)."""
+    per tile, `GNetBank.bank_params` once per bank (tile geometry) and the tensors' gains."""
     from .bank import family_class
-    from .bottleneck import DEFAULT_TILE_SIZE
+    from .bottleneck import DEFAULT_TILE_SIZE, stored_per_tile
     from .layers import find_targets, view3d
-    from .tiling import choose_geometry, compression_of, grid
+    from .tiling import choose_geometry, compression_of, gain_values, grid
 
     family = family_class(config.family)
     explicit_tile = config.tile_size is not None or config.compression is not None
@@ -185,13 +185,11 @@ def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
     total, banks = 0, set()
     for target in find_targets(model, config)[0]:
         shape = tuple(view3d(target.param.detach(), target.layout).shape)
-
-        def per_tile(geometry, shape=shape):
-            return family.params_per_tile_of(geometry, config, _prod(grid(shape, geometry)))
-
-        geometry = choose_geometry(shape, per_tile, config.compression, tile_size)
-        if compression_of(shape, geometry, per_tile(geometry)) >= config.min_compression:
+        geometry = choose_geometry(shape, lambda g, shape=shape: stored_per_tile(shape, g, config),
+                                   config.compression, tile_size)
+        if compression_of(shape, geometry, stored_per_tile(shape, geometry, config)) >= config.min_compression:
             total += _prod(grid(shape, geometry)) * family.params_per_tile(geometry, config)
+            total += gain_values(shape, config.gains)
             banks.add(geometry)
     return round(total + sum(family.bank_params(g, config) for g in banks))
 

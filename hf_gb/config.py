@@ -31,6 +31,7 @@ MAX_CONFIG_BYTES = 64 * 2**20
 MAX_TENSOR_DIMS = 8
 _ENCODINGS = ("binary", "gray", "fourier")
 _KERNELS = ("auto", "native", "compiled", "eager")
+_GAINS = ("none", "rows", "columns", "both")
 
 
 @dataclass
@@ -117,6 +118,14 @@ class GBConfig:
         default=True,
         metadata={"help": "A learned output gain per tile in the 'shared' family (other families: unused)."},
     )
+    gains: str = field(
+        default="none",
+        metadata={
+            "help": "Learned output gains of every covered tensor, any family: 'rows' (one per output row), "
+            "'columns' (one per input channel), 'both' (weight = diag(exp(r)) G diag(exp(c))), or 'none'. "
+            "They are stored values too: `compression` counts them."
+        },
+    )
     skip_nonfinite: bool = field(
         default=True,
         metadata={
@@ -142,7 +151,7 @@ class GBConfig:
             self.tile_size = list(sizes)
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, check_pattern(name, getattr(self, name)))
-        for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS)):
+        for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS), ("gains", _GAINS)):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
                 raise ValueError(f"{name} must be one of {choices}, got {name}={getattr(self, name)!r}")
         # strict: "no" or null must not read as a boolean

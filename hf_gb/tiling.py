@@ -142,6 +142,11 @@ def compression_of(shape: Sequence[int], geom: TileGeometry, tile_params: float)
     return shape[0] * shape[1] * shape[2] / (nr * nc * tile_params)
 
 
+def gain_values(shape: Sequence[int], gains: str) -> int:
+    """Stored output gains of an ``(out, in, K)`` tensor under ``GBConfig.gains``: one per row and/or per input."""
+    return (shape[0] if gains in ("rows", "both") else 0) + (shape[1] if gains in ("columns", "both") else 0)
+
+
 def _sides(size: int) -> list[int]:
     sides = {size}
     p = 1

@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hf_gb import GBConfig, GenomicBottleneck
+from hf_gb.bottleneck import gain_key
 
 
 class Conv1D(nn.Module):
@@ -89,6 +90,11 @@ def _reference_weights(gb, noise_seed=None):
             nr, nc = math.ceil(t.shape[0] / g.rows), math.ceil(t.shape[1] / g.cols)
             w = w.reshape(nr, nc, g.rows, g.cols, g.kernel).permute(0, 2, 1, 3, 4)
             w = w.reshape(nr * g.rows, nc * g.cols, g.kernel)[: t.shape[0], : t.shape[1]]
+            gain = gain_key(t.name)  # GBConfig.gains: weight = exp(rows) * G * exp(columns)
+            if gain in gb.row_gains:
+                w = w * gb.row_gains[gain].exp()[:, None, None]
+            if gain in gb.col_gains:
+                w = w * gb.col_gains[gain].exp()[None, :, None]
             weights[t.name] = w.squeeze(-1).t() if t.layout == "transposed" else w.reshape(t.param_shape)
     return weights
 

@@ -16,11 +16,11 @@ from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.checkpoint import WEIGHTS_NAME
 
 
-def tiny_bottleneck(seed: int = 0) -> GenomicBottleneck:
+def tiny_bottleneck(seed: int = 0, **gb_config) -> GenomicBottleneck:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return GenomicBottleneck(LlamaForCausalLM(config), GBConfig(hidden_dim=8, tile_size=16))
+    return GenomicBottleneck(LlamaForCausalLM(config), GBConfig(**{"hidden_dim": 8, "tile_size": 16, **gb_config}))
 
 
 @pytest.fixture(scope="module")

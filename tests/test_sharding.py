@@ -87,11 +87,11 @@ def test_empty_shard_selects_nothing():
 
 def test_engine_on_fully_shard_matches_one_process(tmp_path):
     """Uneven shards (19 rows -> 10 + 9, tiles straddling the boundary), gradient accumulation 1 and 3, learned
-    noise, and bf16 MixedPrecisionPolicy: predictions and g-net gradients equal one process's (the script asserts
-    every comparison; here we check that it made them)."""
+    noise, bf16 MixedPrecisionPolicy and row/column gains (their rows split over the ranks): predictions and g-net
+    gradients equal one process's (the script asserts every comparison; here we check that it made them)."""
     torchrun("fsdp_engine.py", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert set(reports[0]) == {"accum1", "accum3", "stochastic", "bf16"}
+    assert set(reports[0]) == {"accum1", "accum3", "stochastic", "bf16", "gains"}
     assert reports[0]["accum1"]["shards"] == {"0.weight": [0, 10], "2.weight": [0, 6], "4.weight": [0, 2]}
     assert reports[1]["accum1"]["shards"] == {"0.weight": [10, 19], "2.weight": [6, 11], "4.weight": [2, 3]}
     for report in reports:

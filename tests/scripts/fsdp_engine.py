@@ -55,7 +55,8 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: dict) -> float:
 
 def run(case: dict, rank: int, world: int) -> dict:
     dims, accum, mixed = case["dims"], case["accum"], case["mixed"]
-    config = GBConfig(hidden_dim=2, tile_size=8, stochastic=case["stochastic"], seed=3)
+    config = GBConfig(hidden_dim=2, tile_size=8, stochastic=case["stochastic"], seed=3,
+                      gains=case.get("gains", "none"))
     tol = {"rtol": 2e-2, "atol": 2e-3} if mixed else TOL  # the sharded forward runs in bf16 there
     ref_model = build(dims)
     ref = GenomicBottleneck(ref_model, config)
@@ -129,6 +130,7 @@ def main(report_dir: str) -> None:
         {"name": "accum3", "dims": [20, 19, 11, 3], "accum": 3, "stochastic": False, "mixed": False},
         {"name": "stochastic", "dims": [20, 19, 11, 3], "accum": 1, "stochastic": True, "mixed": False},
         {"name": "bf16", "dims": [20, 19, 11, 3], "accum": 3, "stochastic": False, "mixed": True},
+        {"name": "gains", "dims": [20, 19, 11, 3], "accum": 3, "stochastic": False, "mixed": False, "gains": "both"},
     ]
     only = os.environ.get("FSDP_ENGINE_CASES")
     reports = {c["name"]: run(c, rank, world) for c in cases if not only or c["name"] in only.split(",")}
