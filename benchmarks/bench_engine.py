@@ -124,7 +124,7 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
         gb = GenomicBottleneck(model, config)
         predict, push = _time_predict_push(gb, repeats)
         totals = [a + b for a, b in zip(predict, push)]
-        row = {"family": config.family, "hidden_dim": config.hidden_dim,
+        row = {"family": config.family, "hidden_dim": config.hidden_dim, "gains": config.gains,
                "second_hidden_dim": config.second_hidden_dim if config.family == "deep" else None,
                "covered_compression": gb.stats()["covered_compression"], "numel": numel,
                "flops_per_weight": flops_per_weight(config),
@@ -132,7 +132,8 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
                "best_total_ms_per_M": min(totals) * 1e3 * 1e6 / numel}
         rows.append(row)
         gb.detach_model()  # the next family attaches its own bottleneck to the same layers
-        print(f"  {config.family:<5} h={config.hidden_dim:<3} {row['covered_compression']:6.1f}x  "
+        print(f"  {config.family:<5} gains={config.gains:<4} h={config.hidden_dim:<3} "
+              f"{row['covered_compression']:6.1f}x  "
               f"~{row['flops_per_weight']:.0f} flops/weight  predict+push {row['total_ms_per_M']:8.2f}  "
               f"best {row['best_total_ms_per_M']:8.2f} ms per 1M weights", flush=True)
     return rows
@@ -269,6 +270,7 @@ def main() -> None:
         print("predict + push per g-net family at compression 20, ms per million weights (median)", flush=True)
         side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 7)
         configs = [GBConfig(family="mlp", hidden_dim=32, compression=20),
+                   GBConfig(family="mlp", hidden_dim=32, compression=20, gains="both"),
                    GBConfig(family="deep", hidden_dim=16, second_hidden_dim=8, compression=20),
                    # "shared" as the LM benchmark runs it: 128 x 128 tiles, h sized for ~20x (quality_lm.py)
                    GBConfig(family="shared", hidden_dim=510, tile_size=128)]
@@ -297,7 +299,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for r in results["families"]:
             h = f"{r['hidden_dim']}" + (f", {r['second_hidden_dim']}" if r["second_hidden_dim"] else "")
-            print(f"| {r['family']} | {h} | {r['covered_compression']:.1f} | {r['flops_per_weight']:.0f} | "
+            family = r["family"] + ("" if r.get("gains", "none") == "none" else f", gains={r['gains']}")
+            print(f"| {family} | {h} | {r['covered_compression']:.1f} | {r['flops_per_weight']:.0f} | "
                   f"{r['total_ms_per_M']:.2f} | {r['best_total_ms_per_M']:.2f} |")
     if "step" in results:
         s, m = results["step"], results["step"]["memory"]

@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")  # committed full runs
@@ -17,9 +17,6 @@ if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout with
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-
-if TYPE_CHECKING:
-    from hf_gb import GenomicBottleneck
 
 
 def machine() -> dict[str, Any]:
@@ -86,21 +83,3 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def sparse_gnet_init(gb: GenomicBottleneck, shift: float) -> None:
-    """Shift each g-net's hidden biases to N(-shift, 0.5) and re-calibrate the output scale.
-
-    With the library's default init (biases near 0, pre-activations of unit variance), ``relu(A[i] + B[j])`` is
-    half linear, so the predicted tile is dominated by an additive part f(i) + g(j): rows of a weight matrix come out
-    almost parallel (|corr| ~0.9 measured on this MLP), all hidden units respond alike, the first loss is ~7 and a
-    few Adam steps kill every ReLU. Negative biases make each hidden unit fire on a sparse set of positions.
-    """
-    if shift <= 0:
-        return
-    gen = torch.Generator().manual_seed(gb.config.seed + 1)
-    with torch.no_grad():
-        for bank in gb.banks.values():
-            bank.b1.copy_(torch.randn(bank.b1.shape, generator=gen) * 0.5 - shift)
-    gb._calibrate()
-    gb.predict_weights(sample=False, keep_graph=False)

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import best_by, closest_size, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, mean_std, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
+from common import default_out, machine, mean_std, pyplot, read_parts, table, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -141,8 +141,10 @@ def accuracy(model: nn.Module, gb: GenomicBottleneck | None, X: torch.Tensor, y:
 
 
 def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr: float, gnet_lr: float,
-          batch_size: int, seed: int) -> float:
-    """Adam with cosine decay; with ``gb``, over the g-nets (``gnet_lr``) and the uncompressed tensors (``lr``)."""
+          batch_size: int, seed: int, warmup: float = 0.0, gnet_warmup: float | None = None) -> float:
+    """Adam with cosine decay after a linear warm-up over the fraction ``warmup`` of the steps (``gnet_warmup``:
+    the g-nets' own, default ``warmup``); with ``gb``, over the g-nets (``gnet_lr``) and the uncompressed tensors
+    (``lr``)."""
     Xtr, ytr, Xte, yte = data
     if gb is None:
         groups = [{"params": list(model.parameters()), "lr": lr}]
@@ -150,7 +152,12 @@ def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr:
         groups = [{"params": list(gb.parameters()), "lr": gnet_lr}, {"params": gb.uncompressed_parameters(), "lr": lr}]
     optimizer = torch.optim.Adam(groups)
     steps = epochs * math.ceil(len(Xtr) / batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    def schedule(fraction: float):
+        n = round(fraction * steps)
+        return lambda s: (s + 1) / n if s < n else 0.5 * (1 + math.cos(math.pi * (s - n) / max(1, steps - n)))
+
+    fractions = [warmup] if gb is None else [warmup if gnet_warmup is None else gnet_warmup, warmup]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(f) for f in fractions])
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -179,13 +186,12 @@ def with_seed(cfg: GBConfig, seed: int) -> GBConfig:
     return GBConfig.from_dict({**cfg.to_dict(), "seed": seed})
 
 
-def innate(model: nn.Module, cfg: GBConfig, shift: float, steps: int, lr: float, data,
+def innate(model: nn.Module, cfg: GBConfig, steps: int, lr: float, data,
            gb: GenomicBottleneck | None = None) -> tuple[float, dict[str, float], GenomicBottleneck]:
     """Fit g-nets to ``model``'s current weights and return the accuracy of the predicted network (no training)."""
     targets = covered_weights(model)
     if gb is None:
         gb = GenomicBottleneck(model, cfg)  # overwrites the covered weights with its first prediction
-        sparse_gnet_init(gb, shift)
     errors = fit_to_weights(gb, targets, steps=steps, lr=lr, progress=False)
     return accuracy(model, gb, data[2], data[3]), errors, gb
 
@@ -198,6 +204,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS), help="covered compressions to aim at")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="linear LR warm-up over this fraction of the steps, then cosine decay (every method)")
+    p.add_argument("--gnet_warmup", type=float, default=None,
+                   help="the g-nets' own warm-up fraction in GB runs (default: --warmup)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="Adam LR of the uncompressed tensors of GB runs and of the plain training that innate and "
@@ -218,10 +228,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tile_size", nargs="+", type=int, default=None,
                    help="fixed GBConfig.tile_size (one int or rows cols) instead of the tile chosen per target")
     p.add_argument("--no_tile_gain", action="store_true", help="GBConfig.tile_gain=False ('shared' family)")
+    p.add_argument("--gains", default="none", choices=["none", "rows", "columns", "both"], help="GBConfig.gains")
     p.add_argument("--label", default=None,
                    help="name of this GB setting in tables and plot (runs of several settings can be combined)")
-    p.add_argument("--gnet_bias_shift", type=float, default=0.0,
-                   help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
+    p.add_argument("--init_active", type=float, default=None, help="GBConfig.init_active (sparse g-net init)")
     p.add_argument("--fit_steps", type=int, default=300, help="Adam steps of each regression fit")
     p.add_argument("--fit_lrs", nargs="+", type=float, default=[1e-2, 3e-2],
                    help="regression LRs tried on seed 0; the lowest relative error picks the one for all seeds")
@@ -255,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = list(range(args.seeds))
     runs: list[dict[str, Any]] = []  # one row per (model, method, target, LR, seed)
     methods = set(args.methods)
+    schedule = {"warmup": args.warmup, "gnet_warmup": args.gnet_warmup}
 
     def log(row: dict[str, Any]) -> None:
+        row |= schedule
         runs.append(row)
         print(f"[{time.time() - t_start:6.0f}s] {row['model']} {row['method']:<11} target {row['target'] or '-':>5} "
               f"stored {row['stored']:6d}  lr {row.get('lr') or '-':<6} seed {row['seed']}  acc {row['accuracy']:.4f}",
@@ -267,23 +279,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in seeds if methods & {"plain", "innate"} else []:
             for lr in args.lrs if "plain" in methods else []:
                 model = fresh(name, seed)
-                acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed)
+                acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed, **schedule)
                 log({"model": name, "method": "plain", "target": None, "ratio": 1.0, "seed": seed, "lr": lr,
                      "accuracy": acc, "stored": stored_values(model)})
                 if lr == args.lr:
                     plain_states[seed] = copy.deepcopy(model.state_dict())
             if "innate" in methods and seed not in plain_states:
                 model = fresh(name, seed)
-                train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, seed)
+                train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, seed, **schedule)
                 plain_states[seed] = copy.deepcopy(model.state_dict())
         for target in args.targets:
             extra = {} if args.tile_size is None else {"tile_size": args.tile_size}
             if args.no_tile_gain:
                 extra["tile_gain"] = False
+            if args.gains != "none":
+                extra["gains"] = args.gains
+            if args.init_active is not None:
+                extra["init_active"] = args.init_active
             cfg, ratio = pick_config(name, target, args.encoding, args.hidden_dims, args.closest, family=args.family,
                                      second_hidden_dim=args.second_hidden_dim, **extra)
             common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim,
-                      "family": cfg.family, "second_hidden_dim": cfg.second_hidden_dim}
+                      "family": cfg.family, "second_hidden_dim": cfg.second_hidden_dim,
+                      "init_active": cfg.init_active, "gains": cfg.gains}
             if args.label is not None:  # a named setting: its rows (GB and baselines) are grouped apart
                 probe = GenomicBottleneck(fresh(name, 0), cfg)
                 tiles = sorted({"x".join(map(str, t.geometry.key()[:2])) for t in probe.covered})
@@ -296,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for seed in seeds:
                     model = fresh(name, seed)
                     gb = GenomicBottleneck(model, with_seed(cfg, seed))
-                    sparse_gnet_init(gb, args.gnet_bias_shift)
-                    acc = train(model, gb, data, args.epochs, args.lr, lr, args.batch_size, seed)
+                    acc = train(model, gb, data, args.epochs, args.lr, lr, args.batch_size, seed, **schedule)
                     label = "gb" if cfg.family == "mlp" else f"gb_{cfg.family}"  # a line per family
                     log({**common, "method": label, "seed": seed, "lr": lr, "accuracy": acc,
                          "ratio": gb.stats()["covered_compression"], "stored": stored_values(gb)})
@@ -305,14 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for lr in args.lrs if "narrow" in methods else []:
                 for seed in seeds:
                     model = fresh(name, seed, spec)
-                    acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed)
+                    acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed, **schedule)
                     log({**common, "method": "narrow", "seed": seed, "lr": lr, "accuracy": acc, "widths": spec,
                          "stored": stored_values(model)})
             for lr in args.lrs if "lowrank" in methods else []:
                 for seed in seeds:
                     model = fresh(name, seed)
                     info = low_rank_(model, covered, budget, seed)
-                    acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed)
+                    acc = train(model, None, data, args.epochs, lr, lr, args.batch_size, seed, **schedule)
                     log({**common, "method": "lowrank", "seed": seed, "lr": lr, "accuracy": acc,
                          "ranks": info["ranks"], "stored": info["stored_values"]})
             if "innate" not in methods and "alternating" not in methods:
@@ -324,8 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if 0 in plain_states:
                     model.load_state_dict(plain_states[0])
                 else:
-                    train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, 0)
-                _, errors, _ = innate(model, with_seed(cfg, 0), args.gnet_bias_shift, args.fit_steps, lr, data)
+                    train(model, None, data, args.epochs, args.lr, args.lr, args.batch_size, 0, **schedule)
+                _, errors, _ = innate(model, with_seed(cfg, 0), args.fit_steps, lr, data)
                 err = sum(errors.values()) / len(errors)
                 print(f"    fit lr {lr:g}: mean relative error {err:.3f}", flush=True)
                 if best is None or err < best:
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in seeds if "innate" in methods else []:
                 model = fresh(name, seed)
                 model.load_state_dict(plain_states[seed])
-                acc, errors, gb = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps, fit_lr,
+                acc, errors, gb = innate(model, with_seed(cfg, seed), args.fit_steps, fit_lr,
                                          data)
                 log({**common, "method": "innate", "seed": seed, "accuracy": acc, "fit_lr": fit_lr,
                      "relative_errors": errors, "stored": stored_values(gb)})
@@ -342,8 +358,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in range(args.alt_seeds):  # the PNAS train / fit / re-initialise loop
                 model, gb, history = fresh(name, seed), None, []
                 for r in range(args.rounds):
-                    train(model, None, data, args.round_epochs, args.lr, args.lr, args.batch_size, seed + 100 * r)
-                    acc, errors, gb = innate(model, with_seed(cfg, seed), args.gnet_bias_shift, args.fit_steps,
+                    train(model, None, data, args.round_epochs, args.lr, args.lr, args.batch_size, seed + 100 * r,
+                          **schedule)
+                    acc, errors, gb = innate(model, with_seed(cfg, seed), args.fit_steps,
                                              fit_lr, data, gb)
                     model.zero_grad(set_to_none=True)
                     history.append(acc)

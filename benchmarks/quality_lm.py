@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import closest_size, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, pyplot, read_parts, sparse_gnet_init, table, write_json  # noqa: E402
+from common import default_out, machine, pyplot, read_parts, table, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
     p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
     p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
+    p.add_argument("--gains", default="none", choices=["none", "rows", "columns", "both"], help="GBConfig.gains")
     p.add_argument("--tile_size", nargs="+", type=int, default=None,
                    help="fixed GBConfig.tile_size (one int or rows cols); the compression then follows hidden_dim")
     p.add_argument("--target_modules", default=None,
@@ -59,9 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
                    help="LR grid of plain, narrower dense and low-rank runs")
     p.add_argument("--gnet_lrs", nargs="+", type=float, default=list(LR_GRID), help="g-net LR grid of GB runs")
-    p.add_argument("--gnet_bias_shift", type=float, default=0.0,
-                   help="hidden-bias shift of the sparse g-net init (0: the library's default init)")
+    p.add_argument("--init_active", type=float, default=None, help="GBConfig.init_active (sparse g-net init)")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--gnet_warmup", type=int, default=None,
+                   help="linear warm-up steps of the g-net LR of GB runs (default: --warmup, like every tensor)")
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--max_train_tokens", type=int, default=2_000_000)
     p.add_argument("--max_eval_tokens", type=int, default=32_768)
@@ -149,12 +151,12 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
         model = build_model(script_args(args), vocab, seed=seed)
     if method == "gb":
         gb = GenomicBottleneck(model, gb_config(args, target, seed=seed))
-        sparse_gnet_init(gb, args.gnet_bias_shift)
         s = gb.stats()
         row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
-        row |= {"gnet_lr": lr, "gnet_bias_shift": args.gnet_bias_shift, "stored": stored_values(gb),
-                "family": args.family, "hidden_dim": args.hidden_dim, "target_modules": args.target_modules}
+        row |= {"gnet_lr": lr, "stored": stored_values(gb),
+                "family": args.family, "hidden_dim": args.hidden_dim, "target_modules": args.target_modules,
+                "gains": args.gains, "init_active": args.init_active}
         groups = [{"params": list(gb.parameters()), "lr": lr},
                   {"params": gb.uncompressed_parameters(), "lr": args.lr}]
     else:
@@ -170,12 +172,18 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     clip_params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    def lr_lambda(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, steps - args.warmup)))
+    def schedule(warmup: int):
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return lr_lambda
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    gnet_warmup = args.warmup if args.gnet_warmup is None else args.gnet_warmup
+    lambdas = [schedule(gnet_warmup if method == "gb" and i == 0 else args.warmup) for i in range(len(groups))]
+    if method == "gb":
+        row["gnet_warmup"] = gnet_warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     gen = torch.Generator().manual_seed(seed)  # same batches, same order, in every run of a seed
     order = torch.randperm(len(train), generator=gen)
     curve, t0 = [], time.time()
@@ -212,7 +220,7 @@ _BUDGETS: dict[tuple, int] = {}
 def gb_config(args, target: float, **kwargs: Any) -> GBConfig:
     return GBConfig(hidden_dim=args.hidden_dim, compression=target, family=args.family,
                     second_hidden_dim=args.second_hidden_dim, tile_size=args.tile_size,
-                    target_modules=args.target_modules, **kwargs)
+                    target_modules=args.target_modules, gains=args.gains, init_active=args.init_active, **kwargs)
 
 
 def gb_budget(args, target: float, vocab: int) -> int:
@@ -220,7 +228,7 @@ def gb_budget(args, target: float, vocab: int) -> int:
     from examples.train import build_model
 
     key = (target, args.hidden_size, args.num_layers, args.intermediate_size, args.hidden_dim, args.family,
-           args.second_hidden_dim, str(args.tile_size), args.target_modules, vocab)
+           args.second_hidden_dim, str(args.tile_size), args.target_modules, args.gains, vocab)
     if key not in _BUDGETS:
         model = build_model(script_args(args), vocab, seed=0)
         _BUDGETS[key] = stored_values(GenomicBottleneck(model, gb_config(args, target, kernel="eager")))

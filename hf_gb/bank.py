@@ -26,6 +26,9 @@ from .kernels import center_tiles, center_tiles_
 from .kernels import kernel_path as _kernel_path
 from .tiling import TileGeometry, TileRows, code_width, position_codes
 
+# Positions per tile sampled to set the biases of GBConfig.init_active (all of them in smaller tiles).
+SPARSE_SAMPLE = 1024
+
 if TYPE_CHECKING:
     from .config import GBConfig
 
@@ -300,6 +303,33 @@ class GNetBank(nn.Module):
         self.w_col = _randn(generator, m, bc, hidden, std=std)
         self.w_ker = _randn(generator, m, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
         self.b1 = _randn(generator, n, hidden, std=b1_std)
+
+    @torch.no_grad()
+    def sparse_biases_(self, active: float, generator: torch.Generator) -> None:
+        """Set each tile's first-layer biases so that every hidden unit is active (pre-activation > 0) on the
+        fraction ``active`` of the tile's positions: minus the ``1 - active`` quantile of its pre-activations over
+        every position or, in larger tiles, `SPARSE_SAMPLE` random ones. No unit starts dead or everywhere linear."""
+        g = self.geometry
+        if g.rows * g.cols * g.kernel < 2:  # one position: nothing to be sparse over
+            return
+        self.b1.zero_()
+        A, B = self._separable_tables(None)  # (n, rows, h), (n, cols * K, h) without the biases
+        n, rows, h = A.shape
+        cols = B.shape[1]
+        exact = rows * cols <= SPARSE_SAMPLE
+        samples = rows * cols if exact else SPARSE_SAMPLE
+        # k samples stay below 0 and at least one above; the bias sits halfway between the k-th and the next.
+        k = min(samples - 1, max(1, round((1 - active) * samples)))
+        step = max(1, (1 << 22) // (samples * h))  # tiles per chunk: at most 4M pre-activations at once
+        for t0 in range(0, n, step):
+            a, b = A[t0 : t0 + step], B[t0 : t0 + step]
+            if exact:
+                pre = (a[:, :, None, :] + b[:, None, :, :]).reshape(a.shape[0], samples, h)
+            else:
+                i = torch.randint(rows, (a.shape[0], samples, 1), generator=generator).expand(-1, -1, h)
+                j = torch.randint(cols, (a.shape[0], samples, 1), generator=generator).expand(-1, -1, h)
+                pre = a.gather(1, i) + b.gather(1, j)
+            self.b1[t0 : t0 + step] = -(pre.kthvalue(k, dim=1).values + pre.kthvalue(k + 1, dim=1).values) / 2
 
     def _separable_tables(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``A = codes_row @ w_row + b1`` (n, rows, h) and ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h).

@@ -186,6 +186,9 @@ class GenomicBottleneck(nn.Module):
 
             rebind(self, model)
         if init_gnets:
+            if config.init_active is not None:  # before the calibration: it scales what these biases give
+                for bank in self.banks.values():
+                    bank.sparse_biases_(config.init_active, generator)
             self._calibrate()
             self.predict_weights(sample=False, keep_graph=False)
 

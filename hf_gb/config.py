@@ -91,6 +91,14 @@ class GBConfig:
     init_noise: float = field(
         default=0.1, metadata={"help": "Initial noise std relative to the weight scale when `stochastic`."}
     )
+    init_active: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each tile's positions at which every first-layer hidden unit of the g-nets is "
+            "active at init (its bias set to that quantile of its pre-activations), e.g. 0.05 for sparse units; "
+            "None: biases near 0 (about half active)."
+        },
+    )
     min_compression: float = field(
         default=1.0,
         metadata={"help": "Tensors whose g-nets would compress them less than this are left uncompressed."},
@@ -163,6 +171,11 @@ class GBConfig:
             if not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {name}={getattr(self, name)!r}")
             setattr(self, name, value)
+        if self.init_active is not None:
+            self.init_active = _number("init_active", self.init_active)
+            if not 0 < self.init_active < 1:
+                raise ValueError(f"init_active must be a fraction in (0, 1) or null, "
+                                 f"got init_active={self.init_active!r}")
         self.seed = _int("seed", self.seed, 0, 2**63 - 1)
         from .bank import families  # local import: the bank module imports this one's type for hints only
 
