@@ -347,7 +347,8 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
                 ax.axhline(r["val_loss"], color="k", lw=1,
                            label=f"plain {r['val_loss']:.3f} ({r['stored']:,} values)")
                 ax.axhline(r["val_loss"] * 1.05, color="k", lw=1, ls=":", label="plain + 5%")
-        for method, (style, label) in STYLES.items():
+        others = sorted({r["method"] for r in rows} - set(STYLES) - {"plain"})  # e.g. a --gb_label: its name
+        for method, (style, label) in [*STYLES.items(), *((m, ("x--", f"GB, {m}")) for m in others)]:
             pts = sorted((r["stored"], r["val_loss"]) for r in rows if r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), style, ms=4, label=label)
