@@ -154,7 +154,7 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
         s = gb.stats()
         row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
-        row |= {"gnet_lr": lr, "stored": stored_values(gb),
+        row |= {"gnet_lr": lr, "dense_lr": args.lr, "stored": stored_values(gb),
                 "family": args.family, "hidden_dim": args.hidden_dim, "target_modules": args.target_modules,
                 "gains": args.gains, "init_active": args.init_active}
         groups = [{"params": list(gb.parameters()), "lr": lr},
