@@ -42,6 +42,15 @@ def stored_per_tile(shape: tuple[int, int, int], geometry: TileGeometry, config:
     return own + gain_values(shape, config.gains) / n_tiles
 
 
+def tensor_geometry(shape: tuple[int, int, int], config: GBConfig) -> TileGeometry:
+    """The tile of an ``(out, in, K)`` tensor under ``config``: `tile_size` clipped to it, else the tile whose
+    stored values (`stored_per_tile`) come closest to `compression`, else `DEFAULT_TILE_SIZE`."""
+    tile_size = config.tile_size
+    if tile_size is None and config.compression is None:
+        tile_size = DEFAULT_TILE_SIZE
+    return choose_geometry(shape, lambda g: stored_per_tile(shape, g, config), config.compression, tile_size)
+
+
 def gain_key(name: str) -> str:
     """The key of a covered tensor's gains in `GenomicBottleneck.row_gains` / ``col_gains`` (no dots allowed)."""
     return name.replace(".", "-")
@@ -149,7 +158,7 @@ class GenomicBottleneck(nn.Module):
         for target in targets:
             # The full (out, in, K) shape, also of a DTensor shard (a meta tensor holds no data).
             shape = tuple(view3d(torch.empty(target.param.shape, device="meta"), target.layout).shape)
-            geometry = self._geometry(shape)
+            geometry = tensor_geometry(shape, config)
             n_tiles = math.prod(grid(shape, geometry))
             ratio = compression_of(shape, geometry, stored_per_tile(shape, geometry, config))
             if ratio < config.min_compression:
@@ -193,11 +202,6 @@ class GenomicBottleneck(nn.Module):
             self.predict_weights(sample=False, keep_graph=False)
 
     # ----------------------------------------------------------------- construction
-    def _geometry(self, shape: tuple[int, int, int]) -> TileGeometry:
-        c = self.config
-        tile_size = c.tile_size if c.tile_size is not None or c.compression is not None else DEFAULT_TILE_SIZE
-        return choose_geometry(shape, lambda g: stored_per_tile(shape, g, c), c.compression, tile_size)
-
     @torch.no_grad()
     def _calibrate(self) -> None:
         """Match each tile's predicted std to its layer's current (initial) weights (docs/design.md §4)."""

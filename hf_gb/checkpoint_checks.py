@@ -175,18 +175,15 @@ def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
     geometry and ``min_compression`` as `GenomicBottleneck`, counted by the family's `GNetBank.params_per_tile`
     per tile, `GNetBank.bank_params` once per bank (tile geometry) and the tensors' gains."""
     from .bank import family_class
-    from .bottleneck import DEFAULT_TILE_SIZE, stored_per_tile
+    from .bottleneck import stored_per_tile, tensor_geometry
     from .layers import find_targets, view3d
-    from .tiling import choose_geometry, compression_of, gain_values, grid
+    from .tiling import compression_of, gain_values, grid
 
     family = family_class(config.family)
-    explicit_tile = config.tile_size is not None or config.compression is not None
-    tile_size = config.tile_size if explicit_tile else DEFAULT_TILE_SIZE
     total, banks = 0, set()
     for target in find_targets(model, config)[0]:
         shape = tuple(view3d(target.param.detach(), target.layout).shape)
-        geometry = choose_geometry(shape, lambda g, shape=shape: stored_per_tile(shape, g, config),
-                                   config.compression, tile_size)
+        geometry = tensor_geometry(shape, config)
         if compression_of(shape, geometry, stored_per_tile(shape, geometry, config)) >= config.min_compression:
             total += _prod(grid(shape, geometry)) * family.params_per_tile(geometry, config)
             total += gain_values(shape, config.gains)
