@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -73,6 +74,16 @@ def read_parts(paths: list[str]) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
     return parts
+
+
+def warmup_cosine(warmup: int, steps: int):
+    """LR factor of step ``s`` (for ``LambdaLR``): linear warm-up over ``warmup`` steps, then cosine decay to 0."""
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    return factor
 
 
 def pyplot():

@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import best_by, closest_size, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, mean_std, pyplot, read_parts, table, write_json  # noqa: E402
+from common import default_out, machine, mean_std, pyplot, read_parts, table, warmup_cosine, write_json  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -152,12 +152,9 @@ def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr:
         groups = [{"params": list(gb.parameters()), "lr": gnet_lr}, {"params": gb.uncompressed_parameters(), "lr": lr}]
     optimizer = torch.optim.Adam(groups)
     steps = epochs * math.ceil(len(Xtr) / batch_size)
-    def schedule(fraction: float):
-        n = round(fraction * steps)
-        return lambda s: (s + 1) / n if s < n else 0.5 * (1 + math.cos(math.pi * (s - n) / max(1, steps - n)))
-
     fractions = [warmup] if gb is None else [warmup if gnet_warmup is None else gnet_warmup, warmup]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(f) for f in fractions])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [warmup_cosine(round(f * steps), steps)
+                                                              for f in fractions])
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):

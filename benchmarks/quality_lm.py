@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import closest_size, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, pyplot, read_parts, table, write_json  # noqa: E402
+from common import default_out, machine, pyplot, read_parts, table, warmup_cosine, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -172,15 +172,9 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     clip_params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
-    def schedule(warmup: int):
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        return lr_lambda
-
     gnet_warmup = args.warmup if args.gnet_warmup is None else args.gnet_warmup
-    lambdas = [schedule(gnet_warmup if method == "gb" and i == 0 else args.warmup) for i in range(len(groups))]
+    lambdas = [warmup_cosine(gnet_warmup if method == "gb" and i == 0 else args.warmup, steps)
+               for i in range(len(groups))]
     if method == "gb":
         row["gnet_warmup"] = gnet_warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
