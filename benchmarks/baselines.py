@@ -4,8 +4,9 @@ Every method is charged what its checkpoint writes, counted the same way:
 
 - plain, narrower dense and low-rank models: the numel of every tensor in the model's ``state_dict`` (tensors that
   share storage counted once), which is what ``save_pretrained`` / safetensors writes;
-- the genomic bottleneck: the numel of every tensor in ``gb_model.safetensors`` (`hf_gb.checkpoint.gb_state_tensors`:
-  g-net tensors, their per-tile output scales and the uncompressed model tensors).
+- the genomic bottleneck: the numel of every tensor in ``gb_model.safetensors``
+  (`hf_gb.io.checkpoint.gb_state_tensors`: g-net tensors, their per-tile output scales and the uncompressed model
+  tensors).
 
 Low-rank: each covered weight ``W`` (out, in) becomes ``U @ V`` with ``U`` (out, r) and ``V`` (r, in); a conv weight
 (out, in, k, k) becomes a k x k conv into r channels followed by a 1 x 1 conv to ``out``. Biases and every tensor the
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from hf_gb import GenomicBottleneck
-from hf_gb.checkpoint import gb_state_tensors
+from hf_gb.io.checkpoint import gb_state_tensors
 
 TOLERANCE = 0.03  # a narrower dense model's storage must lie within 3% of the GB run's
 

@@ -81,7 +81,7 @@ def _build(llama: dict, sharded: bool):
 
 
 def _set_grads(gb: GenomicBottleneck) -> None:
-    from hf_gb.sharding import is_dtensor
+    from hf_gb.engine.shards import is_dtensor
 
     gen = torch.Generator().manual_seed(1)
     for t in gb.covered:
@@ -128,8 +128,9 @@ def worker(args: argparse.Namespace) -> None:
             predict.append((t1 - t0) * 1e3)
             push.append((t3 - t2) * 1e3)
     all_tiles = sum(b.n_tiles for b in gb.banks.values())
-    mine = sum(len(p.index) for p in gb._plans.values()) if gb._plans else all_tiles
-    rows = sum((s.stop - s.start) for s in gb._shards.values()) if gb._shards else sum(t.shape[0] for t in gb.covered)
+    mine = gb.local_tile_count
+    shards = gb.row_shards
+    rows = sum(s.local_rows for s in shards.values()) if shards else sum(t.shape[0] for t in gb.covered)
     report = {
         "mode": args.mode, "world_size": world, "rank": rank, "tiles": mine, "all_tiles": all_tiles,
         "covered_rows": rows, "covered_params": gb.stats()["covered_params"],

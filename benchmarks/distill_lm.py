@@ -5,7 +5,7 @@ The teacher is `examples.train.build_model` (a Llama of width 128, 4 layers, byt
 same batches in the same order and the same number of steps (equal tokens), we train:
 
 - ``gb_distill``: the teacher's architecture, every Linear predicted by g-nets at the target covered compression,
-  trained on KL(teacher || student) of the next-token distributions (`hf_gb.distill.distillation_loss`);
+  trained on KL(teacher || student) of the next-token distributions (`hf_gb.compress.distill.distillation_loss`);
   g-nets fitted to the teacher's weights first (``regression``) or only calibrated (``scratch``); the uncompressed
   tensors (embeddings, norms) start as the teacher's;
 - ``gb_scratch``: the same bottleneck on a freshly initialised model, trained on the task loss alone (no teacher);
@@ -108,7 +108,7 @@ def evaluate(model, validation, batch_size: int = 32) -> float:
 
 def train(args, model, gb, train_data, teacher=None) -> list[float]:
     """The shared loop: AdamW, linear warm-up then cosine decay, clipping at 1, the same batches for every run."""
-    from hf_gb.distill import distillation_loss
+    from hf_gb.compress.distill import distillation_loss
 
     if gb is not None:
         groups = [{"params": list(gb.parameters()), "lr": args.gnet_lr},
@@ -156,7 +156,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     args = argparse.Namespace(**job["args"])
     from hf_gb import GBConfig, GenomicBottleneck
-    from hf_gb.distill import build_student
+    from hf_gb.compress.distill import build_student
 
     train_data, validation, tokenizer = data(args)
     vocab = len(tokenizer)
@@ -182,7 +182,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         model = llama(args, vocab, width, intermediate, args.seed)
         row.update(dense_hidden_size=width, dense_intermediate_size=intermediate)
     if gb is not None:
-        from hf_gb.checkpoint import gb_state_tensors
+        from hf_gb.io.checkpoint import gb_state_tensors
 
         s = gb.stats()
         row.update(covered_compression=s["covered_compression"],
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     from hf_gb import GBConfig, GenomicBottleneck
-    from hf_gb.checkpoint import gb_state_tensors
+    from hf_gb.io.checkpoint import gb_state_tensors
 
     _, _, tokenizer = data(args)
     vocab = len(tokenizer)

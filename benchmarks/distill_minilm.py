@@ -5,9 +5,9 @@ pooling of the last hidden state, L2-normalised. Data: sentences from the docstr
 standard library, split by file into train and held-out (no downloads). Students, all trained with the same loss
 (1 - cosine of the mean-pooled embeddings), data, batches, steps, AdamW and schedule:
 
-- ``gb``: the teacher's architecture, every Linear predicted by g-nets (`hf_gb.distill.GBDistillationTrainer`),
-  embeddings, norms and biases uncompressed and started from the teacher's; g-nets from the regression fit or
-  from scratch;
+- ``gb``: the teacher's architecture, every Linear predicted by g-nets
+  (`hf_gb.compress.distill.GBDistillationTrainer`), embeddings, norms and biases uncompressed and started from the
+  teacher's; g-nets from the regression fit or from scratch;
 - ``dense``: a smaller BERT of the teacher's width (its embeddings), fewer layers taken from the teacher's and a
   narrower MLP (the intermediate units with the largest weight norms), as many layers as fit the storage;
 - ``lowrank``: the teacher with every covered Linear replaced by truncated-SVD factors ``U @ V``, fine-tuned.
@@ -130,7 +130,7 @@ def stored_values(model: torch.nn.Module) -> int:
 
 
 def gb_stored_values(gb) -> int:
-    from hf_gb.checkpoint import gb_state_tensors
+    from hf_gb.io.checkpoint import gb_state_tensors
 
     return sum(t.numel() for t in gb_state_tensors(gb).values())
 
@@ -221,7 +221,7 @@ def lowrank_student(teacher, budget_factor_values: int):
 # ----------------------------------------------------------------------------- metrics
 @torch.no_grad()
 def embed(model, tokenizer, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-    from hf_gb.distill import mean_pool
+    from hf_gb.compress.distill import mean_pool
 
     model.eval()
     out = []
@@ -263,7 +263,7 @@ def gb_budget(teacher, args, level: float) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- one student
 def _training_args(args, out: str, **extra):
-    from hf_gb.distill import GBDistillationArguments
+    from hf_gb.compress.distill import GBDistillationArguments
 
     return GBDistillationArguments(
         output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -280,8 +280,8 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
     args = argparse.Namespace(**job["args"])
     from transformers import DataCollatorWithPadding, Trainer
 
-    from hf_gb.distill import GBDistillationTrainer, distillation_loss
-    from hf_gb.distill_data import tokenize
+    from hf_gb.compress.data import tokenize
+    from hf_gb.compress.distill import GBDistillationTrainer, distillation_loss
 
     teacher, tokenizer = load_teacher()
     train = tokenize(job["train"], tokenizer, MAX_LENGTH)

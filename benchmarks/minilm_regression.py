@@ -1,11 +1,11 @@
 """Compress the real all-MiniLM-L6-v2 by regression and measure what survives: weights and sentence embeddings.
 
-For each compression level, the g-nets are fitted to the pretrained weights (`hf_gb.regression`, the same code as
-``hf-gb compress``); we report the relative weight error of the covered tensors and the cosine similarity between
-each sentence's embedding (mean pooling, L2-normalised, as sentence-transformers does for this model) before and after.
-Two controls: ``steps = 0`` (the calibrated, unfitted g-nets: random weights of the right scale) and ``zeros`` (every
-covered weight set to 0, the limit a fit that only shrinks its prediction approaches). A fit that transfers what the
-pretrained weights know must beat both.
+For each compression level, the g-nets are fitted to the pretrained weights (`hf_gb.compress.regression`, the same
+code as ``hf-gb compress``); we report the relative weight error of the covered tensors and the cosine similarity
+between each sentence's embedding (mean pooling, L2-normalised, as sentence-transformers does for this model) before
+and after. Two controls: ``steps = 0`` (the calibrated, unfitted g-nets: random weights of the right scale) and
+``zeros`` (every covered weight set to 0, the limit a fit that only shrinks its prediction approaches). A fit that
+transfers what the pretrained weights know must beat both.
 
 Run (CPU, a few minutes per level)::
 
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_gb import GBConfig  # noqa: E402
-from hf_gb.regression import compress_by_regression  # noqa: E402
+from hf_gb.compress.regression import compress_by_regression  # noqa: E402
 
 SENTENCES = [
     "The cat sat on the mat.",

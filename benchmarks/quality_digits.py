@@ -6,7 +6,8 @@ For an MLP (64-256-256-10) and a small CNN, each over several seeds:
 - ``gb``: trained end to end through the genomic bottleneck at several covered compressions (the real ratio of each
   run comes from ``gb.stats()["covered_compression"]``);
 - ``innate``: the PNAS sense, no training of the predicted network at all: g-nets are fitted by regression (MSE,
-  `hf_gb.regression.fit_to_weights`) to a plainly trained network's weights and the predicted network is evaluated;
+  `hf_gb.compress.regression.fit_to_weights`) to a plainly trained network's weights and the predicted network is
+  evaluated;
 - ``alternating`` (MLP): the PNAS loop, ``rounds`` times: train the network plainly for a few epochs starting from
   the current weights, fit the g-nets to them, replace the weights by the g-nets' prediction; the accuracy of that
   last prediction is innate.
@@ -33,7 +34,7 @@ from common import default_out, machine, mean_std, pyplot, read_parts, table, wa
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
-from hf_gb.regression import covered_weights, fit_to_weights  # noqa: E402
+from hf_gb.compress.regression import covered_weights, fit_to_weights  # noqa: E402
 
 TARGETS = (10, 50, 300, 1000)
 LR_GRID = (1e-3, 3e-3, 1e-2)

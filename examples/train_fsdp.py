@@ -23,7 +23,6 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gb import GBConfig, GenomicBottleneck, load_compressed
-from hf_gb.sharding import gathered
 
 
 def batch(data: torch.Tensor, step: int, size: int, seq: int) -> torch.Tensor:
@@ -60,7 +59,7 @@ def main() -> None:
         fully_shard(layer)
     fully_shard(model)  # every parameter is now a DTensor sharded on dim 0
     gb = GenomicBottleneck(model, GBConfig(hidden_dim=16, tile_size=32, exclude_modules=["embed_tokens"]))
-    mine = sum(len(plan.index) for plan in gb._plans.values())
+    mine = gb.local_tile_count
     everyone = sum(bank.n_tiles for bank in gb.banks.values())
     print(f"rank {rank}: predicts {mine} of {everyone} tiles")
     if rank == 0:
@@ -88,7 +87,7 @@ def main() -> None:
             print(f"step {step:3d}  loss {total.item() / world:.3f}")
 
     gb.predict_weights(sample=False, keep_graph=False)
-    with gathered(gb):  # every rank gathers the uncompressed tensors; the covered weights are never gathered
+    with gb.gathered():  # every rank gathers the uncompressed tensors; the covered weights are never gathered
         if rank == 0:
             gb.save_pretrained(args.output_dir)
     dist.barrier()

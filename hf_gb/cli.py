@@ -12,18 +12,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 
-from .files import CONFIG_NAME, GB_FILES, README_NAME, TOKENIZER_NAMES, WEIGHTS_NAME, is_training_state
+from .files import CONFIG_NAME, README_NAME, WEIGHTS_NAME, file_sizes, has_tokenizer, is_training_state
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
-
-_GB_FILES = GB_FILES  # files `decompress` must not copy into a plain transformers folder
-
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, no traceback."""
@@ -66,30 +62,12 @@ def _positive(kind: type, name: str, minimum: float = 0.0, inclusive: bool = Fal
 
 # ----------------------------------------------------------------------------- helpers
 def _resolve(path_or_repo: str, args: argparse.Namespace) -> str:
-    from .hub import check_compressed_folder, resolve_checkpoint
+    from .io.checks import check_compressed_folder
+    from .io.download import resolve_checkpoint
 
     directory = resolve_checkpoint(path_or_repo, revision=getattr(args, "revision", None),
                                    token=getattr(args, "token", None), cache_dir=getattr(args, "cache_dir", None))
     return check_compressed_folder(directory)
-
-
-def _files(directory: str) -> list[tuple[str, int]]:
-    from .files import regular_files
-
-    return [(n, os.path.getsize(os.path.join(directory, n))) for n in regular_files(directory)]
-
-
-def _dense_bytes(gb) -> tuple[int, str]:
-    stats = gb.stats()
-    first = gb.covered[0].param if gb.covered else next(iter(gb.model.parameters()))
-    return (stats["covered_params"] + stats["uncompressed_params"]) * first.element_size(), str(first.dtype)[6:]
-
-
-def _has_tokenizer(model: str) -> bool:
-    """Whether ``model`` (a folder; Hub ids are assumed to) has tokenizer files worth carrying along."""
-    if not os.path.isdir(model):
-        return True
-    return any(os.path.isfile(os.path.join(model, n)) for n in TOKENIZER_NAMES)
 
 
 def _add_hub_flags(p: argparse.ArgumentParser) -> None:
@@ -100,14 +78,15 @@ def _add_hub_flags(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import bottleneck_from_pretrained
+    from .io.model_card import dense_size
+    from .io.pretrained import GenomicBottleneck
 
     directory = _resolve(args.path, args)
-    gb = bottleneck_from_pretrained(directory)
-    files = _files(directory)
+    gb = GenomicBottleneck.from_pretrained(directory)
+    files = file_sizes(directory)
     training = sum(size for name, size in files if is_training_state(name))
     on_disk = sum(size for name, size in files if name != README_NAME and not is_training_state(name))
-    dense, dtype = _dense_bytes(gb)
+    dense, dtype = dense_size(gb)
     if args.json:
         print(json.dumps({**gb.stats(), "directory": directory, "files": dict(files), "bytes_on_disk": on_disk,
                           "training_state_bytes": training, "dense_bytes": dense}, indent=2))
@@ -126,39 +105,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    from .checkpoint import load_compressed
-    from .files import make_staging, publish, regular_files
-    from .hub import is_inside
+    from .io.pretrained import decompress
 
     directory = _resolve(args.path, args)
     if os.path.isfile(args.out):
         raise UserError(f"{args.out} is a file; decompress writes a folder")
-    model = load_compressed(directory)
-    if not hasattr(model, "save_pretrained"):
-        raise UserError(f"{directory} holds a {type(model).__name__}, which has no save_pretrained")
-    # Everything is written into a staging folder and renamed in, weights last: a crash leaves each file of the
-    # folder either the old or the new one, never a partial one.
-    staging = make_staging(args.out)
-    try:
-        model.save_pretrained(staging)
-        for name in os.listdir(directory):  # tokenizer / processor files travel with the model
-            src = os.path.join(directory, name)
-            if name in GB_FILES or is_training_state(name) or name.startswith(".") or not os.path.isfile(src):
-                continue
-            if os.path.islink(src) and not is_inside(src, directory):
-                logger.warning("Not copying %s: a symbolic link to %s, outside %s", src, os.path.realpath(src),
-                               directory)
-                continue
-            shutil.copyfile(src, os.path.join(staging, name))
-        written = set(os.listdir(staging))
-        weights = sorted(n for n in written if n.startswith("model") and ".safetensors" in n)
-        publish(staging, args.out, last=weights)
-        for name in regular_files(args.out):  # weight files of an earlier save that this one does not replace
-            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
-                    and name not in written:
-                os.remove(os.path.join(args.out, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    model = decompress(directory, args.out)
     print(f"wrote a standard transformers folder ({type(model).__name__}) to {args.out}")
     return 0
 
@@ -166,10 +118,11 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import _model_class, save_compressed
-    from .config import GBConfig
-    from .model_card import is_hub_model_id
-    from .regression import compress_by_regression
+    from .compress.regression import compress_by_regression
+    from .engine.config import GBConfig
+    from .io.architecture import model_class_for
+    from .io.checkpoint import save_compressed
+    from .io.model_card import is_hub_model_id
 
     if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
         raise UserError(f"no model folder at {args.model}")
@@ -190,9 +143,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model_config = AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError) as e:
         raise UserError(f"{args.model} is not a transformers model folder: {str(e).splitlines()[0]}") from e
-    model = _model_class(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
+    model = model_class_for(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = None
-    if _has_tokenizer(args.model):
+    if has_tokenizer(args.model):
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -230,17 +183,14 @@ def cmd_compress_distill(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import _model_class, save_compressed
-    from .distill import GBDistillationArguments, compress_by_distillation
-    from .distill_data import load_texts, tokenize
-    from .model_card import is_hub_model_id
+    from .compress.data import load_texts, tokenize
+    from .compress.distill import GBDistillationArguments, compress_by_distillation
+    from .io.architecture import model_class_for
+    from .io.checkpoint import save_compressed
+    from .io.model_card import is_hub_model_id
 
-    if args.data is None:
+    if args.data is None:  # the model and OUT were checked by cmd_compress
         raise UserError("--distill needs --data (a text file, a folder of text files or a saved datasets dataset)")
-    if not (os.path.isdir(args.model) or is_hub_model_id(args.model)):
-        raise UserError(f"no model folder at {args.model}")
-    if os.path.isfile(os.path.join(args.model, "gb_model.safetensors")):
-        raise UserError(f"{args.model} is already a compressed checkpoint; run `hf-gb decompress` on it first")
     from transformers import AutoConfig, AutoTokenizer, DataCollatorWithPadding
 
     try:
@@ -252,7 +202,7 @@ def cmd_compress_distill(args: argparse.Namespace) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_texts, held_texts = load_texts(args.data, args.held_out_fraction)
-    teacher = _model_class(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
+    teacher = model_class_for(model_config).from_pretrained(args.model, dtype=torch.float32).eval()
     weights = {"distill_kl_weight": args.kl_weight, "distill_embedding_cosine_weight": args.cosine_weight,
                "distill_embedding_mse_weight": args.mse_weight, "distill_hidden_weight": args.hidden_weight}
     with tempfile.TemporaryDirectory(prefix="hf-gb-distill-") as scratch:
@@ -321,7 +271,8 @@ def _add_distill_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import check_compressed_folder, push_folder
+    from .io.checks import check_compressed_folder
+    from .io.hub import push_folder
 
     folder = check_compressed_folder(args.path)
     info = push_folder(folder, args.repo_id, commit_message=args.commit_message, private=args.private or None,

@@ -3,7 +3,7 @@
 Every module that reads, writes, copies or uploads checkpoint files takes the names and patterns from here. Writes
 go through a staging folder beside the target and `os.replace`, so an interrupted write never leaves a partial file
 where a complete one was; `save_id` ties the two hf_gb files of one save together, so that a reader can tell a
-folder whose save was interrupted between the two renames (see `hf_gb.checkpoint.read_tensors`).
+folder whose save was interrupted between the two renames (see `hf_gb.io.checkpoint.read_tensors`).
 """
 
 from __future__ import annotations
@@ -82,6 +82,18 @@ def regular_files(directory: str) -> list[str]:
         if os.path.isfile(path) and (not os.path.islink(path) or is_inside(path, directory)):
             out.append(name)
     return sorted(out)
+
+
+def file_sizes(directory: str) -> list[tuple[str, int]]:
+    """``(name, bytes)`` of every file `regular_files` finds in ``directory``."""
+    return [(n, os.path.getsize(os.path.join(directory, n))) for n in regular_files(directory)]
+
+
+def has_tokenizer(model: str) -> bool:
+    """Whether ``model`` (a folder; Hub ids are assumed to) has tokenizer files worth carrying along."""
+    if not os.path.isdir(model):
+        return True
+    return any(os.path.isfile(os.path.join(model, n)) for n in TOKENIZER_NAMES)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

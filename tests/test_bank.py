@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from hf_gb import GBConfig
-from hf_gb.bank import GNetBank, MLPBank, families, family_class, register_family
-from hf_gb.tiling import TileGeometry
+from hf_gb.engine.bank import GNetBank
+from hf_gb.engine.families import MLPBank
+from hf_gb.engine.registry import families, family_class, register_family
+from hf_gb.engine.tiling import TileGeometry
 
 GEOMETRIES = [TileGeometry(4, 6), TileGeometry(5, 3, 4), TileGeometry(1, 7)]
 SETTINGS = [dict(center=True), dict(center=False), dict(center=True, stochastic=True, init_noise=0.3),

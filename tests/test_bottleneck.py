@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.bottleneck import gain_key
+from hf_gb.engine.gains import gain_key
 
 
 class Conv1D(nn.Module):
@@ -210,8 +210,8 @@ def test_works_without_a_process_group():
 
 
 def test_core_does_not_import_transformers():
-    code = ("import sys, hf_gb, hf_gb.bottleneck, hf_gb.bank, hf_gb.tiling, hf_gb.kernels; "
-            "bad = [m for m in ('transformers', 'accelerate') if m in sys.modules]; assert not bad, bad")
+    code = ("import sys, hf_gb, hf_gb.engine, hf_gb.io; bad = [m for m in ('transformers', 'accelerate', "
+            "'huggingface_hub', 'safetensors', 'datasets') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -482,7 +482,7 @@ def test_nonfinite_step_is_skipped(skip, caplog):
     x, y = _batches(1)[0]
     gb.predict_weights()
     (_loss(model(x), y) * float("nan")).backward()
-    with caplog.at_level("WARNING", logger="hf_gb.bottleneck"):
+    with caplog.at_level("WARNING", logger="hf_gb.engine.bottleneck"):
         kept = gb.push_gradients()
     assert kept is not skip
     grads = [p.grad for p in [*gb.parameters(), *gb.uncompressed_parameters()]]
@@ -539,7 +539,7 @@ def test_prediction_without_graph_cannot_be_pushed():
 
 def test_one_unmatched_target_entry_warns(caplog):
     model = _blocks()
-    with caplog.at_level("WARNING", logger="hf_gb.layers"):
+    with caplog.at_level("WARNING", logger="hf_gb.engine.layers"):
         gb = GenomicBottleneck(model, GBConfig(hidden_dim=2, tile_size=8, target_modules=["q", "q_prj"]))
     assert {t.name for t in gb.covered} == {"0.q.weight", "1.q.weight"}
     assert "['q_prj'] match no module" in caplog.text

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_gb
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.checkpoint import WEIGHTS_NAME
+from hf_gb.files import WEIGHTS_NAME
 
 
 def tiny_bottleneck(seed: int = 0, **gb_config) -> GenomicBottleneck:

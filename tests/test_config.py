@@ -6,7 +6,7 @@ import pytest
 
 import hf_gb
 from hf_gb import GBConfig
-from hf_gb.config import CONFIG_NAME, FORMAT_VERSION, read_config_json
+from hf_gb.engine.config import CONFIG_NAME, FORMAT_VERSION, read_config_json
 
 BAD_VALUES = [
     ("hidden_dim", 0),
@@ -90,7 +90,7 @@ def test_save_pretrained_round_trip(tmp_path, kwargs):
 
 def test_unknown_keys_dropped_with_warning(caplog):
     data = {**GBConfig(hidden_dim=8).to_dict(), "future_option": 1, "another": "x"}
-    with caplog.at_level(logging.WARNING, logger="hf_gb.config"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.config"):
         config = GBConfig.from_dict(data)
     assert config == GBConfig(hidden_dim=8)
     assert "future_option" in caplog.text and "another" in caplog.text
@@ -98,14 +98,14 @@ def test_unknown_keys_dropped_with_warning(caplog):
 
 def test_meta_keys_are_not_reported_as_unknown(caplog):
     data = {**GBConfig().to_dict(), "hf_gb_version": "0.0.1", "format_version": 1, "tensors": []}
-    with caplog.at_level(logging.WARNING, logger="hf_gb.config"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.config"):
         assert GBConfig.from_dict(data) == GBConfig()
     assert caplog.text == ""
 
 
 def test_from_pretrained_drops_unknown_keys_in_file(tmp_path, caplog):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"hidden_dim": 12, "made_up": True, "hf_gb_version": "9"}))
-    with caplog.at_level(logging.WARNING, logger="hf_gb.config"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.config"):
         assert GBConfig.from_pretrained(tmp_path) == GBConfig(hidden_dim=12)
     assert "made_up" in caplog.text
 

@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO (hf_gb.trainer_deepspeed, hf_gb.distributed): GBTrainer at stages 1 and 2 and GBPlugin at stage 2
-train like DDP over 2 gloo processes (torchrun, DS_ACCELERATOR=cpu) and resume exactly; stage 3, stage 0 and (for
-GBTrainer) a DeepSpeed optimizer section are refused at start with the reason."""
+"""DeepSpeed ZeRO (hf_gb.training.deepspeed, hf_gb.training.distributed): GBTrainer at stages 1 and 2 and GBPlugin at
+stage 2 train like DDP over 2 gloo processes (torchrun, DS_ACCELERATOR=cpu) and resume exactly; stage 3, stage 0 and
+(for GBTrainer) a DeepSpeed optimizer section are refused at start with the reason."""
 
 import json
 import os
@@ -119,7 +119,7 @@ def test_plugin_under_zero2_trains_like_ddp_and_resumes_exactly(tmp_path):
 def test_check_setup_under_deepspeed():
     import types
 
-    from hf_gb.distributed import check_setup
+    from hf_gb.training.distributed import check_setup
 
     def accelerator(stage, config=None):
         ds = types.SimpleNamespace(zero_stage=stage, hf_ds_config=types.SimpleNamespace(config=config or {}))

@@ -18,15 +18,15 @@ from transformers import DataCollatorWithPadding, HfArgumentParser
 import hf_gb
 from hf_gb import GBConfig
 from hf_gb.cli import main
-from hf_gb.distill import (
+from hf_gb.compress.data import load_texts, tokenize
+from hf_gb.compress.distill import (
     GBDistillationArguments,
     GBDistillationTrainer,
     build_student,
     distillation_loss,
     mean_pool,
 )
-from hf_gb.distill_data import load_texts, tokenize
-from hf_gb.model_card import load_card
+from hf_gb.io.model_card import load_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a cat dog sat ran on under mat rug big small red".split()]

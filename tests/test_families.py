@@ -1,4 +1,4 @@
-"""g-net families of hf_gb.families: chunked evaluation, gradients against autograd, end to end and on disk.
+"""g-net families of hf_gb.engine.families: chunked evaluation, gradients against autograd, end to end and on disk.
 
 The bank-interface tests of tests/test_bank.py run over every registered family, these included."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_bottleneck import NET_COVERED, _batches, _net, push_against_autograd
 
-import hf_gb.families as families
+import hf_gb.engine.families.deep as deep
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.bank import family_class
-from hf_gb.tiling import TileGeometry
+from hf_gb.engine.registry import family_class
+from hf_gb.engine.tiling import TileGeometry
 
 
 def _deep(geometry, n=4, **config):
@@ -23,7 +23,7 @@ def _deep(geometry, n=4, **config):
 @pytest.mark.parametrize("geometry", [TileGeometry(7, 6), TileGeometry(5, 3, 2)], ids=str)
 def test_chunked_evaluation_matches_the_reference(monkeypatch, budget, geometry):
     """Whatever the chunking (whole bank, groups of tiles, groups of rows), values and gradients are the same."""
-    monkeypatch.setattr(families, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(deep, "CHUNK_ELEMENTS", budget)
     bank = _deep(geometry, center=False)
     chunks = list(bank._chunks(bank.tables()))
     assert (len(chunks) == 1) == (budget == 1 << 21)
@@ -43,7 +43,7 @@ def test_chunked_evaluation_matches_the_reference(monkeypatch, budget, geometry)
 def test_chunks_cover_every_tile_and_row_once():
     for n, rows, per_row, budget in [(3, 5, 4, 100), (3, 5, 4, 7), (1, 9, 2, 4), (4, 2, 50, 10)]:
         seen = torch.zeros(n, rows, dtype=torch.int64)
-        for ts, rs in families._chunks(n, rows, per_row, budget):
+        for ts, rs in deep._chunks(n, rows, per_row, budget):
             seen[ts, rs] += 1
             assert (ts.stop - ts.start) * (rs.stop - rs.start) * per_row <= max(budget, per_row)
         assert torch.equal(seen, torch.ones_like(seen))

@@ -9,8 +9,8 @@ from test_checkpoint import tiny_bottleneck
 
 import hf_gb
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.bottleneck import gain_key
-from hf_gb.tiling import gain_values
+from hf_gb.engine.gains import gain_key
+from hf_gb.engine.tiling import gain_values
 
 
 def _randomise_gains(gb, seed=0):

@@ -18,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_gb
 from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.cli import main
+from hf_gb.engine.layers import name_matches, unmatched_patterns
 from hf_gb.files import CONFIG_NAME, PLUGIN_STATE_NAME, STAGING_PREFIX, WEIGHTS_NAME
-from hf_gb.layers import name_matches, unmatched_patterns
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -167,7 +167,7 @@ def test_a_save_over_a_checkpoint_killed_at_any_rename_loads_old_or_new_or_says_
 
 
 def test_resume_true_skips_incomplete_checkpoints_without_deleting_them(tmp_path, caplog):
-    from hf_gb.trainer import last_complete_checkpoint
+    from hf_gb.io.checks import last_complete_checkpoint
 
     gb = tiny_bottleneck()
     run = tmp_path / "run"
@@ -179,7 +179,7 @@ def test_resume_true_skips_incomplete_checkpoints_without_deleting_them(tmp_path
     gb.save_pretrained(str(run / "checkpoint-10"))
     (run / "checkpoint-10" / "trainer_state.json").write_text("{}")
     os.remove(run / "checkpoint-10" / WEIGHTS_NAME)  # killed between the two hf_gb renames
-    with caplog.at_level(logging.WARNING, logger="hf_gb.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.io.checks"):
         assert last_complete_checkpoint(str(run)) == str(run / "checkpoint-4")
     for step in (6, 8, 10):
         assert f"checkpoint-{step}" in caplog.text and (run / f"checkpoint-{step}").is_dir()
@@ -205,7 +205,7 @@ def test_trainer_resume_true_uses_the_newest_complete_checkpoint(tmp_path, caplo
     (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").unlink()  # a kill before Trainer's last write
     (tmp_path / "out" / "checkpoint-2" / f"{STAGING_PREFIX}x").mkdir()  # a staging folder a kill left
     resumed = trainer(6)
-    with caplog.at_level(logging.WARNING, logger="hf_gb.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.io.checks"):
         resumed.train(resume_from_checkpoint=True)
     assert "checkpoint-4" in caplog.text and resumed.state.global_step == 6
     assert (tmp_path / "out" / "checkpoint-4").is_dir()
@@ -313,7 +313,7 @@ def test_config_types_are_strict(field, value):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.float16])
 def test_gnet_tensors_of_another_dtype_load_with_a_warning(copy_of, dtype, caplog):
     rewrite_tensors(copy_of, lambda t: t.update({"gnet.banks.16x16x1.w2": t["gnet.banks.16x16x1.w2"].to(dtype)}))
-    with caplog.at_level(logging.WARNING, logger="hf_gb.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.io"):
         hf_gb.load_compressed(str(copy_of))
     assert f"banks.16x16x1.w2 ({dtype} -> torch.float32)" in caplog.text
 
@@ -329,11 +329,11 @@ def test_non_finite_gnets_warn_on_save_and_on_load(tmp_path, caplog):
     gb = tiny_bottleneck()
     with torch.no_grad():
         gb.banks["16x16x1"].w2[0, 0] = float("nan")
-    with caplog.at_level(logging.WARNING, logger="hf_gb.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.io"):
         gb.save_pretrained(str(tmp_path / "nan"))
     assert "NaN or Inf" in caplog.text and "banks.16x16x1.w2" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_gb.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.io"):
         hf_gb.load_compressed(str(tmp_path / "nan"))
     assert "NaN or Inf" in caplog.text
 
@@ -354,7 +354,7 @@ def test_symlinks_are_never_followed_out_of_the_folder(saved, tmp_path, caplog):
     assert main(["decompress", str(folder), str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "tokenizer.json").exists()
 
-    from hf_gb.hub import _skip_outside_links
+    from hf_gb.io.hub import _skip_outside_links
 
     os.symlink(folder / "config.json", folder / "inside.json")
     assert _skip_outside_links(str(folder))(str(folder), os.listdir(folder)) == {"tokenizer.json"}

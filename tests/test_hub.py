@@ -14,9 +14,9 @@ from hub_server import HubServer, point_client_at  # noqa: E402
 
 import hf_gb  # noqa: E402
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
-from hf_gb.checkpoint import WEIGHTS_NAME  # noqa: E402
-from hf_gb.hub import push_folder  # noqa: E402
-from hf_gb.model_card import load_card  # noqa: E402
+from hf_gb.files import WEIGHTS_NAME  # noqa: E402
+from hf_gb.io.hub import push_folder  # noqa: E402
+from hf_gb.io.model_card import load_card  # noqa: E402
 
 
 @pytest.fixture

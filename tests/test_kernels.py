@@ -3,10 +3,11 @@ import logging
 import pytest
 import torch
 
-from hf_gb import GBConfig, kernels
-from hf_gb.bank import MLPBank
-from hf_gb.kernels import center_tiles, fused_backward, fused_forward, reference_forward, use_compiled
-from hf_gb.tiling import TileGeometry
+from hf_gb import GBConfig
+from hf_gb.engine import kernels
+from hf_gb.engine.families import MLPBank
+from hf_gb.engine.kernels import center_tiles, fused_backward, fused_forward, reference_forward, use_compiled
+from hf_gb.engine.tiling import TileGeometry
 
 # (tiles, rows, cols, hidden): single positions, thin tiles, and one shape large enough to need chunking.
 SHAPES = [(1, 1, 1, 1), (3, 4, 5, 6), (2, 1, 9, 4), (2, 9, 1, 4), (5, 16, 24, 8)]
@@ -109,7 +110,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
     monkeypatch.setattr(kernels, "_compiled", {"forward": broken, "backward": broken})
     A, B, w2, b2, G = _inputs(2, 3, 4, 5)
     ref_out, ref_grads = _reference_grads(A, B, w2, b2, G)
-    with caplog.at_level(logging.WARNING, logger="hf_gb.kernels"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.kernels"):
         torch.testing.assert_close(fused_forward(A, B, w2, b2, compiled=True), ref_out)
         for got, want in zip(fused_backward(A, B, w2, G, compiled=True), ref_grads):
             torch.testing.assert_close(got, want)

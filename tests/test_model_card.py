@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.model_card import SECTION_START, is_hub_model_id, load_card, template_path
+from hf_gb.io.model_card import SECTION_START, is_hub_model_id, load_card, template_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The native CPU kernel (hf_gb/csrc/gnet_cpu.cpp): values and gradients against the float64 reference, the
+"""The native CPU kernel (hf_gb/engine/csrc/gnet_cpu.cpp): values and gradients against the float64 reference, the
 in-place route through the weights' rows, the kernel choice, and the fallback when it cannot be built."""
 
 import logging
@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_gb import GBConfig, GenomicBottleneck, kernels, native
-from hf_gb.bank import GNetBank
-from hf_gb.kernels import backward_from, center_tiles, forward_into, fused_backward, fused_forward, kernel_path
-from hf_gb.tiling import TileGeometry, tile, tile_rows
+from hf_gb import GBConfig, GenomicBottleneck
+from hf_gb.engine import kernels, native
+from hf_gb.engine.bank import GNetBank
+from hf_gb.engine.kernels import backward_from, center_tiles, forward_into, fused_backward, fused_forward, kernel_path
+from hf_gb.engine.tiling import TileGeometry, tile, tile_rows
 
 pytestmark = pytest.mark.compiled  # builds the extension (about 40 s, once per machine)
 
@@ -193,7 +194,7 @@ def test_kernel_choice(ext, monkeypatch):
 
 def test_native_refused_off_cpu_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_native_refused", False)
-    with caplog.at_level(logging.WARNING, logger="hf_gb.kernels"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.kernels"):
         for _ in range(2):
             assert kernel_path("native", 1, torch.device("meta"), torch.float32) == "compiled"
     assert len([r for r in caplog.records if "CPU only" in r.getMessage()]) == 1
@@ -208,7 +209,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
-    with caplog.at_level(logging.WARNING, logger="hf_gb.native"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.native"):
         for _ in range(2):
             assert kernel_path("auto", 1 << 30, torch.device("cpu"), torch.float32) == "compiled"
     assert native.failed()

@@ -1,4 +1,4 @@
-"""Regression of g-nets to existing weights (hf_gb.regression)."""
+"""Regression of g-nets to existing weights (hf_gb.compress.regression)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.regression import compress_by_regression, covered_weights, fit_to_weights, relative_errors
+from hf_gb.compress.regression import compress_by_regression, covered_weights, fit_to_weights, relative_errors
 
 
 def smooth_model() -> torch.nn.Module:

@@ -1,5 +1,5 @@
-"""Shard-local prediction (hf_gb.sharding): row arithmetic and tile selection in one process, then the engine on an
-FSDP2 model over 2 gloo processes (torchrun) against a single-process run."""
+"""Shard-local prediction (hf_gb.engine.shards): row arithmetic and tile selection in one process, then the engine on
+an FSDP2 model over 2 gloo processes (torchrun) against a single-process run."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from hf_gb.sharding import RowShard, _chunk_offset, grad_tiles, local_tiles, tile_rows, write_rows
-from hf_gb.tiling import TileGeometry, grid, tile, untile
+from hf_gb.engine.shards import RowShard, _chunk_offset, grad_tiles, local_tiles, tile_rows, write_rows
+from hf_gb.engine.tiling import TileGeometry, grid, tile, untile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "scripts")
@@ -166,7 +166,7 @@ def test_plugin_under_fsdp2_matches_one_process(tmp_path):
 
 # ----------------------------------------------------------------------------- distributed glue, one process
 def test_detach_and_reattach_params_restore_groups():
-    from hf_gb.distributed import detach_params, reattach_params
+    from hf_gb.training.distributed import detach_params, reattach_params
 
     a, b, c = (torch.nn.Parameter(torch.randn(2)) for _ in range(3))
     opt = torch.optim.SGD([{"params": [a, b], "lr": 0.1}, {"params": [c], "lr": 0.5}], lr=0.1)
@@ -179,7 +179,7 @@ def test_detach_and_reattach_params_restore_groups():
 
 
 def test_optimizer_shard_round_trip(tmp_path):
-    from hf_gb.distributed import load_optimizer_shard, save_optimizer_shard
+    from hf_gb.training.distributed import load_optimizer_shard, save_optimizer_shard
 
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     opt = torch.optim.AdamW(params, lr=0.01, betas=(0.8, 0.9))
@@ -200,7 +200,7 @@ def test_optimizer_shard_round_trip(tmp_path):
 def test_check_setup_refuses_fsdp1_and_warns_on_fallback(caplog):
     import types
 
-    from hf_gb.distributed import check_setup
+    from hf_gb.training.distributed import check_setup
 
     def accel(**state):
         return types.SimpleNamespace(state=types.SimpleNamespace(**state), num_processes=2)
@@ -210,7 +210,7 @@ def test_check_setup_refuses_fsdp1_and_warns_on_fallback(caplog):
     assert check_setup(accel(fsdp_plugin=types.SimpleNamespace(fsdp_version=2)), True, False, "X") == "fsdp2"
     with pytest.raises(NotImplementedError, match="ZeRO stage 3"):  # stages 1 and 2: tests/test_deepspeed.py
         check_setup(accel(deepspeed_plugin=types.SimpleNamespace(zero_stage=3)), False, True, "X")
-    with caplog.at_level("WARNING", logger="hf_gb.distributed"):
+    with caplog.at_level("WARNING", logger="hf_gb.training.distributed"):
         assert check_setup(accel(), True, False, "X") == "ddp"
     assert "FSDP was requested but Accelerate did not enable it" in caplog.text
 

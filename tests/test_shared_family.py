@@ -1,4 +1,5 @@
-"""The "shared" g-net family (hf_gb.families.SharedBank): one g-net per bank, a learned embedding and gain per tile.
+"""The "shared" g-net family (hf_gb.engine.families.SharedBank): one g-net per bank, a learned embedding and gain per
+tile.
 
 The bank-interface tests of tests/test_bank.py run over this family too; these add what sharing changes: the
 shapes of the shared weights, gradients summed over tiles, storage counted once per bank, and files."""
@@ -14,13 +15,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import hf_gb
-from hf_gb import GBConfig, GenomicBottleneck, kernels
-from hf_gb.bank import family_class
-from hf_gb.checkpoint import save_compressed
-from hf_gb.checkpoint_checks import _gnet_values_wanted
-from hf_gb.families import SharedBank
-from hf_gb.kernels import use_compiled
-from hf_gb.tiling import TileGeometry, num_bits
+from hf_gb import GBConfig, GenomicBottleneck
+from hf_gb.engine import kernels
+from hf_gb.engine.codes import num_bits
+from hf_gb.engine.families import SharedBank
+from hf_gb.engine.kernels import use_compiled
+from hf_gb.engine.registry import family_class
+from hf_gb.engine.tiling import TileGeometry
+from hf_gb.io.checkpoint import save_compressed
+from hf_gb.io.checks import _gnet_values_wanted
 
 SHARED = ("w_row", "w_col", "w_ker", "w2")
 

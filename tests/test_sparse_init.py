@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.bank import SPARSE_SAMPLE, GNetBank
+from hf_gb.engine.families.separable import SPARSE_SAMPLE, SeparableBank
 
 
 def _active(bank) -> torch.Tensor:
@@ -60,7 +60,7 @@ def test_sparse_init_is_calibrated_and_seeded():
 
 def test_loading_does_not_run_the_sparse_init(monkeypatch):
     calls = []
-    monkeypatch.setattr(GNetBank, "sparse_biases_", lambda self, *a: calls.append(self))
+    monkeypatch.setattr(SeparableBank, "sparse_biases_", lambda self, *a: calls.append(self))
     GenomicBottleneck(nn.Linear(64, 64), GBConfig(hidden_dim=8, tile_size=32, init_active=0.02), init_gnets=False)
     assert calls == []
     GenomicBottleneck(nn.Linear(64, 64), GBConfig(hidden_dim=8, tile_size=32, init_active=0.02))

@@ -5,17 +5,14 @@ import torch
 from torch import nn
 
 from hf_gb import GBConfig
-from hf_gb.bank import MLPBank
-from hf_gb.layers import view3d
-from hf_gb.tiling import (
-    FOURIER_PAIRS,
+from hf_gb.engine.codes import FOURIER_PAIRS, code_width, num_bits, position_codes
+from hf_gb.engine.families import MLPBank
+from hf_gb.engine.layers import view3d
+from hf_gb.engine.tiling import (
     TileGeometry,
     choose_geometry,
-    code_width,
     compression_of,
     grid,
-    num_bits,
-    position_codes,
     tile,
     tile_into,
     untile,

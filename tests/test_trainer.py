@@ -18,7 +18,7 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTra
 
 import hf_gb
 from hf_gb import GBConfig, GBTrainer, GBTrainingArguments, GenomicBottleneck
-from hf_gb.checkpoint import WEIGHTS_NAME
+from hf_gb.files import WEIGHTS_NAME
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 64, 16
@@ -402,7 +402,7 @@ def test_fsdp_that_does_not_engage_warns(tmp_path, monkeypatch, caplog):
     """On CPU Accelerate never enables FSDP: the run is DDP-like, and the user who asked for FSDP must hear so."""
     args = make_args(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
-    with caplog.at_level(logging.WARNING, logger="hf_gb.distributed"):
+    with caplog.at_level(logging.WARNING, logger="hf_gb.training.distributed"):
         trainer = GBTrainer(model=tiny_model(), args=args)
     assert not trainer.is_fsdp_enabled
     assert "FSDP was requested but Accelerate did not enable it" in caplog.text

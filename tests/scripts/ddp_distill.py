@@ -14,7 +14,7 @@ from datasets import Dataset
 from leave import leave_together
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_gb.distill import GBDistillationArguments, GBDistillationTrainer
+from hf_gb.compress.distill import GBDistillationArguments, GBDistillationTrainer
 
 
 def main(output_dir: str, report_dir: str) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from hf_gb import GBConfig, GenomicBottleneck
-from hf_gb.sharding import row_shard
+from hf_gb.engine.shards import row_shard
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 

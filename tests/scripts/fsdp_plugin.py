@@ -16,7 +16,7 @@ from leave import leave_together
 from torch import nn
 
 from hf_gb import GBConfig, GBPlugin, GenomicBottleneck
-from hf_gb.sharding import is_dtensor
+from hf_gb.engine.shards import is_dtensor
 
 DIMS = [12, 19, 11, 5]
 ACCUM, STEPS, PER_RANK = 3, 3, 2

@@ -20,7 +20,7 @@ from leave import leave_together
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gb import GBTrainer, GBTrainingArguments
-from hf_gb.sharding import is_dtensor
+from hf_gb.engine.shards import is_dtensor
 
 IDS = torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(5))
 

@@ -11,7 +11,7 @@ Where the bottleneck hooks into ``transformers.Trainer`` (docs/design.md §2), p
   only the model's) and predict the weights of the new g-nets, so that evaluation, checkpoints and callbacks see them.
 
 Checkpoints (``save_model``, ``save_steps``, ``load_best_model_at_end``, ``resume_from_checkpoint``) hold the
-compressed format of `hf_gb.checkpoint`; after every load the weights are predicted again.
+compressed format of `hf_gb.io.checkpoint`; after every load the weights are predicted again.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,14 +29,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
-from . import distributed
-from .bottleneck import GenomicBottleneck
-from .checkpoint import load_checkpoint_state
-from .checkpoint_checks import CHECKPOINT_RE as _CHECKPOINT_RE
-from .checkpoint_checks import last_complete_checkpoint
-from .config import GBConfig, read_config_json
-from .distributed import broadcast_gnets, check_replicas
-from .files import (
+from ..engine.config import GBConfig, read_config_json
+from ..files import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     MODEL_CONFIG_NAME,
@@ -45,79 +38,22 @@ from .files import (
     atomic_write,
     remove_stale_staging,
 )
-from .settings import add_config_fields, config_from, settings
-from .trainer_deepspeed import DeepSpeedTrainerMixin
-from .trainer_fsdp import FSDP2TrainerMixin
+from ..io.checkpoint import load_checkpoint_state
+from ..io.checks import CHECKPOINT_RE, last_complete_checkpoint
+from ..io.model_card import write_model_card
+from ..io.pretrained import GenomicBottleneck
+from . import distributed
+from .arguments import GBTrainingArguments
+from .deepspeed import DeepSpeedTrainerMixin
+from .distributed import broadcast_gnets, check_replicas
+from .fsdp import FSDP2TrainerMixin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GBTrainer", "GBTrainingArguments"]
+__all__ = ["GBTrainer"]
 
 # GBConfig fields whose disagreement between a checkpoint and the trainer makes the checkpoint unusable.
 _IGNORED_ON_LOAD = ("kernel", "seed", "skip_nonfinite")
-
-
-@dataclass
-@add_config_fields(
-    "gb_",
-    optional=False,
-    help_format="Genomic bottleneck: {help}",
-    overrides={"seed": {"type": int | None, "default": None, "help": " Default: the Trainer's `seed`."}},
-)
-class GBTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the genomic-bottleneck settings: every `GBConfig` field, prefixed ``gb_``.
-
-    Every field parses through ``HfArgumentParser`` from the command line, JSON or YAML like any other Trainer
-    argument; `to_gb_config` builds the `GBConfig` that `GBTrainer` uses.
-
-    Example::
-
-        >>> from transformers import HfArgumentParser
-        >>> from hf_gb import GBTrainingArguments
-        >>> (args,) = HfArgumentParser(GBTrainingArguments).parse_args_into_dataclasses(
-        ...     ["--output_dir", "out", "--gb_hidden_dim", "16", "--gb_compression", "50"])
-        >>> args.to_gb_config().compression
-        50.0
-    """
-
-    gb_learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Peak learning rate of the g-net parameters; None: the same as `learning_rate`. The schedule "
-            "scales it like the other groups'. g-nets often want a larger one than the model's tensors."
-        },
-    )
-    gb_weight_decay: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight decay of the g-net parameters (the uncompressed tensors use `weight_decay`). Default 0: "
-            "decaying g-net parameters does not shrink the predicted weights toward zero, it bends the function "
-            "the g-nets compute, and the bottleneck already regularises."
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.gb_learning_rate is not None and not self.gb_learning_rate > 0:
-            raise ValueError(
-                f"gb_learning_rate must be a positive number, got gb_learning_rate={self.gb_learning_rate}"
-            )
-        self.to_gb_config()  # fail at parse time, naming the bad value
-
-    def to_gb_config(self) -> GBConfig:
-        """The `GBConfig` these arguments describe."""
-        values = {s.name: getattr(self, "gb_" + s.name) for s in settings()}
-        values["seed"] = self.seed if self.gb_seed is None else self.gb_seed
-        try:
-            return config_from(values)
-        except ValueError as e:
-            # GBConfig names the field first ("compression must be ..."): name the argument the user typed.
-            message = str(e)
-            field_name = message.split(" ", 1)[0]
-            if field_name in values:
-                message = message.replace(f"{field_name}=", f"gb_{field_name}=")
-                message = message.replace(field_name, f"gb_{field_name}", 1)
-            raise ValueError(f"Invalid training argument: {message}") from e
 
 
 class _BottleneckCallback(TrainerCallback):
@@ -153,9 +89,9 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
     ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
     format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
     weights; under FSDP2 (``fsdp_version=2``) every rank keeps the same g-nets and predicts only the tiles of its own
-    rows (`hf_gb.sharding`); under DeepSpeed ZeRO stage 1 or 2 as under DDP, with the g-net gradients handed to
-    DeepSpeed's optimizer (`hf_gb.trainer_deepspeed`). FSDP1 and ZeRO stage 3 are refused at start
-    (`hf_gb.distributed.check_setup`).
+    rows (`hf_gb.engine.shards`); under DeepSpeed ZeRO stage 1 or 2 as under DDP, with the g-net gradients handed to
+    DeepSpeed's optimizer (`hf_gb.training.deepspeed`). FSDP1 and ZeRO stage 3 are refused at start
+    (`hf_gb.training.distributed.check_setup`).
 
     Example::
 
@@ -250,7 +186,7 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
-        if self._sharded and not gb._shards:
+        if self._sharded and not gb.sharded:
             raise RuntimeError("GBTrainer runs under FSDP2 but the covered weights are not sharded DTensors")
         if self.accelerator.num_processes > 1:
             # DDP has already broadcast the uncompressed parameters; the g-nets follow rank 0's too.
@@ -278,7 +214,7 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Last micro-batch: W.grad is complete (and all-reduced under DDP). DeepSpeed stepped inside backward;
-        # its engine pushed just before (`hf_gb.trainer_deepspeed`).
+        # its engine pushed just before (`hf_gb.training.deepspeed`).
         if self.accelerator.sync_gradients and not self._deepspeed:
             self.gb.push_gradients()
         return loss
@@ -362,11 +298,11 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
             logger.warning("GBTrainer saves the g-nets and uncompressed tensors; ignoring the given state_dict")
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving compressed checkpoint to %s", output_dir)
-        if _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
+        if CHECKPOINT_RE.match(os.path.basename(os.path.normpath(output_dir))):
             # Staging folders left by saves that were killed in sibling checkpoints (this one cleans its own).
             run_dir = os.path.dirname(os.path.normpath(output_dir))
             for name in os.listdir(run_dir):
-                if _CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
+                if CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
                     remove_stale_staging(os.path.join(run_dir, name))
         processing_class = self.processing_class
         if processing_class is None:
@@ -411,13 +347,11 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
         logger.info("Loading best model from %s (score: %s)", best, self.state.best_metric)
         self.load_compressed_state(best)
 
-    # ----------------------------------------------------------------- hub (minimal; see hf_gb.model_card)
+    # ----------------------------------------------------------------- hub (minimal; see hf_gb.io.model_card)
     def create_model_card(self, **kwargs: Any) -> None:
         """Write the hf_gb model card ``README.md`` into ``args.output_dir`` (main process only)."""
         if not self.is_world_process_zero():
             return
-        from .model_card import write_model_card
-
         os.makedirs(self.args.output_dir, exist_ok=True)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if getattr(self, "hub_model_id", None):

@@ -4,10 +4,10 @@ Replicated g-nets (DDP, docs/design.md §7): every rank holds the same g-nets: t
 (`broadcast_gnets`; calibration reads each rank's own random init, so the scales may differ before), every rank
 predicts the same weights, DDP averages the weight gradients, and every rank pushes the same g-net gradient.
 `replica_checksums` is how a run checks that this still holds. Noise of stochastic g-nets is seeded by the optimizer
-step (`GenomicBottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
+step (`Bottleneck.noise_seed`), so all ranks, and a resumed run, draw the same.
 
 Under FSDP2 (``fsdp_version=2``) the g-nets are replicated the same way, but each rank predicts only the tiles of its
-own rows (`hf_gb.sharding`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer`, `hf_gb.trainer_deepspeed`, and
+own rows (`hf_gb.engine.shards`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer`, `hf_gb.training.deepspeed`, and
 `GBPlugin.accelerator_prepare`) the parameters stay replicated as under DDP and the g-net gradients are handed to
 DeepSpeed's optimizer just before its step (the DeepSpeed glue at the end of this module). `check_setup` refuses, at
 start and with the reason and what works instead, the setups that would train wrong: FSDP1 (one ``FlatParameter``
@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import GenomicBottleneck
-from .sharding import is_dtensor
+from ..engine.bottleneck import Bottleneck
+from ..engine.shards import is_dtensor
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def process_group_active() -> bool:
 
 
 @torch.no_grad()
-def broadcast_gnets(gb: GenomicBottleneck, src: int = 0) -> None:
+def broadcast_gnets(gb: Bottleneck, src: int = 0) -> None:
     """Copy rank ``src``'s g-net state (parameters and saved buffers) to every rank, in place; no-op alone."""
     if not process_group_active() or torch.distributed.get_world_size() == 1:
         return
@@ -46,13 +47,13 @@ def broadcast_gnets(gb: GenomicBottleneck, src: int = 0) -> None:
 
 
 @torch.no_grad()
-def replica_checksums(gb: GenomicBottleneck) -> torch.Tensor:
+def replica_checksums(gb: Bottleneck) -> torch.Tensor:
     """float64 ``(3,)``: sum of every g-net tensor, sum and sum of squares of the covered weights (this rank).
 
     Under FSDP2 each rank holds other rows of the covered weights, so the last two are the sum and sum of squares
     of the g-nets' saved buffers (the output scales) instead.
     """
-    if gb._shards:
+    if gb.sharded:
         buffers = [b.detach().double() for b in gb.buffers()] or [torch.zeros(1, dtype=torch.float64)]
         second = torch.stack([b.sum() for b in buffers]).sum()
         third = torch.stack([b.square().sum() for b in buffers]).sum()
@@ -62,7 +63,7 @@ def replica_checksums(gb: GenomicBottleneck) -> torch.Tensor:
     return torch.stack([torch.stack([p.detach().double().sum() for p in gb.parameters()]).sum(), second, third])
 
 
-def check_replicas(gb: GenomicBottleneck, gather) -> None:
+def check_replicas(gb: Bottleneck, gather) -> None:
     """Raise ``RuntimeError`` unless every rank holds the same g-nets and predicted weights.
 
     ``gather`` maps a ``(1, 3)`` tensor to the ``(world, 3)`` stack of every rank's (e.g. ``accelerator.gather``).
@@ -85,7 +86,7 @@ def requested(args: Any) -> tuple[bool, bool]:
     return fsdp, deepspeed
 
 
-DEEPSPEED_STAGES = (1, 2)  # ZeRO stages that keep parameters replicated (see hf_gb.trainer_deepspeed)
+DEEPSPEED_STAGES = (1, 2)  # ZeRO stages that keep parameters replicated (see hf_gb.training.deepspeed)
 
 
 def _refuse_deepspeed(who: str, stage: Any, optimizer_section: bool = False) -> None:
@@ -188,8 +189,6 @@ def save_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str, rank:
 
     from safetensors.torch import save_file
 
-    from .files import atomic_write  # the one atomic-write helper of the package
-
     state = optimizer.state_dict()
     tensors = {}
     for index, values in state["state"].items():
@@ -272,20 +271,21 @@ def reattach_params(optimizer: torch.optim.Optimizer, taken: list) -> None:
 GNET_MODULE = "hf_gb"  # the g-nets' name inside the model while DeepSpeed builds its engine
 
 
-def join_model(model: nn.Module, gb: GenomicBottleneck) -> None:
+def join_model(model: nn.Module, gb: Bottleneck) -> None:
     """Make the g-nets the submodule ``hf_gb`` of ``model`` for the ``accelerator.prepare`` that builds a DeepSpeed
     engine: DeepSpeed maps every optimizer parameter to a named parameter of the model it wraps, and `leave_model`
     right after keeps them out of the model's ``state_dict``."""
-    if GNET_MODULE not in model._modules:
+    if GNET_MODULE not in dict(model.named_children()):
         model.add_module(GNET_MODULE, gb)
 
 
 def leave_model(model: nn.Module) -> None:
-    if GNET_MODULE in model._modules:
-        del model._modules[GNET_MODULE]
+    """Undo `join_model`: the g-nets are no submodule of ``model`` again."""
+    if GNET_MODULE in dict(model.named_children()):
+        delattr(model, GNET_MODULE)
 
 
-def wrap_engine_step(engine: Any, gb: GenomicBottleneck) -> None:
+def wrap_engine_step(engine: Any, gb: Bottleneck) -> None:
     """Push the g-net gradients into ``engine`` just before each of its optimizer steps.
 
     Accelerate's ``backward`` runs DeepSpeed's ``engine.backward`` and then ``engine.step()``, and the g-net gradients
@@ -310,7 +310,7 @@ def wrap_engine_step(engine: Any, gb: GenomicBottleneck) -> None:
     engine.step = types.MethodType(step_with_push, engine)
 
 
-def push_into_deepspeed(gb: GenomicBottleneck) -> None:
+def push_into_deepspeed(gb: Bottleneck) -> None:
     """This rank's weight gradients -> g-net gradients averaged over the ranks -> DeepSpeed's gradient partitions.
 
     The covered weights are in no optimizer, so DeepSpeed leaves their ``.grad`` unreduced; averaging the g-net

@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .files import CONFIG_NAME, atomic_write_text
-from .version import __version__
+from ..files import CONFIG_NAME, atomic_write_text
+from ..version import __version__
+from .registry import families
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "GBConfig", "check_pattern", "config_json", "read_config_json"]
 
@@ -116,7 +117,7 @@ class GBConfig:
         metadata={
             "help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile), 'deep' (a "
             "second hidden layer of `second_hidden_dim` units after the first) or 'shared' (one g-net per bank, "
-            "each tile keeping only its own first-layer bias; hf_gb.families)."
+            "each tile keeping only its own first-layer bias; hf_gb.engine.families)."
         },
     )
     second_hidden_dim: int = field(
@@ -177,8 +178,6 @@ class GBConfig:
                 raise ValueError(f"init_active must be a fraction in (0, 1) or null, "
                                  f"got init_active={self.init_active!r}")
         self.seed = _int("seed", self.seed, 0, 2**63 - 1)
-        from .bank import families  # local import: the bank module imports this one's type for hints only
-
         if not (isinstance(self.family, str) and self.family in families()):
             raise ValueError(f"family must be one of {families()}, got family={self.family!r:.80}")
         self.second_hidden_dim = _int("second_hidden_dim", self.second_hidden_dim, 1, MAX_HIDDEN_DIM)

@@ -3,10 +3,10 @@ FSDP2 ``prepare``, compressed saves that gather only the uncompressed tensors, a
 
 Accelerate's FSDP2 ``prepare`` maps every optimizer parameter to a model parameter, and the g-nets are none, so the
 g-nets leave the optimizer for that call and come back right after (Trainer calls ``create_scheduler`` next); the
-bottleneck is then bound to the DTensor shards (`hf_gb.sharding.rebind`). Accelerate's FSDP checkpoint savers would
+bottleneck is then bound to the DTensor shards (`Bottleneck.rebind`). Accelerate's FSDP checkpoint savers would
 write the whole sharded model (covered weights included) and map optimizer state to model parameters; instead the
 compressed checkpoint holds the g-nets and the gathered uncompressed tensors, and every rank writes its optimizer
-state as safetensors (`hf_gb.distributed.save_optimizer_shard`).
+state as safetensors (`hf_gb.training.distributed.save_optimizer_shard`).
 """
 
 from __future__ import annotations
@@ -31,19 +31,17 @@ class FSDP2TrainerMixin:
 
     def _detach_for_fsdp2(self) -> None:
         # Accelerate's FSDP2 prepare maps each optimizer parameter to a model parameter; the g-nets are none.
-        if self._sharded and self._detached_gnets is None and not self.gb._shards:
+        if self._sharded and self._detached_gnets is None and not self.gb.sharded:
             self._detached_gnets = distributed.detach_params(self.optimizer, self.gb.parameters())
 
     def _after_fsdp2_prepare(self) -> None:
         """The model is sharded now: give the g-nets back to the optimizer and bind them to the DTensors."""
-        from .sharding import rebind
-
         if self._detached_gnets is not None:
             distributed.reattach_params(getattr(self.optimizer, "optimizer", self.optimizer), self._detached_gnets)
             self._detached_gnets = None
         model = self.accelerator.unwrap_model(self.model)
-        if rebind(self.gb, model):
-            logger.info("Genomic bottleneck bound to the FSDP2 shards of %d covered weights", len(self.gb._shards))
+        if self.gb.rebind(model):
+            logger.info("Genomic bottleneck bound to the FSDP2 shards of %d covered weights", len(self.gb.row_shards))
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self._sharded:  # Trainer calls this right after accelerator.prepare(model, optimizer)
@@ -62,9 +60,7 @@ class FSDP2TrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the compressed checkpoint (main process only) plus ``training_args.bin``."""
         if self._sharded:
-            from .sharding import gathered
-
-            with gathered(self.gb):  # a collective: every rank enters, the main process writes
+            with self.gb.gathered():  # a collective: every rank enters, the main process writes
                 self._save_compressed(output_dir, state_dict)
             self.accelerator.wait_for_everyone()
         else:

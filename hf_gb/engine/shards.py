@@ -6,23 +6,24 @@ A rank that holds rows ``[start, stop)`` of a covered weight predicts only the w
 the rows it does not hold. Push is linear in that gradient, so the SUM over ranks of the g-net gradients is the
 gradient of the full weight: `all_reduce_gradients` finishes the step and the g-nets stay replicated.
 
-This module is the only one of the engine that touches ``torch.distributed``; it imports it lazily, so the core
-keeps working on one device without it.
+Everything here is a function of what it is passed; the bottleneck keeps the plans (`Bottleneck.rebind` makes
+them). This module is the only one of the engine that touches ``torch.distributed``; it imports it lazily, so the
+core keeps working on one device without it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .tiling import TileGeometry, grid, tile, untile
+from .layers import view3d
+from .tiling import TileGeometry, grid, tile, tile_into, untile, untile_into
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ def is_dtensor(tensor: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (FSDP2 DTensor) tensor; the tensor itself when it is not sharded."""
+    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
 
 
 def model_class(model: nn.Module) -> type:
@@ -203,6 +209,19 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> N
         offset += n
 
 
+def average_over_processes(params: Iterable[nn.Parameter]) -> None:
+    """Average the ``.grad`` of ``params`` over the processes of the default group (`all_reduce_gradients`, then
+    divided by the world size); a no-op without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    params = list(params)
+    all_reduce_gradients(params)
+    world = torch.distributed.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(world)
+
+
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind ``value`` (a collective for a DTensor: every rank must call it)."""
     return value.full_tensor() if is_dtensor(value) else value
@@ -279,9 +298,6 @@ def calibrate_bank(bank: nn.Module, target_std: torch.Tensor, plan: BankPlan, gr
 
 def write_bank(out: torch.Tensor, plan: BankPlan) -> None:
     """Write the predicted tiles ``out`` (one bank, ``plan.index`` order) into each tensor's local rows."""
-    from .layers import view3d
-    from .tiling import untile_into
-
     with torch.no_grad():
         for m in plan.members:
             t, tiles = m.tensor, out[m.pos : m.pos + m.n]
@@ -293,9 +309,6 @@ def write_bank(out: torch.Tensor, plan: BankPlan) -> None:
 
 def grad_bank(G: torch.Tensor, plan: BankPlan) -> None:
     """Fill ``G`` (``plan.index`` order) from each tensor's local gradient rows, then drop those gradients."""
-    from .layers import view3d
-    from .tiling import tile_into
-
     for m in plan.members:
         t, dst = m.tensor, G[m.pos : m.pos + m.n]
         grad = t.param.grad
@@ -306,25 +319,6 @@ def grad_bank(G: torch.Tensor, plan: BankPlan) -> None:
         else:
             grad_tiles(dst, view3d(grad.to_local(), t.layout), t.shape, t.geometry, m.shard)
         t.param.grad = None
-
-
-@contextmanager
-def gathered(gb: Any) -> Iterator[None]:
-    """While open, ``gb.uncompressed_state_dict()`` holds whole copies of the sharded uncompressed tensors.
-
-    Every rank must enter it (gathering is a collective); only the covered weights are never gathered. Use it
-    around a save on the main process::
-
-        with gathered(gb):
-            if is_main_process:
-                gb.save_pretrained(path)
-    """
-    state = {k: v for k, v in gb.uncompressed_state_dict().items()}
-    gb._full_uncompressed = {k: full_tensor(v.detach()) for k, v in state.items() if is_dtensor(v)}
-    try:
-        yield
-    finally:
-        gb._full_uncompressed = None
 
 
 def distribute_like(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -340,33 +334,3 @@ def distribute_like(targets: dict[str, torch.Tensor], tensors: dict[str, torch.T
         local = value[shard.start : shard.stop].to(target.to_local().dtype).contiguous()
         tensors[prefix + name] = DTensor.from_local(local, target.device_mesh, target.placements, run_check=False,
                                                     shape=target.shape, stride=target.stride())
-
-
-# ----------------------------------------------------------------------------- after wrapping
-def rebind(gb: Any, model: nn.Module) -> bool:
-    """Point ``gb``'s covered tensors at ``model``'s parameters of the same names (after ``fully_shard`` or
-    Accelerate replaced them) and plan shard-local prediction; True when anything changed."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    changed = False
-    for t in gb.covered:
-        new = params.get(t.name)
-        if new is None:
-            names = ", ".join(sorted(params)[:5])
-            raise ValueError(f"covered weight {t.name!r} is not a parameter of the wrapped model ({names}, ...)")
-        if tuple(new.shape) != tuple(t.param_shape):
-            raise ValueError(f"covered weight {t.name!r} has shape {tuple(new.shape)} after wrapping, "
-                             f"{tuple(t.param_shape)} before")
-        changed |= new is not t.param
-        t.param = new
-    if model is not gb.model:
-        from .bottleneck import _ATTACHED
-
-        object.__setattr__(model, _ATTACHED, getattr(gb.model, _ATTACHED, None))
-        object.__setattr__(gb, "_model", model)
-    gb._shards = find_shards(gb.covered)
-    gb._shard_group = shard_group(gb._shards)
-    gb._plans = {key: plan_bank(gb._members[key], gb._shards) for key in gb.banks} if gb._shards else {}
-    for bank in gb.banks.values():  # a prediction kept before rebinding belongs to the old tensors
-        bank.discard()
-    gb._predicted = False
-    return changed

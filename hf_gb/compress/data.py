@@ -7,7 +7,7 @@ each file's relative path for folders (no file contributes to both sides), by a 
 Example::
 
     >>> import os, tempfile
-    >>> from hf_gb.distill_data import load_texts
+    >>> from hf_gb.compress.data import load_texts
     >>> path = os.path.join(tempfile.mkdtemp(), "a.txt")
     >>> _ = open(path, "w").write("\\n".join(f"sentence number {i}" for i in range(100)))
     >>> train, held_out = load_texts(path, held_out_fraction=0.1)

@@ -14,15 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import GenomicBottleneck
-from .config import FORMAT_VERSION, GBConfig, read_config_json
-from .files import CONFIG_NAME, FORMAT_NAME, MODEL_CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME
-from .version import __version__
+from ..engine.bottleneck import Bottleneck
+from ..engine.config import FORMAT_VERSION, GBConfig, read_config_json
+from ..engine.layers import find_targets
+from ..engine.planning import plan_covered
+from ..engine.registry import family_class
+from ..engine.tiling import gain_values
+from ..files import CONFIG_NAME, FORMAT_NAME, MODEL_CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME, PathLike
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_RE", "check_layout", "check_sizes", "checkpoint_problem", "last_complete_checkpoint",
-           "read_header", "warn_non_finite"]
+__all__ = ["CHECKPOINT_RE", "check_compressed_folder", "check_layout", "check_sizes", "checkpoint_problem",
+           "last_complete_checkpoint", "read_header", "warn_non_finite"]
 
 GNET_PREFIX = "gnet."
 MODEL_PREFIX = "model."
@@ -100,7 +104,7 @@ def read_header(directory: str, save_id: str | None = None, config: GBConfig | N
     return {"metadata": metadata, "shapes": shapes, "dtypes": dtypes}
 
 
-def check_layout(gb: GenomicBottleneck, saved: list[dict[str, Any]] | None, directory: str) -> None:
+def check_layout(gb: Bottleneck, saved: list[dict[str, Any]] | None, directory: str) -> None:
     """The model rebuilt here must cover the same tensors, with the same shapes and tiles, as the saved one."""
     if saved is None:
         return
@@ -171,24 +175,17 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
 
 
 def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
-    """How many values the g-nets of ``config`` over ``model`` hold, from the shapes alone: the same targets,
-    geometry and ``min_compression`` as `GenomicBottleneck`, counted by the family's `GNetBank.params_per_tile`
-    per tile, `GNetBank.bank_params` once per bank (tile geometry) and the tensors' gains."""
-    from .bank import family_class
-    from .bottleneck import stored_per_tile, tensor_geometry
-    from .layers import find_targets, view3d
-    from .tiling import compression_of, gain_values, grid
-
+    """How many values the g-nets of ``config`` over ``model`` hold, from the shapes alone: the plan a bottleneck
+    would be built from (`hf_gb.engine.planning.plan_covered`), counted by the family's
+    `GNetBank.params_per_tile` per tile, `GNetBank.bank_params` once per bank (tile geometry) and the tensors'
+    gains."""
     family = family_class(config.family)
-    total, banks = 0, set()
-    for target in find_targets(model, config)[0]:
-        shape = tuple(view3d(target.param.detach(), target.layout).shape)
-        geometry = tensor_geometry(shape, config)
-        if compression_of(shape, geometry, stored_per_tile(shape, geometry, config)) >= config.min_compression:
-            total += _prod(grid(shape, geometry)) * family.params_per_tile(geometry, config)
-            total += gain_values(shape, config.gains)
-            banks.add(geometry)
-    return round(total + sum(family.bank_params(g, config) for g in banks))
+    groups, _ = plan_covered(find_targets(model, config)[0], config)
+    total = 0
+    for geometry, group in groups.items():
+        for t in group:
+            total += t.n_tiles * family.params_per_tile(geometry, config) + gain_values(t.shape, config.gains)
+    return round(total + sum(family.bank_params(g, config) for g in groups))
 
 
 def _prod(values) -> int:
@@ -196,6 +193,17 @@ def _prod(values) -> int:
     for v in values:
         out *= int(v)
     return out
+
+
+def check_compressed_folder(folder: PathLike) -> str:
+    """``folder`` as a string, or ``FileNotFoundError`` / ``ValueError`` if it is not a compressed checkpoint."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"No such folder: {folder}")
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise ValueError(f"{folder} is not a compressed hf_gb checkpoint: {' and '.join(missing)} missing")
+    return folder
 
 
 def checkpoint_problem(folder: str) -> str | None:

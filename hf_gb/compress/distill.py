@@ -1,7 +1,8 @@
 """Distillation: train a bottleneck-wrapped student to reproduce a frozen, pretrained teacher.
 
-Regression to the teacher's weights (`hf_gb.regression`) keeps little of what pretrained weights encode; training the
-compressed model to reproduce the teacher's *outputs* does. `GBDistillationTrainer` is a `GBTrainer` whose loss is
+Regression to the teacher's weights (`hf_gb.compress.regression`) keeps little of what pretrained weights encode;
+training the compressed model to reproduce the teacher's *outputs* does. `GBDistillationTrainer` is a `GBTrainer`
+whose loss is
 
     kl_weight * T^2 * KL(softmax(teacher_logits / T) || softmax(student_logits / T))    (models with logits)
   + embedding_mse_weight * MSE(mean-pooled student, mean-pooled teacher)                 (last hidden state)
@@ -12,13 +13,14 @@ compressed model to reproduce the teacher's *outputs* does. `GBDistillationTrain
 averaged over the tokens the attention mask keeps. The teacher is frozen (``requires_grad=False``), in eval mode, on
 the student's device and in its dtype, and runs under ``no_grad``; under DDP every rank holds its own copy.
 The student starts as a copy of the teacher whose covered weights the g-nets then predict: from g-nets fitted to
-the teacher's weights (``distill_init="regression"``, `hf_gb.regression.fit_to_weights`) or freshly calibrated ones
-(``"scratch"``); the uncompressed tensors (embeddings, norms, biases) start as the teacher's in both cases.
+the teacher's weights (``distill_init="regression"``, `hf_gb.compress.regression.fit_to_weights`) or freshly
+calibrated ones (``"scratch"``); the uncompressed tensors (embeddings, norms, biases) start as the teacher's in both
+cases.
 
 Example::
 
     >>> import torch, transformers
-    >>> from hf_gb.distill import GBDistillationArguments, GBDistillationTrainer
+    >>> from hf_gb.compress.distill import GBDistillationArguments, GBDistillationTrainer
     >>> teacher = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32,
     ...     num_hidden_layers=2, num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
     >>> args = GBDistillationArguments("out", report_to="none", use_cpu=True, gb_hidden_dim=4, gb_tile_size=[16],
@@ -40,10 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bottleneck import GenomicBottleneck
-from .config import GBConfig
-from .regression import covered_weights, fit_to_weights
-from .trainer import GBTrainer, GBTrainingArguments
+from ..engine.config import GBConfig
+from ..io.model_card import write_model_card
+from ..io.pretrained import GenomicBottleneck
+from ..training.arguments import GBTrainingArguments
+from ..training.trainer import GBTrainer
+from .regression import covered_weights, fit_to_weights, relative_errors
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ class GBDistillationArguments(GBTrainingArguments):
     Example::
 
         >>> from transformers import HfArgumentParser
-        >>> from hf_gb.distill import GBDistillationArguments
+        >>> from hf_gb.compress.distill import GBDistillationArguments
         >>> (args,) = HfArgumentParser(GBDistillationArguments).parse_args_into_dataclasses(
         ...     ["--output_dir", "out", "--distill_temperature", "4", "--distill_init", "scratch"])
         >>> args.distill_temperature, args.distill_init
@@ -229,8 +233,6 @@ def build_student(
     if init == "regression" and regression_steps > 0:
         errors = fit_to_weights(gb, targets, steps=regression_steps, lr=regression_lr, progress=progress)
     else:
-        from .regression import relative_errors
-
         errors = relative_errors(gb, targets)
     return student, gb, errors
 
@@ -308,8 +310,6 @@ class GBDistillationTrainer(GBTrainer):
         super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
-        from .model_card import write_model_card
-
         name = getattr(getattr(self.teacher, "config", None), "_name_or_path", None) or None
         rows = {"method": f"distillation from {name or type(self.teacher).__name__}",
                 "distillation_loss": self.describe_loss(), "student_init": getattr(self.args, "distill_init", "given")}

@@ -1,64 +1,37 @@
-"""`GenomicBottleneck`: attaches g-net banks to any ``nn.Module`` and keeps its covered weights predicted."""
+"""`Bottleneck`: attaches g-net banks to any ``nn.Module`` and keeps its covered weights predicted.
+
+The engine's core class, with torch alone: no file methods. ``hf_gb.GenomicBottleneck`` (`hf_gb.io.pretrained`)
+is this class plus ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``; it is the one users build.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import weakref
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .bank import GNetBank, family_class
+from . import report, shards
+from .bank import GNetBank
 from .config import GBConfig
+from .gains import apply_gains, make_gains, push_gains
 from .layers import find_targets, view3d
-from .tiling import (
-    TileGeometry,
-    TileRows,
-    choose_geometry,
-    compression_of,
-    gain_values,
-    grid,
-    tile_into,
-    tile_rows,
-    untile_into,
-)
+from .planning import CoveredTensor, plan_covered
+from .registry import family_class
+from .shards import RowShard
+from .tiling import TileRows, tile_into, tile_rows, untile_into
+
+__all__ = ["Bottleneck"]
 
 logger = logging.getLogger(__name__)
 
-# Tile used when the config names neither `compression` nor `tile_size`.
-DEFAULT_TILE_SIZE = (128, 128)
 # Attribute of a model that points (weakly) to the bottleneck attached to it.
 _ATTACHED = "_hf_gb_bottleneck"
-
-
-def stored_per_tile(shape: tuple[int, int, int], geometry: TileGeometry, config: GBConfig) -> float:
-    """Stored values per tile of an ``(out, in, K)`` tensor: its g-net's, and its share of the bank's shared values
-    (`GNetBank.params_per_tile_of`) and of the tensor's gains, so that `compression` counts everything stored."""
-    n_tiles = math.prod(grid(shape, geometry))
-    own = family_class(config.family).params_per_tile_of(geometry, config, n_tiles)
-    return own + gain_values(shape, config.gains) / n_tiles
-
-
-def tensor_geometry(shape: tuple[int, int, int], config: GBConfig) -> TileGeometry:
-    """The tile of an ``(out, in, K)`` tensor under ``config``: `tile_size` clipped to it, else the tile whose
-    stored values (`stored_per_tile`) come closest to `compression`, else `DEFAULT_TILE_SIZE`."""
-    tile_size = config.tile_size
-    if tile_size is None and config.compression is None:
-        tile_size = DEFAULT_TILE_SIZE
-    return choose_geometry(shape, lambda g: stored_per_tile(shape, g, config), config.compression, tile_size)
-
-
-def gain_key(name: str) -> str:
-    """The key of a covered tensor's gains in `GenomicBottleneck.row_gains` / ``col_gains`` (no dots allowed)."""
-    return name.replace(".", "-")
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (FSDP2 DTensor) tensor; the tensor itself when it is not sharded."""
-    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
 
 
 def _check_model(model: nn.Module) -> None:
@@ -81,40 +54,9 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-@dataclass
-class CoveredTensor:
-    """One model tensor whose values the g-nets predict."""
-
-    name: str  # full parameter name in the model (first name, for tied tensors)
-    module_type: str
-    layout: str
-    shape: tuple[int, int, int]  # the (out, in, K) view
-    param_shape: tuple[int, ...]
-    geometry: TileGeometry
-    offset: int  # first tile in its bank
-    n_tiles: int
-    param: nn.Parameter
-
-    def gnet_params(self, config: GBConfig) -> int:
-        """Values of this tensor's own tiles and gains (a bank's shared values are not included; see
-        `bank_shares`)."""
-        tiles = self.n_tiles * family_class(config.family).params_per_tile(self.geometry, config)
-        return round(tiles) + gain_values(self.shape, config.gains)
-
-    def to_json(self) -> dict[str, Any]:
-        g = self.geometry
-        return {
-            "name": self.name,
-            "module_type": self.module_type,
-            "layout": self.layout,
-            "shape": list(self.param_shape),
-            "tile": [g.rows, g.cols, g.kernel],
-            "n_tiles": self.n_tiles,
-        }
-
-
-class GenomicBottleneck(nn.Module):
-    """g-nets that predict the covered weights of ``model``.
+class Bottleneck(nn.Module):
+    """g-nets that predict the covered weights of ``model`` (the engine's core; users build its subclass
+    ``hf_gb.GenomicBottleneck``, which adds the checkpoint and Hub methods).
 
     The model is referenced, not registered: ``parameters()`` and ``state_dict()`` of the bottleneck are exactly the
     g-net parameters (and their output scales). One optimizer step is::
@@ -129,9 +71,10 @@ class GenomicBottleneck(nn.Module):
     Example::
 
         >>> import torch
-        >>> from hf_gb import GBConfig, GenomicBottleneck
+        >>> from hf_gb import GBConfig
+        >>> from hf_gb.engine import Bottleneck
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-        >>> gb = GenomicBottleneck(model, GBConfig(hidden_dim=8, tile_size=32))
+        >>> gb = Bottleneck(model, GBConfig(hidden_dim=8, tile_size=32))
         >>> gb.stats()["covered_params"]
         9472
     """
@@ -145,30 +88,17 @@ class GenomicBottleneck(nn.Module):
         self.skipped: list[tuple[str, str]] = []  # (name, reason) of weights left uncompressed
         self.banks = nn.ModuleDict()
         self._predicted = False  # a prediction with kept tables is waiting for its push
-        # Sharded models (FSDP2 DTensors, see hf_gb.sharding): this rank's rows of each covered weight and, per
-        # bank, the tiles that intersect them; empty on an unsharded model.
-        self._shards: dict[str, Any] = {}
-        self._plans: dict[str, Any] = {}
+        # Sharded models (FSDP2 DTensors, see hf_gb.engine.shards): this rank's rows of each covered weight and,
+        # per bank, the tiles that intersect them; empty on an unsharded model (set by `rebind`).
+        self._shards: dict[str, RowShard] = {}
+        self._plans: dict[str, shards.BankPlan] = {}
         self._shard_group: Any = None
-        self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `sharding.gathered` saves
+        self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `gathered` is open
 
         family = family_class(config.family)
         targets, self.skipped = find_targets(model, config)
-        by_geometry: dict[TileGeometry, list[CoveredTensor]] = {}
-        for target in targets:
-            # The full (out, in, K) shape, also of a DTensor shard (a meta tensor holds no data).
-            shape = tuple(view3d(torch.empty(target.param.shape, device="meta"), target.layout).shape)
-            geometry = tensor_geometry(shape, config)
-            n_tiles = math.prod(grid(shape, geometry))
-            ratio = compression_of(shape, geometry, stored_per_tile(shape, geometry, config))
-            if ratio < config.min_compression:
-                self.skipped.append((target.name, f"g-nets would compress it only {ratio:.2f}x"))
-                continue
-            group = by_geometry.setdefault(geometry, [])
-            group.append(CoveredTensor(
-                target.name, target.module_type, target.layout, shape, tuple(target.param.shape), geometry,
-                offset=sum(t.n_tiles for t in group), n_tiles=n_tiles, param=target.param,
-            ))
+        by_geometry, too_small = plan_covered(targets, config)
+        self.skipped.extend(too_small)
         generator = torch.Generator().manual_seed(config.seed)
         for geometry, group in by_geometry.items():
             self.banks[geometry.key()] = family(geometry, sum(t.n_tiles for t in group), config, generator)
@@ -177,23 +107,13 @@ class GenomicBottleneck(nn.Module):
         self.covered.sort(key=lambda t: order[t.name])  # model order, for tables and files
         self._members = {key: [t for t in self.covered if t.geometry.key() == key] for key in self.banks}
         # GBConfig.gains: log-gains, so exp() keeps them positive and 0 (the init) predicts what the banks do.
-        self.row_gains, self.col_gains = nn.ParameterDict(), nn.ParameterDict()
-        for t in self.covered:
-            key = gain_key(t.name)
-            if key in self.row_gains or key in self.col_gains:
-                raise ValueError(f"covered tensors {t.name!r} and another map to the same gain name {key!r}")
-            if config.gains in ("rows", "both"):
-                self.row_gains[key] = nn.Parameter(torch.zeros(t.shape[0]))
-            if config.gains in ("columns", "both"):
-                self.col_gains[key] = nn.Parameter(torch.zeros(t.shape[1]))
+        self.row_gains, self.col_gains = make_gains(self.covered, config.gains)
         device = next((t.param.device for t in self.covered), None)
         if device is not None:
             self.to(device)
         object.__setattr__(model, _ATTACHED, weakref.ref(self))
         if any(type(t.param).__name__ == "DTensor" for t in self.covered):  # e.g. FSDP2: plan shard-local work
-            from .sharding import rebind
-
-            rebind(self, model)
+            self.rebind(model)
         if init_gnets:
             if config.init_active is not None:  # before the calibration: it scales what these biases give
                 for bank in self.banks.values():
@@ -209,9 +129,7 @@ class GenomicBottleneck(nn.Module):
             target = torch.empty(bank.n_tiles)
             for t in self._members[key]:
                 if t.name in self._shards:  # exact std of the whole weight from the shards (one all-reduce)
-                    from .sharding import exact_std
-
-                    std = exact_std(t.param, self._shards[t.name])
+                    std = shards.exact_std(t.param, self._shards[t.name])
                 else:
                     w = t.param.detach().float()
                     std = w.std().item() if w.numel() > 1 else 0.0
@@ -219,9 +137,7 @@ class GenomicBottleneck(nn.Module):
                     std = 1 / math.sqrt(t.shape[1] * t.shape[2])
                 target[t.offset : t.offset + t.n_tiles] = std
             if key in self._plans:  # sharded: from this rank's tiles, statistics summed over ranks
-                from .sharding import calibrate_bank
-
-                calibrate_bank(bank, target, self._plans[key], self._shard_group)
+                shards.calibrate_bank(bank, target, self._plans[key], self._shard_group)
             else:
                 bank.calibrate(target)
 
@@ -235,6 +151,75 @@ class GenomicBottleneck(nn.Module):
     @property
     def model(self) -> nn.Module:
         return self._model
+
+    @property
+    def prediction_pending(self) -> bool:
+        """Whether the last `predict_weights` kept what `push_gradients` needs and no push has consumed it yet."""
+        return self._predicted
+
+    # ----------------------------------------------------------------- shard state (FSDP2)
+    @property
+    def sharded(self) -> bool:
+        """Whether some covered weights are sharded DTensors, so that this rank predicts only its own rows."""
+        return bool(self._shards)
+
+    @property
+    def row_shards(self) -> dict[str, RowShard]:
+        """The rows this rank holds of each sharded covered weight, by name (empty when nothing is sharded)."""
+        return dict(self._shards)
+
+    @property
+    def local_tile_count(self) -> int:
+        """How many tiles this rank predicts: those that intersect its rows, or every tile when not sharded."""
+        if not self._plans:
+            return sum(bank.n_tiles for bank in self.banks.values())
+        return sum(len(plan.index) for plan in self._plans.values())
+
+    def rebind(self, model: nn.Module) -> bool:
+        """Point the covered tensors at ``model``'s parameters of the same names (after ``fully_shard`` or
+        Accelerate replaced them) and plan shard-local prediction; True when anything changed."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        changed = False
+        for t in self.covered:
+            new = params.get(t.name)
+            if new is None:
+                names = ", ".join(sorted(params)[:5])
+                raise ValueError(f"covered weight {t.name!r} is not a parameter of the wrapped model ({names}, ...)")
+            if tuple(new.shape) != tuple(t.param_shape):
+                raise ValueError(f"covered weight {t.name!r} has shape {tuple(new.shape)} after wrapping, "
+                                 f"{tuple(t.param_shape)} before")
+            changed |= new is not t.param
+            t.param = new
+        if model is not self._model:
+            object.__setattr__(model, _ATTACHED, getattr(self._model, _ATTACHED, None))
+            object.__setattr__(self, "_model", model)
+        self._shards = shards.find_shards(self.covered)
+        self._shard_group = shards.shard_group(self._shards)
+        self._plans = {key: shards.plan_bank(self._members[key], self._shards) for key in self.banks} \
+            if self._shards else {}
+        for bank in self.banks.values():  # a prediction kept before rebinding belongs to the old tensors
+            bank.discard()
+        self._predicted = False
+        return changed
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """While open, `uncompressed_state_dict` holds whole copies of the sharded uncompressed tensors.
+
+        Every rank must enter it (gathering is a collective); only the covered weights are never gathered. Use it
+        around a save on the main process::
+
+            with gb.gathered():
+                if is_main_process:
+                    gb.save_pretrained(path)
+        """
+        state = self.uncompressed_state_dict()
+        self._full_uncompressed = {k: shards.full_tensor(v.detach()) for k, v in state.items()
+                                   if shards.is_dtensor(v)}
+        try:
+            yield
+        finally:
+            self._full_uncompressed = None
 
     def noise_seed(self, step: int) -> int:
         """The noise seed of optimizer step ``step``: the same on every rank and after a resume."""
@@ -265,13 +250,11 @@ class GenomicBottleneck(nn.Module):
             bank_seed = None if seed is None else (seed * 1_000_003 + i) % (2**63)  # distinct noise per bank
             plan = self._plans.get(key)
             if plan is not None:  # sharded: only the whole tiles that intersect this rank's rows
-                from .sharding import write_bank
-
                 if not len(plan.index):
                     bank.discard()
                     continue
                 out = bank.predict(plan.index.to(bank.scale.device), noise_seed=bank_seed, keep_graph=keep_graph)
-                write_bank(out, plan)
+                shards.write_bank(out, plan)
                 continue
             rows = self._weight_rows(key, bank, "data") if bank_seed is None else None
             if rows is not None:  # the kernels write the weights' rows themselves: no tile-shaped copy
@@ -282,54 +265,8 @@ class GenomicBottleneck(nn.Module):
                 for t in self._members[key]:
                     untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
         if self.row_gains or self.col_gains:
-            self._apply_gains()
+            apply_gains(self.covered, self.row_gains, self.col_gains, self._shards)
         self._predicted = keep_graph
-
-    def _gains_of(self, t: CoveredTensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Tensor ``t``'s (rows, columns) gains, as (out, 1, 1) and (1, in, 1) factors of its local rows."""
-        key = gain_key(t.name)
-        rows = self.row_gains[key] if key in self.row_gains else None
-        cols = self.col_gains[key] if key in self.col_gains else None
-        shard = self._shards.get(t.name)
-        if rows is not None and shard is not None:
-            rows = rows[shard.start : shard.stop]
-        return (None if rows is None else rows.detach().exp()[:, None, None],
-                None if cols is None else cols.detach().exp()[None, :, None])
-
-    @torch.no_grad()
-    def _apply_gains(self) -> None:
-        """Weight = exp(rows) * G * exp(columns), in place over what the banks wrote."""
-        for t in self.covered:
-            w = view3d(_local(t.param.data), t.layout)
-            for gain in self._gains_of(t):
-                if gain is not None:
-                    w.mul_(gain)
-
-    @torch.no_grad()
-    def _push_gains(self) -> None:
-        """The gains' gradients from the weights' (d log r_i = sum_j dW_ij W_ij, likewise per column), then the
-        weights' gradients turned into the banks' output gradients (dG = r dW c), in place."""
-        for t in self.covered:
-            if t.param.grad is None:
-                continue
-            grad = view3d(_local(t.param.grad), t.layout)
-            key = gain_key(t.name)
-            dtype = (self.row_gains[key] if key in self.row_gains else self.col_gains[key]).dtype
-            prod = grad.to(dtype) * view3d(_local(t.param.data), t.layout).to(dtype)
-            for gains, dims in ((self.row_gains, (1, 2)), (self.col_gains, (0, 2))):
-                if key not in gains:
-                    continue
-                g = prod.sum(dims)
-                shard = self._shards.get(t.name)
-                if dims == (1, 2) and shard is not None:  # this rank's rows; the sum over ranks fills the rest
-                    full = torch.zeros_like(gains[key])
-                    full[shard.start : shard.stop] = g
-                    g = full
-                gains[key].grad = g if gains[key].grad is None else gains[key].grad.add_(g)
-            del prod
-            for gain in self._gains_of(t):
-                if gain is not None:
-                    grad.mul_(gain)
 
     def _weight_rows(self, key: str, bank: GNetBank, what: str) -> TileRows | None:
         """Where bank ``key``'s tile rows lie in its weights' ``what`` ('data' or 'grad'), if its kernels address
@@ -356,7 +293,7 @@ class GenomicBottleneck(nn.Module):
             raise RuntimeError("push_gradients() called without a preceding predict_weights() for this step")
         self._predicted = False
         if self.row_gains or self.col_gains:
-            self._push_gains()
+            push_gains(self.covered, self.row_gains, self.col_gains, self._shards)
         for key, bank in self.banks.items():
             members = self._members[key]
             plan = self._plans.get(key)
@@ -372,9 +309,7 @@ class GenomicBottleneck(nn.Module):
             g0 = bank.geometry
             G = bank.scale.new_empty(bank.n_tiles if plan is None else len(plan.index), g0.rows, g0.cols * g0.kernel)
             if plan is not None:  # this rank's rows of each tile, zeros elsewhere; summed over ranks below
-                from .sharding import grad_bank
-
-                grad_bank(G, plan)
+                shards.grad_bank(G, plan)
             for t in members if plan is None else ():
                 dst = G[t.offset : t.offset + t.n_tiles]
                 if t.param.grad is None:  # this tensor took no part in the loss
@@ -387,17 +322,9 @@ class GenomicBottleneck(nn.Module):
         for t in self.covered:
             t.param.grad = None
         if self._shards:  # each rank pushed its rows: the sum over ranks is the gradient of the whole weights
-            from .sharding import all_reduce_gradients
-
-            all_reduce_gradients(self.parameters(), self._shard_group)  # before the finiteness check: all agree
-        elif average_replicas and torch.distributed.is_available() and torch.distributed.is_initialized():
-            from .sharding import all_reduce_gradients
-
-            all_reduce_gradients(self.parameters())
-            world = torch.distributed.get_world_size()
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.div_(world)
+            shards.all_reduce_gradients(self.parameters(), self._shard_group)  # before the finiteness check
+        elif average_replicas:
+            shards.average_over_processes(self.parameters())
         if self.config.skip_nonfinite and not self._gradients_finite():
             logger.warning(
                 "Skipping the g-net update of this step: its gradients are not finite (NaN or Inf; "
@@ -451,78 +378,16 @@ class GenomicBottleneck(nn.Module):
 
     def stats(self) -> dict[str, Any]:
         """Sizes and compression ratios: totals and one row per covered tensor (with its share of shared values)."""
-        shares = self.bank_shares()
-        values = {t.name: t.gnet_params(self.config) + shares[t.name] for t in self.covered}
-        rows = [
-            {
-                "name": t.name,
-                "module_type": t.module_type,
-                "shape": list(t.param_shape),
-                "tile": [t.geometry.rows, t.geometry.cols, t.geometry.kernel],
-                "n_tiles": t.n_tiles,
-                "numel": t.param.numel(),
-                "gnet_params": values[t.name],
-                "compression": t.param.numel() / values[t.name],
-            }
-            for t in self.covered
-        ]
-        covered = sum(r["numel"] for r in rows)
-        gnet = sum(p.numel() for p in self.parameters())
-        uncompressed = sum(p.numel() for p in self.uncompressed_parameters())
-        return {
-            "covered_params": covered,
-            "gnet_params": gnet,
-            "uncompressed_params": uncompressed,
-            "covered_compression": covered / gnet if gnet else 1.0,
-            "overall_compression": (covered + uncompressed) / (gnet + uncompressed) if gnet + uncompressed else 1.0,
-            "tensors": rows,
-            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
-        }
+        return report.stats(self.covered, self.config, self.bank_shares(), sum(p.numel() for p in self.parameters()),
+                            sum(p.numel() for p in self.uncompressed_parameters()), self.skipped)
 
     def summary(self, per_tensor: bool = True) -> str:
         """A printable compression table."""
-        s = self.stats()
-        lines = []
-        if per_tensor:
-            width = max([len(r["name"]) for r in s["tensors"]] + [6])
-            lines.append(f"{'tensor':<{width}}  {'shape':>16}  {'tile':>12}  {'tiles':>6}  {'g-net':>9}  {'ratio':>8}")
-            for r in s["tensors"]:
-                shape = "x".join(map(str, r["shape"]))
-                tile_ = "x".join(map(str, r["tile"]))
-                lines.append(f"{r['name']:<{width}}  {shape:>16}  {tile_:>12}  {r['n_tiles']:>6}  "
-                             f"{r['gnet_params']:>9,}  {r['compression']:>7.1f}x")
-            for k in s["skipped"]:
-                lines.append(f"{k['name']:<{width}}  not covered: {k['reason']}")
-        lines.append(
-            f"covered params: {s['covered_params']:,} || g-net params: {s['gnet_params']:,} || "
-            f"uncompressed params: {s['uncompressed_params']:,} || covered compression: "
-            f"{s['covered_compression']:.1f}x || overall compression: {s['overall_compression']:.2f}x"
-        )
-        return "\n".join(lines)
+        return report.summary(self.stats(), per_tensor)
 
     def print_summary(self, per_tensor: bool = False) -> None:
         """Print the compression summary (like PEFT's ``print_trainable_parameters``)."""
         print(self.summary(per_tensor=per_tensor))
-
-    # ----------------------------------------------------------------- checkpoints
-    def save_pretrained(self, save_directory: str, processing_class: Any = None, **kwargs: Any) -> str:
-        """Write the compressed checkpoint (see `hf_gb.checkpoint`); loadable with `hf_gb.load_compressed`."""
-        from .checkpoint import save_compressed
-
-        return save_compressed(self, save_directory, processing_class=processing_class, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo: str, model: nn.Module | None = None, **kwargs: Any) -> GenomicBottleneck:
-        """Restore a bottleneck from a compressed checkpoint, onto ``model`` or a model built from its config."""
-        from .checkpoint import bottleneck_from_pretrained
-
-        return bottleneck_from_pretrained(path_or_repo, model=model, **kwargs)
-
-    def push_to_hub(self, repo_id: str, processing_class: Any = None, **kwargs: Any) -> Any:
-        """Push the compressed checkpoint (with its model card) to the Hub repo ``repo_id``; see `hf_gb.hub`."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, processing_class=processing_class, **kwargs)
 
     def extra_repr(self) -> str:
         return f"covered={len(self.covered)}, banks={len(self.banks)}, hidden_dim={self.config.hidden_dim}"

@@ -12,11 +12,11 @@ micro-batch::
 Under DDP the g-nets are replicated (docs/design.md §7): every rank predicts the same weights, DDP averages ``W.grad``,
 and every rank pushes the same gradient, so no g-net communication is needed after `prepare`. Under FSDP2
 (``fsdp_version=2``) the g-nets are replicated too, but each rank predicts and pushes only the tiles of its own rows
-and the g-net gradients are summed over ranks (`hf_gb.sharding`); prepare the model and optimizer with
+and the g-net gradients are summed over ranks (`hf_gb.engine.shards`); prepare the model and optimizer with
 `GBPlugin.accelerator_prepare` instead of ``accelerator.prepare`` so that the g-nets stay out of Accelerate's
 FSDP2 parameter remapping. Under DeepSpeed ZeRO stage 1 or 2 the same call builds the engine with the g-nets in its
 optimizer and pushes their gradients inside ``accelerator.backward``, just before DeepSpeed steps
-(`hf_gb.distributed.wrap_engine_step`); ``after_backward`` then only checks that it happened.
+(`hf_gb.training.distributed.wrap_engine_step`); ``after_backward`` then only checks that it happened.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bottleneck import GenomicBottleneck
-from .checkpoint_checks import warn_non_finite
-from .config import GBConfig
-from .distributed import broadcast_gnets
-from .files import FORMAT_NAME, PLUGIN_STATE_NAME, atomic_write
+from ..engine.config import GBConfig
+from ..files import FORMAT_NAME, PLUGIN_STATE_NAME, atomic_write
+from ..io.checks import warn_non_finite
+from ..io.pretrained import GenomicBottleneck
+from . import distributed
 from .settings import add_config_fields, config_from, settings
 
 logger = logging.getLogger(__name__)
@@ -138,16 +138,14 @@ class GBPlugin:
                 f"WORLD_SIZE={world_size} but the Accelerator runs num_processes=1; on a machine without GPUs, "
                 "`accelerate launch --multi_gpu` needs Accelerator(cpu=True) to start the gloo process group"
             )
-        from .distributed import check_setup
-
         fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-        self._kind = check_setup(accelerator, fsdp_requested, False, "GBPlugin")
+        self._kind = distributed.check_setup(accelerator, fsdp_requested, False, "GBPlugin")
         inner = accelerator.unwrap_model(model)
         if not any(type(p).__name__ == "DTensor" for p in inner.parameters()):
             inner.to(accelerator.device)
         gb = GenomicBottleneck(inner, self.gb_config)
         if accelerator.num_processes > 1:
-            broadcast_gnets(gb)
+            distributed.broadcast_gnets(gb)
         self._accelerator = accelerator
         self._bottleneck = gb
         self._predict_for_eval()
@@ -170,9 +168,6 @@ class GBPlugin:
         parameters, so they join the model for the call and leave it after, and the engine's step is wrapped to
         push the g-net gradients first. Under one process or DDP it is ``accelerator.prepare``.
         """
-        from . import distributed
-        from .sharding import rebind
-
         accelerator, gb = self._accelerator, self.bottleneck
         if self._kind == "deepspeed":
             inner = accelerator.unwrap_model(model)
@@ -189,7 +184,7 @@ class GBPlugin:
         prepared = accelerator.prepare(model, optimizer, *others)
         model = prepared[0]
         distributed.reattach_params(getattr(prepared[1], "optimizer", prepared[1]), taken)
-        rebind(gb, accelerator.unwrap_model(model))
+        gb.rebind(accelerator.unwrap_model(model))
         self._predict_for_eval()
         return prepared
 
@@ -237,7 +232,7 @@ class GBPlugin:
         if self._accelerator.sync_gradients:
             if self._kind != "deepspeed":
                 gb.push_gradients()
-            elif gb._predicted:  # DeepSpeed's step inside accelerator.backward() pushes (accelerator_prepare)
+            elif gb.prediction_pending:  # DeepSpeed's step inside accelerator.backward() pushes (accelerator_prepare)
                 raise RuntimeError(
                     "Under DeepSpeed the g-net gradients are pushed inside accelerator.backward(), by the engine "
                     "that plugin.accelerator_prepare(model, optimizer) builds; prepare with it instead of "
@@ -295,13 +290,11 @@ class GBPlugin:
         """
         from contextlib import nullcontext
 
-        from .sharding import gathered
-
         accelerator = self._accelerator
         if accelerator is None:
             raise RuntimeError("GBPlugin.save_pretrained() needs plugin.prepare(accelerator, model) first")
         save_directory = os.fspath(save_directory)
-        with gathered(self.bottleneck) if self.bottleneck._shards else nullcontext():
+        with self.bottleneck.gathered() if self.bottleneck.sharded else nullcontext():
             if accelerator.is_main_process:
                 self.bottleneck.save_pretrained(save_directory, **kwargs)
         accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ Example::
 
     >>> import torch
     >>> from hf_gb import GBConfig
-    >>> from hf_gb.regression import compress_by_regression
+    >>> from hf_gb.compress.regression import compress_by_regression
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     >>> gb, errors = compress_by_regression(model, GBConfig(hidden_dim=8, tile_size=16), steps=5, progress=False)
     >>> sorted(errors)
@@ -27,8 +27,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .bottleneck import GenomicBottleneck
-from .config import GBConfig
+from ..engine.bottleneck import Bottleneck
+from ..engine.config import GBConfig
+from ..io.pretrained import GenomicBottleneck
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def covered_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def relative_errors(gb: GenomicBottleneck, targets: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def relative_errors(gb: Bottleneck, targets: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """``||W - W_target|| / ||W_target||`` per covered tensor, for the weights currently in the model."""
     out = {}
     for t in gb.covered:
@@ -56,7 +57,7 @@ def relative_errors(gb: GenomicBottleneck, targets: Mapping[str, torch.Tensor]) 
 
 
 def fit_to_weights(
-    gb: GenomicBottleneck,
+    gb: Bottleneck,
     targets: Mapping[str, torch.Tensor],
     steps: int = 500,
     lr: float = 1e-2,

@@ -7,10 +7,10 @@ layer is separable, so the (n, R, C, bits) code matrix never exists). Two implem
 - ``compiled``: the same arithmetic under ``torch.compile``; inductor fuses the reduction over ``h`` (forward) and
   the two masked sums of the backward (over ``j`` and over ``i``, from which ``dw2`` follows) into loops that
   recompute the ReLU, so memory is O(n R C), not O(n R C h).
-- ``native``: a C++ kernel for float32 on CPU (`hf_gb.native`, ``csrc/gnet_cpu.cpp``): the forward with the double
-  centring inside, and the backward (from the two masked sums, as the compiled path).
+- ``native``: a C++ kernel for float32 on CPU (`hf_gb.engine.native`, ``csrc/gnet_cpu.cpp``): the forward with the
+  double centring inside, and the backward (from the two masked sums, as the compiled path).
 
-`hf_gb.bank` wraps either in an autograd Function; ``reference_forward`` is the unfused autograd reference.
+`hf_gb.engine.bank` wraps either in an autograd Function; ``reference_forward`` is the unfused autograd reference.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtyp
     """The kernels a bank of ``numel`` weights runs: 'native', 'compiled' or 'eager'.
 
     ``kernel`` is `GBConfig.kernel`. 'auto' and 'native' take the native kernel for float32 on CPU, at any bank
-    size (it has no per-shape compile cost; `hf_gb.native` warns once if it cannot be built); elsewhere 'auto'
+    size (it has no per-shape compile cost; `hf_gb.engine.native` warns once if it cannot be built); elsewhere 'auto'
     compiles banks of at least `AUTO_COMPILE_MIN_NUMEL` weights and runs smaller ones eager.
     ``HF_GB_DISABLE_COMPILE=1`` turns every built kernel off."""
     global _native_refused

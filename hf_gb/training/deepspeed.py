@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO stage 1/2 overrides of `GBTrainer` (kept apart so trainer.py stays one concept).
 
 Under ZeRO 1/2 the parameters stay replicated, as under DDP, so every rank predicts every covered weight. Two things
-differ from DDP (docs/design.md §8), each done by `hf_gb.distributed`'s DeepSpeed glue, which `GBPlugin` shares:
+differ from DDP (docs/design.md §8), each done by the DeepSpeed glue of `hf_gb.training.distributed`, which `GBPlugin`
+shares:
 
 - **The optimizer.** DeepSpeed maps every optimizer parameter to a named parameter of the model it wraps, and the
   g-nets are not in the model: they join it (`join_model`) for the one ``accelerator.prepare`` call that builds the

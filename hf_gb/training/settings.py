@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import GBConfig
+from ..engine.config import GBConfig
 
 # Command-line forms of union types: lists on the command line, a single value still accepted from JSON/YAML.
 _CLI_TYPES: dict[str, Any] = {
@@ -80,7 +80,8 @@ def settings() -> list[Setting]:
         scalar = next((a for a in typing.get_args(cli_type) if a is not type(None)), cli_type)
         parse = _ENV_PARSERS.get(f.name) or _SCALAR_PARSERS.get(scalar)
         if parse is None:
-            raise TypeError(f"GBConfig.{f.name} has type {cli_type}; add its command-line form to hf_gb.settings")
+            raise TypeError(f"GBConfig.{f.name} has type {cli_type}; add its command-line form to "
+                            "hf_gb.training.settings")
         out.append(Setting(f.name, cli_type, f.default, f.metadata.get("help", "") + _CLI_HELP.get(f.name, ""), parse))
     return out
 

@@ -1,5 +1,5 @@
-"""Compressed checkpoints and the Hugging Face Hub: download (`resolve_checkpoint`, used by
-`hf_gb.load_compressed`) and upload (`push_folder`, `push_to_hub`), with Hub errors translated into clear ones.
+"""Compressed checkpoints to the Hugging Face Hub: `push_folder` uploads a checkpoint folder, `push_to_hub` saves
+a bottleneck and uploads it (the download side is `hf_gb.io.download`).
 
 Only the compressed files travel: ``gb_model.safetensors``, ``gb_config.json``, the base model's configs, tokenizer
 files and the model card; optimizer, scheduler and RNG state of a training checkpoint stay local unless asked for.
@@ -22,22 +22,14 @@ import shutil
 import tempfile
 from typing import Any
 
-from .files import (
-    CONFIG_NAME,
-    DOWNLOAD_IGNORED,
-    PUSH_IGNORED,
-    README_NAME,
-    TRAINING_STATE_PATTERNS,
-    WEIGHTS_NAME,
-    PathLike,
-    is_inside,
-)
+from ..files import PUSH_IGNORED, README_NAME, TRAINING_STATE_PATTERNS, PathLike, is_inside
+from .checkpoint import save_compressed
+from .checks import check_compressed_folder
 from .model_card import SECTION_END, SECTION_START
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TRAINING_STATE_PATTERNS", "check_compressed_folder", "is_inside", "push_folder", "push_to_hub",
-           "resolve_checkpoint"]
+__all__ = ["push_folder", "push_to_hub"]
 
 ALWAYS_IGNORED = PUSH_IGNORED  # the name of earlier versions
 
@@ -55,17 +47,6 @@ def _skip_outside_links(root: str):
         return out
 
     return ignore
-
-
-def check_compressed_folder(folder: PathLike) -> str:
-    """``folder`` as a string, or ``FileNotFoundError`` / ``ValueError`` if it is not a compressed checkpoint."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"No such folder: {folder}")
-    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise ValueError(f"{folder} is not a compressed hf_gb checkpoint: {' and '.join(missing)} missing")
-    return folder
 
 
 def _card_for_repo(readme: str, repo_id: str) -> str:
@@ -172,8 +153,6 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from .checkpoint import save_compressed  # local import: checkpoint imports this module
-
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision not in (None, "main"):
@@ -184,59 +163,3 @@ def push_to_hub(
         save_compressed(gb, folder, processing_class=processing_class, model_card_kwargs=card_kwargs)
         return push_folder(folder, repo_id, commit_message=commit_message, token=token, revision=revision,
                            create_pr=create_pr)
-
-
-# ----------------------------------------------------------------------------- download
-def resolve_checkpoint(path_or_repo: PathLike, **hub_kwargs: Any) -> str:
-    """A local folder, or a Hub repo id downloaded (and cached) through ``huggingface_hub``.
-
-    ``revision`` (branch, tag or commit), ``token``, ``cache_dir``, ``local_files_only`` and ``force_download`` go
-    to ``snapshot_download``, which honours ``HF_HUB_OFFLINE`` / ``HF_ENDPOINT`` and serves cached snapshots when the
-    Hub cannot be reached; ``subfolder`` picks a folder inside the folder or repo (e.g. ``"last-checkpoint"``).
-    Hub errors become ``FileNotFoundError`` naming the repo and revision.
-    """
-    path = os.fspath(path_or_repo)
-    subfolder = (hub_kwargs.get("subfolder") or "").strip("/")
-    if os.path.isdir(path):
-        return os.path.join(path, subfolder) if subfolder else path
-    if os.path.exists(path):
-        raise ValueError(f"{path} is a file; a compressed checkpoint is a folder holding {WEIGHTS_NAME}")
-    looks_like_repo = path.count("/") <= 1 and not path.startswith((".", "/", "~")) and path.strip() == path
-    if not looks_like_repo or not path:
-        raise FileNotFoundError(f"No compressed checkpoint folder at {path}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    allowed = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
-    revision = kwargs.get("revision")
-    where = f"Hub repo {path}" + (f" at revision {revision!r}" if revision else "")
-    patterns = {"allow_patterns": [f"{subfolder}/*"]} if subfolder else {"ignore_patterns": DOWNLOAD_IGNORED}
-    try:
-        snapshot = snapshot_download(path, **kwargs, **patterns)
-    except HFValidationError as e:
-        raise FileNotFoundError(f"No compressed checkpoint folder at {path} (and it is not a Hub repo id)") from e
-    except RevisionNotFoundError as e:
-        raise FileNotFoundError(f"{where}: no such revision") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(
-            f"No local folder {path} and no {where} you can access (private repos need token= or `hf auth login`)"
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(
-            f"No local folder {path}, and the {where} is neither in the cache nor reachable "
-            "(offline: HF_HUB_OFFLINE / local_files_only, or no connection)"
-        ) from e
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"{where}: {e}") from e
-    if subfolder:
-        snapshot = os.path.join(snapshot, subfolder)
-        if not os.path.isdir(snapshot):
-            raise FileNotFoundError(f"{where} has no folder {subfolder!r}")
-    return snapshot

@@ -9,7 +9,7 @@ Example::
 
     >>> import tempfile, torch
     >>> from hf_gb import GBConfig, GenomicBottleneck
-    >>> from hf_gb.model_card import load_card
+    >>> from hf_gb.io.model_card import load_card
     >>> gb = GenomicBottleneck(torch.nn.Sequential(torch.nn.Linear(64, 64)), GBConfig(hidden_dim=4, tile_size=32))
     >>> folder = gb.save_pretrained(tempfile.mkdtemp())
     >>> load_card(folder).data.library_name
@@ -25,13 +25,14 @@ import re
 from importlib import resources
 from typing import Any
 
-from .files import README_NAME, TRAINING_STATE_PATTERNS, atomic_write_text
-from .sharding import model_class
-from .version import __version__
+from ..engine.shards import model_class
+from ..files import README_NAME, TRAINING_STATE_PATTERNS, atomic_write_text
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SECTION_END", "SECTION_START", "TEMPLATE_NAME", "is_hub_model_id", "load_card", "write_model_card"]
+__all__ = ["SECTION_END", "SECTION_START", "TEMPLATE_NAME", "dense_size", "is_hub_model_id", "load_card",
+           "write_model_card"]
 
 TEMPLATE_NAME = "model_card.md"
 SECTION_START = "<!-- hf_gb:model-card:start -->"
@@ -109,6 +110,17 @@ def _files(directory: str) -> list[dict[str, Any]]:
     return rows
 
 
+def dense_size(gb: Any, stats: dict[str, Any] | None = None) -> tuple[int, str]:
+    """Bytes the model of ``gb`` would take uncompressed, and the dtype they are counted in (the covered weights'
+    dtype, else the model's first parameter's; float32 for a model without parameters). ``stats``: ``gb.stats()``
+    when the caller has it."""
+    stats = stats if stats is not None else gb.stats()
+    first = gb.covered[0].param if gb.covered else next(iter(gb.model.parameters()), None)
+    element = first.element_size() if first is not None else 4
+    dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
+    return (stats["covered_params"] + stats["uncompressed_params"]) * element, dtype
+
+
 def _card_data(gb: Any, kwargs: dict[str, Any], base_model: str | None, results: dict[str, Any]):
     from huggingface_hub import ModelCardData
 
@@ -148,9 +160,7 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
     results = _results(state, kwargs.get("metrics"))
     data = _card_data(gb, kwargs, base_model, evaluated)
     files = _files(directory)
-    first = gb.covered[0].param if gb.covered else next(iter(gb.model.parameters()), None)
-    element = first.element_size() if first is not None else 4
-    dense_dtype = str(first.dtype).replace("torch.", "") if first is not None else "float32"
+    dense_bytes, dense_dtype = dense_size(gb, stats)
     load_path = kwargs.get("load_path") or kwargs.get("repo_id") or kwargs.get("target_directory") or directory
     model_name = kwargs.get("model_name") or (
         str(kwargs["repo_id"]).split("/")[-1] if kwargs.get("repo_id") else f"{model_class(gb.model).__name__} (hf_gb)"
@@ -175,7 +185,7 @@ def render_card(gb: Any, directory: str, **kwargs: Any):
         files=files,
         total_bytes=sum(f["size"] for f in files),
         dense_dtype=dense_dtype,
-        dense_bytes=(stats["covered_params"] + stats["uncompressed_params"]) * element,
+        dense_bytes=dense_bytes,
         training={**_training(kwargs.get("training_args"), state), **(kwargs.get("training") or {})},
         results=results,
         load_path=str(load_path).replace("\\", "/"),

@@ -6,7 +6,9 @@ rule from a tile gradient into the bank's own parameters), ``forward`` (the diff
 ``calibrate``. A family supplies four pieces: ``tables`` (small differentiable tensors from which the tiles
 follow), ``evaluate`` and ``evaluate_backward`` (the fused kernels) and ``reference`` (an unfused twin for tests);
 optionally ``table_backward`` (closed-form parameter gradients) and the in-place rows route (``writes_rows``,
-``evaluate_into``, ``evaluate_backward_from``). The families themselves live in `hf_gb.families`.
+``evaluate_into``, ``evaluate_backward_from``). The families themselves live in `hf_gb.engine.families` and
+register by name in `hf_gb.engine.registry`; `pick`, `scatter` and `randn_parameter` are the small helpers they
+share.
 
 Every method takes ``index``, the tiles to compute (a LongTensor, or None for all): a rank that holds only some
 rows of a weight predicts just the tiles that intersect them.
@@ -15,7 +17,6 @@ rows of a weight predicts just the tiles that intersect them.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -24,46 +25,20 @@ from torch import nn
 
 from .kernels import center_tiles, center_tiles_
 from .kernels import kernel_path as _kernel_path
-from .tiling import TileGeometry, TileRows, code_width, position_codes
-
-# Positions per tile sampled to set the biases of GBConfig.init_active (all of them in smaller tiles).
-SPARSE_SAMPLE = 1024
+from .tiling import TileGeometry, TileRows
 
 if TYPE_CHECKING:
     from .config import GBConfig
 
+__all__ = ["GNetBank", "Tables"]
+
 Tables = tuple[torch.Tensor, ...]
-
-_FAMILIES: dict[str, type[GNetBank]] = {}
-
-
-def register_family(cls: type[GNetBank]) -> type[GNetBank]:
-    """Register a `GNetBank` subclass under ``cls.family`` (usable as a decorator); duplicates raise."""
-    name = getattr(cls, "family", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `family`")
-    if name in _FAMILIES and _FAMILIES[name] is not cls:
-        raise ValueError(f"g-net family {name!r} is already registered by {_FAMILIES[name].__name__}")
-    _FAMILIES[name] = cls
-    return cls
-
-
-def family_class(name: str) -> type[GNetBank]:
-    """The bank class of a registered family, with an error that lists the known ones."""
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown g-net family {name!r}; known: {sorted(_FAMILIES)}")
-    return _FAMILIES[name]
-
-
-def families() -> list[str]:
-    return sorted(_FAMILIES)
-
 
 class GNetBank(nn.Module):
     """``n_tiles`` g-nets over tiles of one `TileGeometry`: the interface of every family and their shared code.
 
     The prediction of tile ``t`` is ``center(raw_t) * scale[t] + sigma_t * noise`` where ``raw`` is the family's
-    function of the tile's positions, ``center`` the optional double centring (`hf_gb.kernels.center_tiles`) and
+    function of the tile's positions, ``center`` the optional double centring (`hf_gb.engine.kernels.center_tiles`) and
     ``sigma_t = init_noise * scale[t] * exp(log_sigma[t])`` the learned noise of stochastic banks. The scale is
     a buffer (saved, moved by ``.to()``) that `calibrate` sets to the layer's own initial std.
     """
@@ -99,7 +74,7 @@ class GNetBank(nn.Module):
         raise NotImplementedError
 
     def evaluate_centered(self, tables: Tables) -> torch.Tensor:
-        """`evaluate`, double-centred (`hf_gb.kernels.center_tiles`); a family may fuse the two."""
+        """`evaluate`, double-centred (`hf_gb.engine.kernels.center_tiles`); a family may fuse the two."""
         return center_tiles_(self.evaluate(tables))
 
     def writes_rows(self) -> bool:
@@ -115,6 +90,11 @@ class GNetBank(nn.Module):
         """Optional: `evaluate_backward` of the gradient read from the weight-gradient rows ``rows`` (centred here
         if the bank is; ``rows`` is not modified)."""
         raise NotImplementedError
+
+    def sparse_biases_(self, active: float, generator: torch.Generator) -> None:
+        """Optional: set the first-layer biases so that hidden units start active on the fraction ``active`` of
+        each tile's positions (`GBConfig.init_active`; the separable families of `hf_gb.engine.families` do)."""
+        raise NotImplementedError(f"g-net family {self.family!r} does not support GBConfig.init_active")
 
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
@@ -262,7 +242,7 @@ class GNetBank(nn.Module):
                     tensors.append(tensor)
                     grads.append(g)
         # Accumulated by hand rather than by backward(): no gradient hook of an engine fires on the g-nets here
-        # (DeepSpeed's would queue them for a reduction of its next backward; see hf_gb.distributed).
+        # (DeepSpeed's would queue them for a reduction of its next backward; see hf_gb.training.distributed).
         pairs = list(closed or [])
         if tensors:
             params = [p for p in self.parameters() if p.requires_grad]
@@ -284,91 +264,6 @@ class GNetBank(nn.Module):
     def discard(self) -> None:
         """Drop what the last `predict` kept for `push` (e.g. after a checkpoint load)."""
         self._saved = None
-
-    # ----------------------------------------------------------------- the separable first layer (mlp, deep)
-    def _init_separable(
-        self, config: GBConfig, hidden: int, generator: torch.Generator, shared: bool = False, b1_std: float = 0.1
-    ) -> None:
-        """Position codes and the first layer ``w_row``, ``w_col``, ``w_ker``, ``b1`` of ``hidden`` units per tile,
-        drawn in that order from ``generator``, with code pre-activations of unit variance. ``shared``: one set of
-        code weights ``(1, bits, hidden)`` for the whole bank, and only ``b1`` per tile."""
-        g, n = self.geometry, self.n_tiles
-        m = 1 if shared else n
-        self._shared_codes = shared
-        self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
-        self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
-        br, bc = code_width(g.rows, config.encoding), code_width(g.cols, config.encoding)
-        std = 1 / math.sqrt(max(1, br + bc + (1 if g.kernel_bits else 0)))
-        self.w_row = _randn(generator, m, br, hidden, std=std)
-        self.w_col = _randn(generator, m, bc, hidden, std=std)
-        self.w_ker = _randn(generator, m, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
-        self.b1 = _randn(generator, n, hidden, std=b1_std)
-
-    @torch.no_grad()
-    def sparse_biases_(self, active: float, generator: torch.Generator) -> None:
-        """Set each tile's first-layer biases so that every hidden unit is active (pre-activation > 0) on the
-        fraction ``active`` of the tile's positions: minus the ``1 - active`` quantile of its pre-activations over
-        every position or, in larger tiles, `SPARSE_SAMPLE` random ones. No unit starts dead or everywhere linear."""
-        g = self.geometry
-        if g.rows * g.cols * g.kernel < 2:  # one position: nothing to be sparse over
-            return
-        self.b1.zero_()
-        A, B = self._separable_tables(None)  # (n, rows, h), (n, cols * K, h) without the biases
-        n, rows, h = A.shape
-        cols = B.shape[1]
-        exact = rows * cols <= SPARSE_SAMPLE
-        samples = rows * cols if exact else SPARSE_SAMPLE
-        # k samples stay below 0 and at least one above; the bias sits halfway between the k-th and the next.
-        k = min(samples - 1, max(1, round((1 - active) * samples)))
-        step = max(1, (1 << 22) // (samples * h))  # tiles per chunk: at most 4M pre-activations at once
-        for t0 in range(0, n, step):
-            a, b = A[t0 : t0 + step], B[t0 : t0 + step]
-            if exact:
-                pre = (a[:, :, None, :] + b[:, None, :, :]).reshape(a.shape[0], samples, h)
-            else:
-                i = torch.randint(rows, (a.shape[0], samples, 1), generator=generator).expand(-1, -1, h)
-                j = torch.randint(cols, (a.shape[0], samples, 1), generator=generator).expand(-1, -1, h)
-                pre = a.gather(1, i) + b.gather(1, j)
-            self.b1[t0 : t0 + step] = -(pre.kthvalue(k, dim=1).values + pre.kthvalue(k + 1, dim=1).values) / 2
-
-    def _separable_tables(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A = codes_row @ w_row + b1`` (n, rows, h) and ``B = codes_col @ w_col (+ w_ker)`` (n, cols * K, h).
-
-        Shared code weights give one ``B`` for every tile, expanded (and copied: the kernels take one table per
-        tile); the autograd of the expansion sums the tiles' gradients into the shared weights."""
-        g = self.geometry
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t if self._shared_codes else _pick(t, index)
-
-        A = torch.einsum("rb,nbh->nrh", self.row_codes, pick(self.w_row)) + _pick(self.b1, index)[:, None, :]
-        B = torch.einsum("cb,nbh->nch", self.col_codes, pick(self.w_col))  # (n or 1, cols, h)
-        if self.w_ker is not None:
-            B = (B[:, :, None, :] + pick(self.w_ker)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
-        B = B.expand(A.shape[0], -1, -1)  # a no-op for per-tile weights
-        # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
-        # kernels to one compilation (their guards include strides).
-        return A.contiguous(), B.contiguous()
-
-    def _separable_backward(
-        self, index: torch.Tensor | None, dA: torch.Tensor, dB: torch.Tensor
-    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """Closed-form gradients of `_separable_tables`' parameters from ``dA`` (n, rows, h), ``dB`` (n, cols*K, h).
-
-        Shared code weights get the sum over the tiles (the backward of their expansion to every tile)."""
-        g = self.geometry
-        b1 = (self.b1, _scatter(self.b1, index, dA.sum(1)))
-        if self._shared_codes:  # sum the tiles first: the einsums then run once, not once per tile
-            dA, dB = dA.sum(0, keepdim=True), dB.sum(0, keepdim=True)
-        pairs = [(self.w_row, torch.einsum("rb,nrh->nbh", self.row_codes, dA))]
-        if self.w_ker is not None:
-            dB = dB.reshape(dB.shape[0], g.cols, g.kernel, dB.shape[2])
-            pairs.append((self.w_ker, dB.sum(1)))
-            dB = dB.sum(2)
-        pairs.append((self.w_col, torch.einsum("cb,nch->nbh", self.col_codes, dB)))
-        if not self._shared_codes:
-            pairs = [(p, _scatter(p, index, grad)) for p, grad in pairs]
-        return [pairs[0], b1, *pairs[1:]]
 
     def forward(self, index: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """Differentiable noise-free prediction of tiles ``index`` (fused kernels, or the unfused reference)."""
@@ -413,16 +308,18 @@ class GNetBank(nn.Module):
         return f"family={self.family!r}, geometry={self.geometry.key()}, n_tiles={self.n_tiles}"
 
 
-def _pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+def pick(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``index`` (tiles) of a per-tile tensor; all of it for None."""
     return t if index is None else t[index]
 
 
-def _scatter(param: torch.Tensor, index: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``param`` whose tiles ``index`` got ``grad`` (the inverse of `_pick`)."""
+def scatter(param: torch.Tensor, index: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``param`` whose tiles ``index`` got ``grad`` (the inverse of `pick`)."""
     return grad if index is None else torch.zeros_like(param).index_add_(0, index, grad)
 
 
-def _randn(generator: torch.Generator, *shape: int, std: float) -> nn.Parameter:
+def randn_parameter(generator: torch.Generator, *shape: int, std: float) -> nn.Parameter:
+    """A parameter of ``shape`` drawn from ``generator``, normal with std ``std``."""
     return nn.Parameter(torch.randn(*shape, generator=generator) * std)
 
 
@@ -439,11 +336,3 @@ class _BankFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         return (None, *ctx.bank.evaluate_backward(ctx.saved_tensors, grad.contiguous()))
 
-
-def __getattr__(name: str):
-    # MLPBank lives with the other families in hf_gb.families; ``hf_gb.bank.MLPBank`` keeps working (PEP 562).
-    if name == "MLPBank":
-        from .families import MLPBank
-
-        return MLPBank
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

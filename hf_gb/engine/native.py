@@ -1,6 +1,6 @@
-"""The native CPU g-net kernel (``hf_gb/csrc/gnet_cpu.cpp``), built on first use with `torch.utils.cpp_extension`.
+"""The native CPU g-net kernel (``hf_gb/engine/csrc/gnet_cpu.cpp``), built on first use (`torch.utils.cpp_extension`).
 
-It computes what `hf_gb.kernels` states, for float32 banks on CPU, in about half the compiled forward's time and
+It computes what `hf_gb.engine.kernels` states, for float32 banks on CPU, in about half the compiled forward's time and
 two thirds of its backward's (`benchmarks/bench_engine.py`). The build needs a C++ compiler with OpenMP and ninja (the
 compiler ``torch.compile`` needs on CPU, plus the ninja package), takes about 40 s once per machine and is cached
 in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It is compiled

@@ -1,0 +1,15 @@
+"""The g-net families, registered by name for `GBConfig.family` (the interface they implement:
+`hf_gb.engine.bank.GNetBank`; the registry: `hf_gb.engine.registry`).
+
+- ``"mlp"`` (the default, `MLPBank`): one hidden layer over position codes, one g-net per tile.
+- ``"deep"`` (`DeepBank`): a second hidden layer after the separable first one.
+- ``"shared"`` (`SharedBank`): the one hidden layer of ``"mlp"``, one g-net per bank, a learned embedding per tile.
+
+A new family is a module here whose `GNetBank` subclass is decorated with `register_family`, imported below.
+"""
+
+from .deep import CHUNK_ELEMENTS, DeepBank
+from .mlp import MLPBank
+from .shared import SharedBank
+
+__all__ = ["CHUNK_ELEMENTS", "DeepBank", "MLPBank", "SharedBank"]

@@ -1,0 +1,193 @@
+"""Compressed checkpoint files: save a bottleneck (`save_compressed`) and load their state back into one
+(`load_checkpoint_state`); `hf_gb.io.pretrained` builds the model and bottleneck to load into.
+
+A compressed checkpoint is a folder ``huggingface_hub`` can push as is:
+
+- ``config.json``: the base model's transformers config (when the model has one), with the model's ``dtype``;
+- ``gb_config.json``: the `GBConfig`, the hf_gb version, every covered tensor with its shape and tile, and the id
+  of the save;
+- ``gb_model.safetensors``: g-net tensors (``gnet.<bank>.<name>``) and the uncompressed model tensors
+  (``model.<name>``); its metadata names the format and version, the hf_gb version and the same save id;
+- tokenizer / processor files when known, and a model card ``README.md``.
+
+Saving stages every file in a ``.tmp-hf_gb-*`` folder beside the target and renames them in, the two hf_gb files
+last, so no file is ever half written. A save over an existing checkpoint that is killed between those two renames
+leaves files of two saves; loading detects that (the save ids differ) and says so instead of loading a mix.
+
+Loading reads and checks ``gb_config.json`` and the safetensors header first, builds the model on the meta device
+and checks every tensor's shape against what the files hold, before anything large is allocated. Tensors in the
+file that the model has no place for are an error; g-net tensors of another dtype than the bank's, and non-finite
+g-net values, are loaded with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.bottleneck import Bottleneck
+from ..engine.config import FORMAT_VERSION, config_json, read_config_json
+from ..engine.shards import distribute_like, model_class
+from ..files import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, PathLike, make_staging, new_save_id, publish
+from ..version import __version__
+from .checks import GNET_PREFIX, MODEL_PREFIX, check_layout, read_header, settings_json, warn_non_finite
+from .model_card import write_model_card
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["gb_state_tensors", "load_checkpoint_state", "load_state", "model_dtype", "read_tensors",
+           "save_compressed"]
+
+
+# ----------------------------------------------------------------------------- save
+def gb_state_tensors(gb: Bottleneck) -> dict[str, torch.Tensor]:
+    """Everything the checkpoint's safetensors file holds: g-net tensors and uncompressed model tensors."""
+    tensors = {GNET_PREFIX + k: v for k, v in gb.state_dict().items()}
+    seen: dict[int, str] = {}
+    for name, value in gb.uncompressed_state_dict().items():
+        if id(value) in seen:  # tied tensors are stored once; loading re-ties them through the model
+            continue
+        seen[id(value)] = name
+        tensors[MODEL_PREFIX + name] = value
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters (the first one's), as transformers records it."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def save_compressed(
+    gb: Bottleneck,
+    save_directory: PathLike,
+    processing_class: Any = None,
+    model_card: bool = True,
+    model_card_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Write the compressed checkpoint of ``gb`` (and its model's config) into ``save_directory``.
+
+    Files are staged in a temporary folder beside the target and moved in by rename, the two hf_gb files last, so
+    an interrupted save never leaves a half-written file where a good one was, and a folder holding files of two
+    saves is refused on load (see the module docstring). Staging folders of earlier interrupted saves are removed.
+    Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    save_directory = os.fspath(save_directory)
+    staging = make_staging(save_directory)
+    try:
+        save_id = new_save_id()
+        tensors = gb_state_tensors(gb)
+        warn_non_finite({k: v for k, v in tensors.items() if k.startswith(GNET_PREFIX)}, save_directory)
+        metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__,
+                    "save_id": save_id, "gb_settings": settings_json(gb.config)}
+        save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(config_json(gb.config, [t.to_json() for t in gb.covered], save_id))
+        model_config = getattr(gb.model, "config", None)
+        if model_config is not None and hasattr(model_config, "save_pretrained"):
+            model_config = copy.deepcopy(model_config)
+            model_config.architectures = [model_class(gb.model).__name__]  # what load_compressed rebuilds
+            dtype = model_dtype(gb.model)
+            if dtype is not None:
+                model_config.dtype = dtype  # what load_compressed restores, as transformers' save_pretrained does
+            model_config.save_pretrained(staging)
+        generation_config = getattr(gb.model, "generation_config", None)
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            try:
+                generation_config.save_pretrained(staging)
+            except Exception as e:  # an invalid generation config must not cost the user the checkpoint
+                logger.warning("Not saving generation_config.json: %s", e)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
+        if model_card:
+            write_model_card(gb, staging, target_directory=save_directory, **(model_card_kwargs or {}))
+        publish(staging, save_directory, last=(CONFIG_NAME, WEIGHTS_NAME))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return save_directory
+
+
+# ----------------------------------------------------------------------------- load
+def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Load the checkpoint's safetensors file, with errors that name it (no save-id check; see `read_header`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a compressed checkpoint: {WEIGHTS_NAME} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt or truncated: {e}") from e
+
+
+def load_checkpoint_state(gb: Bottleneck, directory: str, info: dict[str, Any] | None = None) -> None:
+    """Load the g-net and uncompressed tensors of the checkpoint in ``directory`` into ``gb`` and its model (in
+    place: an optimizer keeps its parameters), checking names, shapes and the save id; then predict the weights."""
+    info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
+    read_header(directory, info["save_id"], info["gb_config"], info["format_version"])
+    check_layout(gb, info["tensors"], directory)
+    tensors = read_tensors(directory)
+    if gb.sharded:  # FSDP2: each rank loads its own rows of the sharded uncompressed tensors
+        distribute_like(gb.uncompressed_state_dict(), tensors, prefix=MODEL_PREFIX)
+    load_state(gb, tensors, directory)
+
+
+def load_state(gb: Bottleneck, tensors: dict[str, torch.Tensor], directory: str) -> None:
+    """Load g-net and uncompressed tensors into ``gb`` and its model, checking every name and shape."""
+    where = os.path.join(directory, WEIGHTS_NAME)
+    unknown = sorted(k for k in tensors if not k.startswith((GNET_PREFIX, MODEL_PREFIX)))
+    if unknown:
+        raise ValueError(f"{where} holds tensors that are neither g-net nor model tensors: {unknown[:5]}")
+    gnet = {k[len(GNET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(GNET_PREFIX)}
+    plain = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    own = gb.state_dict()
+    # Format 1 stored a frozen, always-zero b2 for centred banks; format 2 has none (centring removes it).
+    gnet = {k: v for k, v in gnet.items() if k in own or not (k.endswith(".b2") and gb.config.center)}
+    for name, value in own.items():
+        if name not in gnet:
+            raise ValueError(f"{where} lacks g-net tensor {name!r}; is it a checkpoint for another architecture?")
+        if tuple(gnet[name].shape) != tuple(value.shape):
+            raise ValueError(
+                f"g-net tensor {name!r}: {where} holds shape {tuple(gnet[name].shape)}, "
+                f"this model needs {tuple(value.shape)}"
+            )
+    unexpected = sorted(set(gnet) - own.keys())
+    if unexpected:
+        raise ValueError(f"{where} holds g-net tensors this model has no place for: {unexpected[:5]}")
+    cast = sorted(f"{k} ({gnet[k].dtype} -> {v.dtype})" for k, v in own.items() if gnet[k].dtype != v.dtype)
+    if cast:
+        logger.warning("%s: g-net tensors stored in another dtype than the g-nets use are cast: %s", where,
+                       ", ".join(cast[:5]) + (f" and {len(cast) - 5} more" if len(cast) > 5 else ""))
+    warn_non_finite(gnet, where)
+    gb.load_state_dict(gnet)
+    targets = gb.uncompressed_state_dict()
+    by_id: dict[int, list[str]] = {}
+    for name, value in targets.items():
+        by_id.setdefault(id(value), []).append(name)
+    placed = set()
+    with torch.no_grad():
+        for names in by_id.values():
+            name = next((n for n in names if n in plain), None)
+            if name is None:
+                raise ValueError(f"{where} lacks uncompressed tensor {names[0]!r}")
+            placed.update(n for n in names if n in plain)
+            value, target = plain[name], targets[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"tensor {name!r}: {where} holds shape {tuple(value.shape)}, "
+                    f"this model needs {tuple(target.shape)}"
+                )
+            target.copy_(value)
+    extra = sorted(set(plain) - placed)
+    if extra:
+        raise ValueError(f"{where} holds model tensors this model has no place for: {extra[:5]}")
+    gb.predict_weights(sample=False, keep_graph=False)
