@@ -14,10 +14,10 @@ Saving stages every file in a ``.tmp-hf_gb-*`` folder beside the target and rena
 last, so no file is ever half written. A save over an existing checkpoint that is killed between those two renames
 leaves files of two saves; loading detects that (the save ids differ) and says so instead of loading a mix.
 
-Loading reads and checks ``gb_config.json`` and the safetensors header first, builds the model on the meta device
-and checks every tensor's shape against what the files hold, before anything large is allocated. Tensors in the
-file that the model has no place for are an error; g-net tensors of another dtype than the bank's, and non-finite
-g-net values, are loaded with a warning.
+Loading checks the names and shapes of every tensor in the file against the bottleneck and its model (the checks
+before anything large is allocated are `hf_gb.io.pretrained`'s). Tensors in the file that the model has no place
+for are an error; g-net tensors of another dtype than the bank's, and non-finite g-net values, are loaded with a
+warning.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@
 - ``"deep"`` (`DeepBank`): a second hidden layer after the separable first one.
 - ``"shared"`` (`SharedBank`): the one hidden layer of ``"mlp"``, one g-net per bank, a learned embedding per tile.
 
-A new family is a module here whose `GNetBank` subclass is decorated with `register_family`, imported below.
+A new family is a module here whose `GNetBank` subclass (`SeparableBank` for a separable first layer) is decorated
+with `register_family`, imported below.
 """
 
 from .deep import CHUNK_ELEMENTS, DeepBank
 from .mlp import MLPBank
+from .separable import SPARSE_SAMPLE, SeparableBank
 from .shared import SharedBank
 
-__all__ = ["CHUNK_ELEMENTS", "DeepBank", "MLPBank", "SharedBank"]
+__all__ = ["CHUNK_ELEMENTS", "SPARSE_SAMPLE", "DeepBank", "MLPBank", "SeparableBank", "SharedBank"]
