@@ -44,6 +44,8 @@ class GNetBank(nn.Module):
     """
 
     family: ClassVar[str]
+    # Whether `calibrate` also zeroes the mean of an uncentred bank's tiles (through an output bias of the family).
+    removes_mean: ClassVar[bool] = True
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__()

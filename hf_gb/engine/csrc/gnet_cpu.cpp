@@ -398,9 +398,97 @@ std::vector<torch::Tensor> backward_from(const torch::Tensor& A, const torch::Te
   return backward_rows(A, B, w2, weight_rows(tensors, which, offsets, B.size(1)), center);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Random weight sharing (family "hash", hf_gb/engine/hashing.py states the function): out[t, p] = s * v[t, bucket] with
+// (bucket, s) from a 31-bit hash of the bank position P = tiles[t] * numel + p, computed here for every weight
+// instead of being stored. uint32 arithmetic gives the same bits as the int64 torch version: (x * M) mod 2^32,
+// masked to 31 bits, is (x * M) mod 2^31.
+namespace {
+
+constexpr uint32_t kMask = 0x7FFFFFFFu, kMult = 0x45D9F3Bu, kGolden = 0x1E3779B9u;
+
+inline uint32_t mix31(uint32_t x) {
+  for (int r = 0; r < 3; ++r) {
+    x = (x * kMult) & kMask;
+    x ^= x >> 15;
+  }
+  return x;
+}
+
+inline uint32_t position_hash(uint64_t P, uint32_t key) {
+  uint32_t x = (static_cast<uint32_t>(P) & kMask) ^ key;
+  x ^= static_cast<uint32_t>(((P >> 31) * kGolden) & kMask);
+  return mix31(x);
+}
+
+inline uint32_t bucket_of(uint32_t x, uint64_t buckets) {  // (x >> 1) in [0, 2^30) mapped onto [0, buckets)
+  return static_cast<uint32_t>((static_cast<uint64_t>(x >> 1) * buckets) >> 30);
+}
+
+void check_hash(const torch::Tensor& tiles, int64_t key) {
+  TORCH_CHECK(tiles.dtype() == torch::kInt64 && tiles.is_contiguous() && tiles.dim() == 1, "tiles: (n,) int64");
+  TORCH_CHECK(key >= 0 && key <= static_cast<int64_t>(kMask), "key must be a 31-bit value");
+}
+
+}  // namespace
+
+torch::Tensor hash_forward(const torch::Tensor& values, const torch::Tensor& tiles, int64_t numel, int64_t key) {
+  check_hash(tiles, key);
+  TORCH_CHECK(values.dtype() == torch::kFloat32 && values.is_contiguous() && values.dim() == 2 &&
+                  values.size(0) == tiles.size(0), "values: (n, buckets) contiguous float32 for n tiles");
+  const int64_t n = values.size(0), nb = values.size(1);
+  auto out = torch::empty({n, numel}, values.options());
+  const float* v = values.data_ptr<float>();
+  const int64_t* tl = tiles.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const uint32_t k = static_cast<uint32_t>(key);
+  at::parallel_for(0, n * numel, 1 << 14, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / numel;
+      const uint32_t x = position_hash(static_cast<uint64_t>(tl[t] * numel + (i - t * numel)), k);
+      const float value = v[t * nb + bucket_of(x, nb)];
+      o[i] = (x & 1u) ? value : -value;
+    }
+  });
+  return out;
+}
+
+torch::Tensor hash_backward(const torch::Tensor& grad, const torch::Tensor& tiles, int64_t buckets, int64_t key) {
+  check_hash(tiles, key);
+  TORCH_CHECK(grad.dtype() == torch::kFloat32 && grad.dim() == 2 && grad.size(0) == tiles.size(0),
+              "grad: (n, numel) float32 for n tiles");
+  auto g = grad.contiguous();
+  const int64_t n = g.size(0), numel = g.size(1);
+  const int threads = std::max(1, at::get_num_threads());
+  const int64_t parts = std::min<int64_t>(threads, std::max<int64_t>(1, numel / (1 << 14)));
+  // Per (tile, part) accumulators, summed after: no atomics, and the sum's order does not depend on scheduling.
+  auto acc = torch::zeros({n, parts, buckets}, g.options().dtype(torch::kFloat64));
+  const float* gp = g.data_ptr<float>();
+  const int64_t* tl = tiles.data_ptr<int64_t>();
+  double* a = acc.data_ptr<double>();
+  const uint32_t k = static_cast<uint32_t>(key);
+  const int64_t per = (numel + parts - 1) / parts;
+  at::parallel_for(0, n * parts, 1, [&](int64_t task0, int64_t task1) {
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t t = task / parts, p0 = (task % parts) * per, p1 = std::min(numel, p0 + per);
+      double* at_ = a + task * buckets;
+      const float* gt = gp + t * numel;
+      const uint64_t base = static_cast<uint64_t>(tl[t] * numel);
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint32_t x = position_hash(base + p, k);
+        const double value = gt[p];
+        at_[bucket_of(x, buckets)] += (x & 1u) ? value : -value;
+      }
+    }
+  });
+  return acc.sum(1).to(torch::kFloat32);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "g-net tiles (n, R, C) from A (n, R, h), B (n, C, h), w2 (n, h); center: double-centred");
   m.def("forward_into", &forward_into, "forward, written to the rows at offsets[t, i] of tensors[which[t]]");
   m.def("backward", &backward, "(dA, dB, dw2, db2) of sum(G * forward(A, B, w2)) for the tile gradient G");
   m.def("backward_from", &backward_from, "backward, reading G's rows at offsets[t, i] of tensors[which[t]]");
+  m.def("hash_forward", &hash_forward, "random weight sharing: (n, numel) weights from values (n, buckets)");
+  m.def("hash_backward", &hash_backward, "gradient (n, buckets) of the values from the weights' gradient (n, numel)");
 }

@@ -4,14 +4,16 @@
 - ``"mlp"`` (the default, `MLPBank`): one hidden layer over position codes, one g-net per tile.
 - ``"deep"`` (`DeepBank`): a second hidden layer after the separable first one.
 - ``"shared"`` (`SharedBank`): the one hidden layer of ``"mlp"``, one g-net per bank, a learned embedding per tile.
+- ``"hash"`` (`HashBank`): random weight sharing (HashedNets), a seeded hash of each position into learned values.
 
 A new family is a module here whose `GNetBank` subclass (`SeparableBank` for a separable first layer) is decorated
 with `register_family`, imported below.
 """
 
 from .deep import CHUNK_ELEMENTS, DeepBank
+from .hash import HashBank
 from .mlp import MLPBank
 from .separable import SPARSE_SAMPLE, SeparableBank
 from .shared import SharedBank
 
-__all__ = ["CHUNK_ELEMENTS", "SPARSE_SAMPLE", "DeepBank", "MLPBank", "SeparableBank", "SharedBank"]
+__all__ = ["CHUNK_ELEMENTS", "SPARSE_SAMPLE", "DeepBank", "HashBank", "MLPBank", "SeparableBank", "SharedBank"]
