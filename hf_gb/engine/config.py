@@ -14,7 +14,8 @@ from ..files import CONFIG_NAME, atomic_write_text
 from ..version import __version__
 from .registry import families
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "GBConfig", "check_pattern", "config_json", "read_config_json"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "GBConfig", "check_pattern", "config_json", "parse_config_json",
+           "read_config_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +229,8 @@ def read_config_json(path: str) -> dict[str, Any]:
     """Read and check a `gb_config.json`.
 
     Returns ``{"gb_config": GBConfig, "config": dict, "tensors": list | None, "save_id": str | None,
-    "hf_gb_version": ...}``. Every problem is one ``ValueError`` naming the file, the field and what was expected
-    (``FileNotFoundError`` when there is no file).
+    "hf_gb_version": ..., "path": path}``. Every problem is one ``ValueError`` naming the file, the field and what
+    was expected (``FileNotFoundError`` when there is no file).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {CONFIG_NAME} found at {path}")
@@ -243,27 +244,33 @@ def read_config_json(path: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     except RecursionError as e:
         raise ValueError(f"{path} is not valid JSON: nested too deeply") from e
+    return parse_config_json(data, path)
+
+
+def parse_config_json(data: Any, where: str) -> dict[str, Any]:
+    """Check the object a `gb_config.json` holds (or the copy in ``config.json``'s ``quantization_config``; see
+    `hf_gb.io.loader`); returns what `read_config_json` does, with errors that name ``where``."""
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{where} must hold a JSON object, got {type(data).__name__}")
     version = data.get("format_version", 1)
     if not _is_int(version) or version < 1:
-        raise ValueError(f"{path}: format_version must be a positive int, got format_version={version!r}")
+        raise ValueError(f"{where}: format_version must be a positive int, got format_version={version!r}")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path} has format_version={version!r} (written by hf_gb {data.get('hf_gb_version', '?')}), "
+            f"{where} has format_version={version!r} (written by hf_gb {data.get('hf_gb_version', '?')}), "
             f"but this hf_gb {__version__} reads format_version <= {FORMAT_VERSION}; upgrade hf_gb"
         )
     save_id = data.get("save_id")
     if save_id is not None and not (isinstance(save_id, str) and len(save_id) <= 64):
-        raise ValueError(f"{path}: save_id must be a string of at most 64 characters, got save_id={save_id!r:.80}")
+        raise ValueError(f"{where}: save_id must be a string of at most 64 characters, got save_id={save_id!r:.80}")
     config = {k: v for k, v in data.items() if k not in _META_KEYS}
     try:
         gb_config = GBConfig.from_dict(config)
         tensors = _check_entries(data.get("tensors"))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise ValueError(f"{where}: {e}") from e
     return {"gb_config": gb_config, "config": config, "tensors": tensors, "save_id": save_id,
-            "format_version": version, "hf_gb_version": data.get("hf_gb_version")}
+            "format_version": version, "hf_gb_version": data.get("hf_gb_version"), "path": where}
 
 
 def _check_entries(entries: Any) -> list[dict[str, Any]] | None:

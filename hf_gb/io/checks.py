@@ -51,14 +51,17 @@ def warn_non_finite(tensors: dict[str, torch.Tensor], where: str) -> list[str]:
 
 
 def read_header(directory: str, save_id: str | None = None, config: GBConfig | None = None,
-                config_version: int | None = None) -> dict[str, Any]:
+                config_version: int | None = None, config_path: str | None = None) -> dict[str, Any]:
     """Check the safetensors file's header (format, version, save id) without reading its data.
 
     Returns ``{"metadata": ..., "shapes": {key: shape}, "dtypes": {key: dtype}}``. ``save_id`` is the one
     ``gb_config.json`` names: a file of another save means an interrupted save over an existing checkpoint.
     ``config`` (gb_config.json's) must agree with the settings the file was saved with. Save ids exist from
     format 2 on: when both files are format 1 (``config_version``, and the file's metadata) there is none to check.
+    ``config_path`` names where ``save_id`` and ``config`` come from in errors (default: the folder's
+    ``gb_config.json``).
     """
+    config_path = config_path or os.path.join(directory, CONFIG_NAME)
     from safetensors import SafetensorError, safe_open
 
     path = os.path.join(directory, WEIGHTS_NAME)
@@ -86,7 +89,7 @@ def read_header(directory: str, save_id: str | None = None, config: GBConfig | N
     both_v1 = config_version == 1 and int(version) == 1
     if not both_v1 and metadata.get("save_id") != save_id:
         raise ValueError(
-            f"{directory} holds {CONFIG_NAME} and {WEIGHTS_NAME} of two different saves (save_id "
+            f"{config_path} and {os.path.join(directory, WEIGHTS_NAME)} are of two different saves (save_id "
             f"{save_id!r} vs {metadata.get('save_id')!r}): a save over this checkpoint was interrupted between "
             "writing the two; save it again, or restore the folder from a copy"
         )
@@ -98,22 +101,25 @@ def read_header(directory: str, save_id: str | None = None, config: GBConfig | N
         for key, value in (saved.items() if isinstance(saved, dict) else []):
             if key in _SHAPELESS_FIELDS and getattr(config, key, value) != value:
                 raise ValueError(
-                    f"{os.path.join(directory, CONFIG_NAME)} has {key}={getattr(config, key)!r}, but the g-nets in "
+                    f"{config_path} has {key}={getattr(config, key)!r}, but the g-nets in "
                     f"{WEIGHTS_NAME} were trained with {key}={value!r}; they would predict other weights"
                 )
     return {"metadata": metadata, "shapes": shapes, "dtypes": dtypes}
 
 
-def check_layout(gb: Bottleneck, saved: list[dict[str, Any]] | None, directory: str) -> None:
-    """The model rebuilt here must cover the same tensors, with the same shapes and tiles, as the saved one."""
+def check_layout(gb: Bottleneck, saved: list[dict[str, Any]] | None, directory: str,
+                 config_path: str | None = None) -> None:
+    """The model rebuilt here must cover the same tensors, with the same shapes and tiles, as the saved one
+    (``config_path``, default the folder's ``gb_config.json``, names the saved list in errors)."""
     if saved is None:
         return
+    config_path = config_path or os.path.join(directory, CONFIG_NAME)
     current = {t.name: t.to_json() for t in gb.covered}
     names = {t["name"] for t in saved}
     missing, extra = sorted(names - current.keys()), sorted(current.keys() - names)
     if missing or extra:
         raise ValueError(
-            f"{os.path.join(directory, CONFIG_NAME)} covers tensors this model does not "
+            f"{config_path} covers tensors this model does not "
             f"(checkpoint only: {missing[:5]}; model only: {extra[:5]}); is it a checkpoint for another architecture?"
         )
     for t in saved:
@@ -121,16 +127,19 @@ def check_layout(gb: Bottleneck, saved: list[dict[str, Any]] | None, directory: 
         for key in ("shape", "tile"):
             if list(t[key]) != now[key]:
                 raise ValueError(
-                    f"tensor {t['name']}: {key} in {CONFIG_NAME} is {list(t[key])} but this model gives {now[key]} "
-                    f"({os.path.join(directory, CONFIG_NAME)})"
+                    f"tensor {t['name']}: {key} in {config_path} is {list(t[key])} but this model gives {now[key]}"
                 )
 
 
-def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], directory: str) -> None:
+def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], directory: str,
+                tied: dict[str, str] | None = None) -> None:
     """Before anything large is allocated: every model tensor is covered or stored with its shape, and the g-nets
-    the config asks for are no larger than the ones the file holds."""
+    the config asks for are no larger than the ones the file holds.
 
-    config_path = os.path.join(directory, CONFIG_NAME)
+    Tensors that are one tensor of the model are checked once; ``tied`` (``{name: name it will be tied to}``) names
+    ties the model does not hold yet (transformers' ``from_pretrained`` ties after loading)."""
+
+    config_path = info.get("path") or os.path.join(directory, CONFIG_NAME)
     entries = info["tensors"]
     if entries is None:
         raise ValueError(f"{config_path} has no 'tensors' list; it describes a config, not a checkpoint")
@@ -142,12 +151,13 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
             raise ValueError(f"{config_path} covers tensor {name!r}, which this model does not have; "
                              "is it a checkpoint for another architecture?")
         if list(params[name].shape) != entry["shape"]:
-            raise ValueError(f"tensor {name}: shape in {CONFIG_NAME} is {entry['shape']} but this model gives "
-                             f"{list(params[name].shape)} ({config_path})")
+            raise ValueError(f"tensor {name}: shape in {config_path} is {entry['shape']} but this model gives "
+                             f"{list(params[name].shape)}")
     state = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
-    for name, value in state.items():
-        groups.setdefault(id(value), []).append(name)
+    tied = {k: v for k, v in (tied or {}).items() if k in state and v in state}
+    for name in state:
+        groups.setdefault(id(state[tied.get(name, name)]), []).append(name)
     for names in groups.values():
         if any(n in covered for n in names):
             continue
@@ -157,7 +167,7 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
             where = MODEL_CONFIG_NAME if os.path.isfile(os.path.join(directory, MODEL_CONFIG_NAME)) else "the model"
             raise ValueError(
                 f"{os.path.join(directory, WEIGHTS_NAME)} lacks uncompressed tensor {names[0]!r} of shape {shape} "
-                f"that {where} describes, and {CONFIG_NAME} does not cover it"
+                f"that {where} describes, and {config_path} does not cover it"
             )
         if stored[name] != shape:
             raise ValueError(f"tensor {name!r}: {os.path.join(directory, WEIGHTS_NAME)} holds shape {stored[name]}, "
