@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _compat
 from .engine.config import GBConfig
+from .io import loader as _loader
 from .io.pretrained import GenomicBottleneck
 from .version import __version__
 
@@ -33,6 +34,7 @@ _LAZY = {
 }
 
 _compat.install()  # the module paths of the flat layout (hf_gb.bank, hf_gb.trainer, ...) keep working
+_loader.install()  # transformers' from_pretrained and pipeline load compressed checkpoints (hf_gb.io.loader)
 
 
 def __getattr__(name: str) -> Any:

@@ -31,6 +31,16 @@ PLUGIN_STATE_NAME = "hf_gb_plugin_state.safetensors"
 # Written last by transformers' Trainer into every checkpoint-N folder.
 TRAINER_STATE_NAME = "trainer_state.json"
 FORMAT_NAME = "hf_gb"
+# What a compressed checkpoint's config.json tells transformers (`hf_gb.io.loader`): `quantization_config` names
+# the method hf_gb registers with transformers; `transformers_weights` holds this sentence instead of a file name, so
+# that transformers without hf_gb refuses every load of the folder with an error that quotes it (hf_gb's loader puts
+# WEIGHTS_NAME there before transformers looks for the weights). It must not end in ".safetensors".
+QUANT_METHOD = "hf_gb"
+TRANSFORMERS_WEIGHTS_NOTE = (
+    "none: this is a compressed hf_gb checkpoint, whose weights the g-nets in gb_model.safetensors predict. "
+    "Install hf_gb (pip install hf_gb) and `import hf_gb` before from_pretrained or pipeline, or load it with "
+    "hf_gb.load_compressed"
+)
 STAGING_PREFIX = ".tmp-hf_gb-"
 
 # The compressed model itself (what `hf-gb decompress` must not copy into a plain transformers folder).

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import MODEL_CONFIG_NAME
+from ..files import MODEL_CONFIG_NAME, QUANT_METHOD, TRANSFORMERS_WEIGHTS_NOTE
 
 __all__ = ["build_model", "model_class_for"]
 
@@ -32,6 +32,10 @@ def build_model(directory: str, device: str | torch.device | None, dtype: Any, c
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{config_path} is not a valid transformers config: {_first_line(e)}") from e
+    for key, ours in (("quantization_config", lambda v: isinstance(v, dict) and v.get("quant_method") == QUANT_METHOD),
+                      ("transformers_weights", lambda v: v == TRANSFORMERS_WEIGHTS_NOTE)):
+        if ours(getattr(config, key, None)):  # hf_gb's notes to transformers' loaders, not part of the model
+            delattr(config, key)
     model_class = model_class_for(config, config_path)
     if dtype is None:
         dtype = _config_dtype(config, config_path)

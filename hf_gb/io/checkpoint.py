@@ -3,7 +3,9 @@
 
 A compressed checkpoint is a folder ``huggingface_hub`` can push as is:
 
-- ``config.json``: the base model's transformers config (when the model has one), with the model's ``dtype``;
+- ``config.json``: the base model's transformers config (when the model has one), with the model's ``dtype``, and
+  what transformers' own loaders read (`hf_gb.io.loader`): a ``quantization_config`` with what ``gb_config.json``
+  holds, and a ``transformers_weights`` sentence that makes transformers without hf_gb refuse the folder;
 - ``gb_config.json``: the `GBConfig`, the hf_gb version, every covered tensor with its shape and tile, and the id
   of the save;
 - ``gb_model.safetensors``: g-net tensors (``gnet.<bank>.<name>``) and the uncompressed model tensors
@@ -23,6 +25,7 @@ warning.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shutil
@@ -34,7 +37,18 @@ from torch import nn
 from ..engine.bottleneck import Bottleneck
 from ..engine.config import FORMAT_VERSION, config_json, read_config_json
 from ..engine.shards import distribute_like, model_class
-from ..files import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, PathLike, make_staging, new_save_id, publish
+from ..files import (
+    CONFIG_NAME,
+    FORMAT_NAME,
+    MODEL_CONFIG_NAME,
+    QUANT_METHOD,
+    TRANSFORMERS_WEIGHTS_NOTE,
+    WEIGHTS_NAME,
+    PathLike,
+    make_staging,
+    new_save_id,
+    publish,
+)
 from ..version import __version__
 from .checks import GNET_PREFIX, MODEL_PREFIX, check_layout, read_header, settings_json, warn_non_finite
 from .model_card import write_model_card
@@ -88,8 +102,9 @@ def save_compressed(
         metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__,
                     "save_id": save_id, "gb_settings": settings_json(gb.config)}
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
+        gb_config = config_json(gb.config, [t.to_json() for t in gb.covered], save_id)
         with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(config_json(gb.config, [t.to_json() for t in gb.covered], save_id))
+            f.write(gb_config)
         model_config = getattr(gb.model, "config", None)
         if model_config is not None and hasattr(model_config, "save_pretrained"):
             model_config = copy.deepcopy(model_config)
@@ -98,6 +113,7 @@ def save_compressed(
             if dtype is not None:
                 model_config.dtype = dtype  # what load_compressed restores, as transformers' save_pretrained does
             model_config.save_pretrained(staging)
+            _note_for_transformers(os.path.join(staging, MODEL_CONFIG_NAME), gb_config)
         generation_config = getattr(gb.model, "generation_config", None)
         if generation_config is not None and hasattr(generation_config, "save_pretrained"):
             try:
@@ -112,6 +128,18 @@ def save_compressed(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return save_directory
+
+
+def _note_for_transformers(path: str, gb_config: str) -> None:
+    """Add to the model's ``config.json`` what transformers' loaders need to know (see `hf_gb.io.loader`): a
+    ``quantization_config`` for hf_gb's registered quantizer, holding what ``gb_config.json`` holds, and the
+    ``transformers_weights`` sentence that makes transformers without hf_gb refuse the folder loudly."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data["quantization_config"] = {"quant_method": QUANT_METHOD, **json.loads(gb_config)}
+    data["transformers_weights"] = TRANSFORMERS_WEIGHTS_NOTE
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- load
@@ -133,8 +161,8 @@ def load_checkpoint_state(gb: Bottleneck, directory: str, info: dict[str, Any] |
     """Load the g-net and uncompressed tensors of the checkpoint in ``directory`` into ``gb`` and its model (in
     place: an optimizer keeps its parameters), checking names, shapes and the save id; then predict the weights."""
     info = info if info is not None else read_config_json(os.path.join(directory, CONFIG_NAME))
-    read_header(directory, info["save_id"], info["gb_config"], info["format_version"])
-    check_layout(gb, info["tensors"], directory)
+    read_header(directory, info["save_id"], info["gb_config"], info["format_version"], info.get("path"))
+    check_layout(gb, info["tensors"], directory, info.get("path"))
     tensors = read_tensors(directory)
     if gb.sharded:  # FSDP2: each rank loads its own rows of the sharded uncompressed tensors
         distribute_like(gb.uncompressed_state_dict(), tensors, prefix=MODEL_PREFIX)
