@@ -12,7 +12,7 @@ from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.engine import kernels, native
 from hf_gb.engine.bank import GNetBank
 from hf_gb.engine.kernels import backward_from, center_tiles, forward_into, fused_backward, fused_forward, kernel_path
-from hf_gb.engine.tiling import TileGeometry, tile, tile_rows
+from hf_gb.engine.tiling import TileGeometry, tile, tile_rows, untile
 
 pytestmark = pytest.mark.compiled  # builds the extension (about 40 s, once per machine)
 
@@ -77,19 +77,38 @@ def test_native_threads_agree(ext):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+# Weights of one bank (tiles 4 x 6 x 2): divided exactly (4 and 3 tiles), overhanging to the right (last tile column
+# 2 of 6 wide), below (last tile row 1 of 4 high), both (the corner tile goes to the right buffer), and a weight
+# smaller than its one tile in both axes.
+EDGE_CASES = {
+    "exact": [(8, 12, 2), (4, 18, 2)],
+    "right": [(8, 14, 2)],
+    "below": [(9, 12, 2)],
+    "both": [(9, 14, 2), (8, 12, 2)],
+    "inside-one-tile": [(3, 5, 2)],
+}
+
+
+@pytest.mark.parametrize("shapes", EDGE_CASES.values(), ids=EDGE_CASES.keys())
 @pytest.mark.parametrize("center", [False, True], ids=["raw", "centred"])
-def test_rows_route_matches_tile_route(ext, center):
-    """Written into (and read from) two weights' rows in place, the kernels give the tile tensors' values."""
+def test_rows_route_matches_tile_route(ext, center, shapes):
+    """Written into (and read from) weights' rows in place, tiles that overhang a weight's far edges through edge
+    buffers, the kernels give the tile tensors' values (cropped as `untile` crops, zero padded as `tile` pads)."""
     geom = TileGeometry(4, 6, 2)
-    weights = [torch.randn(8, 12, 2), torch.randn(4, 18, 2)]  # 4 and 3 tiles, K = 2 kernel positions
-    n = 7
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(*s, generator=gen) for s in shapes]
+    n = sum(tile(w, geom).shape[0] for w in weights)
     A, B, w2, _ = _inputs(n, 4, 12, 3)
     b2 = None if center else torch.randn(n)
     rows = tile_rows(weights, geom)
     assert rows is not None and rows.offsets.shape == (n, 4)
     forward_into(A, B, w2, rows, center=center, b2=b2)
     want = fused_forward(A, B, w2, b2, compiled="native", center=center)
-    torch.testing.assert_close(torch.cat([tile(w, geom) for w in weights]), want, rtol=1e-6, atol=1e-6)
+    done = 0
+    for w in weights:
+        k = tile(w, geom).shape[0]
+        assert torch.equal(w, untile(want[done: done + k], w.shape, geom)), "the same bits as the tile route"
+        done += k
 
     grads = [torch.randn_like(w) for w in weights]
     kept = [g.clone() for g in grads]
@@ -106,8 +125,9 @@ def test_tile_rows_refuses_what_it_cannot_address():
     geom = TileGeometry(4, 4)
     assert tile_rows([torch.zeros(8, 8, 1)], geom) is not None
     assert tile_rows([torch.zeros(8, 8).t().unsqueeze(-1)], geom) is None  # a transposed (Conv1D) view
-    assert tile_rows([torch.zeros(8, 6, 1)], geom) is None  # tiles that do not divide the tensor
     assert tile_rows([torch.zeros(8, 8, 1, dtype=torch.float64)], geom) is None
+    edges = tile_rows([torch.zeros(8, 6, 1), torch.zeros(8, 8, 1)], geom)  # the first overhangs to the right
+    assert [tuple(b.shape) for _, b, _ in edges.edges] == [(8, 4, 1)] and len(edges.tensors) == 3
 
 
 class _Sum(nn.Sequential):
@@ -134,7 +154,7 @@ def _train(kernel, model_fn, x, steps=2, **config):
 
 @pytest.mark.parametrize(
     "case",
-    ["linear", "linear-uncentred", "linear-stochastic", "conv1d", "conv2d", "shared"],
+    ["linear", "linear-uncentred", "linear-stochastic", "linear-edges", "conv1d", "conv2d", "shared"],
 )
 def test_bottleneck_native_equals_eager(ext, case, monkeypatch):
     """Two predict/push steps through the native kernels (in place where the weights allow it, through tiles
@@ -151,7 +171,10 @@ def test_bottleneck_native_equals_eager(ext, case, monkeypatch):
         monkeypatch.setattr(GNetBank, name, spy)
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
     config = dict(hidden_dim=4, tile_size=[16, 16])
-    if case.startswith("linear"):
+    if case == "linear-edges":  # 16 x 16 tiles overhang both 45 x 30 weights: their edges go through buffers
+        model_fn = lambda: _Sum(nn.Linear(30, 45), nn.Linear(30, 45))  # noqa: E731
+        x = torch.randn(3, 30, generator=torch.Generator().manual_seed(1))
+    elif case.startswith("linear"):
         model_fn = lambda: _Sum(nn.Linear(32, 48), nn.Linear(32, 48))  # noqa: E731
         config.update(center=case != "linear-uncentred", stochastic=case == "linear-stochastic")
     elif case == "conv1d":
@@ -169,7 +192,7 @@ def test_bottleneck_native_equals_eager(ext, case, monkeypatch):
     for a_step, b_step in zip(got, want):
         for a, b in zip(a_step, b_step):  # float32 sums in another order: tolerance relative to each tensor
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
-    in_place = {"linear": True, "linear-uncentred": True, "shared": True, "conv2d": True}
+    in_place = {"linear": True, "linear-uncentred": True, "linear-edges": True, "shared": True, "conv2d": True}
     pushed_in_place = [ok for name, ok in routes if name == "push_from"]
     if in_place.get(case):
         assert pushed_in_place and all(pushed_in_place)

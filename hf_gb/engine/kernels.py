@@ -214,11 +214,13 @@ def forward_into(A, B, w2, rows: TileRows, center: bool, b2=None) -> None:
             tiles = (rows.which == m).nonzero().flatten()
             blocks = rows.grid(m)
             blocks.add_(b2[tiles].view(*blocks.shape[:2], 1, 1, 1))
+    rows.store_edges()
 
 
 def backward_from(A, B, w2, rows: TileRows, center: bool):
     """`fused_backward` on the native path, the tile gradient read from the weight-gradient rows ``rows`` and
     double-centred on the fly if ``center`` (``rows`` is not modified); returns (dA, dB, dw2, db2)."""
+    rows.load_edges()
     return tuple(native.get().backward_from(A, B, w2, center, list(rows.tensors), rows.which, rows.offsets))
 
 

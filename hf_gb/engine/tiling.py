@@ -7,6 +7,7 @@ flattened kernel positions (1 for a plain matrix). It is cut into ``rows x cols`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,29 +146,83 @@ class TileRows:
     """Where the rows of a bank's tiles live in its weights, for kernels that write and read them in place.
 
     Row ``i`` of tile ``t`` is the ``cols * K`` contiguous values at element offset ``offsets[t, i]`` of
-    ``tensors[which[t]]``, an ``(out, in, K)`` contiguous view of a weight (or of its gradient)."""
+    ``tensors[which[t]]``: an ``(out, in, K)`` contiguous view of a weight (or of its gradient) for a tile inside
+    it, or an edge buffer for a tile that overhangs the weight's far edges (its padding lies outside the weight).
+    A kernel that writes rows calls `store_edges` after (the buffers' valid parts into the weights), one that
+    reads them `load_edges` before (the weights' edges into the buffers, zero padded, as `tile` pads).
+    ``regions[m]`` is the part of ``tensors[m]`` that its tiles cover, divided exactly by them (for `grid`)."""
 
     tensors: tuple[torch.Tensor, ...]
     which: torch.Tensor  # (n_tiles,) int64
     offsets: torch.Tensor  # (n_tiles, rows) int64
     geometry: TileGeometry
+    regions: tuple[torch.Tensor, ...] = ()
+    edges: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()  # (weight part, buffer, buffer part)
 
     def grid(self, m: int) -> torch.Tensor:
-        """``(nr, nc, rows, cols, K)`` view of tensor ``m`` by tile."""
-        return _blocks(self.tensors[m], self.geometry).permute(0, 2, 1, 3, 4)
+        """``(nr, nc, rows, cols, K)`` view by tile of the tiles that lie in ``tensors[m]`` (row-major order)."""
+        return _blocks((self.regions or self.tensors)[m], self.geometry).permute(0, 2, 1, 3, 4)
+
+    def load_edges(self) -> None:
+        """Copy the weights' edges into the edge buffers, zero outside them (before a kernel reads the rows)."""
+        for part, buffer, inside in self.edges:
+            rows, cols = inside.shape[:2]
+            buffer[rows:].zero_()
+            buffer[:rows, cols:].zero_()
+            inside.copy_(part)
+
+    def store_edges(self) -> None:
+        """Copy the edge buffers' valid parts into the weights (after a kernel wrote the rows)."""
+        for part, _, inside in self.edges:
+            part.copy_(inside)
+
+
+@functools.lru_cache(maxsize=64)
+def _addresses(shapes: tuple[tuple[int, int, int], ...], geom: TileGeometry):
+    """``which`` (n_tiles,), ``offsets`` (n_tiles, rows) and the edge buffers ``(view, kind, shape)`` of views of
+    ``shapes`` (see `tile_rows`); kind 'right' holds the last tile column, 'bottom' the rest of the last tile row."""
+    R, C = geom.rows, geom.cols
+    which, offsets, buffers = [], [], []
+    for m, (out, inp, k) in enumerate(shapes):
+        nr, nc = grid((out, inp, k), geom)
+        fr, fc = out // R, inp // C  # whole tiles along each axis
+        a, b = torch.arange(nr).view(nr, 1, 1), torch.arange(nc).view(1, nc, 1)
+        i = torch.arange(R).view(1, 1, R)
+        right = (b >= fc).expand(nr, nc, 1)
+        bottom = (a >= fr) & ~right
+        w = torch.full((nr, nc, 1), m, dtype=torch.int64)
+        off = ((a * R + i) * (inp * k) + b * (C * k)).expand(nr, nc, R)
+        if inp % C:
+            w = torch.where(right, len(shapes) + len(buffers), w)
+            off = torch.where(right, (a * R + i) * (C * k), off)
+            buffers.append((m, "right", (nr * R, C, k)))
+        if out % R and fc:
+            w = torch.where(bottom, len(shapes) + len(buffers), w)
+            off = torch.where(bottom, i * (fc * C * k) + b * (C * k), off)
+            buffers.append((m, "bottom", (R, fc * C, k)))
+        which.append(w.reshape(nr * nc))
+        offsets.append(off.reshape(nr * nc, R))
+    return torch.cat(which), torch.cat(offsets).contiguous(), tuple(buffers)
 
 
 def tile_rows(views: Sequence[torch.Tensor], geom: TileGeometry) -> TileRows | None:
     """`TileRows` of ``views`` (``(out, in, K)`` views, tiled one after the other in row-major tile order, as
-    `tile`), or None unless every view is contiguous float32 and divided exactly by the tiles."""
-    which, offsets = [], []
-    for m, v in enumerate(views):
-        if v.dtype != torch.float32 or not v.is_contiguous() or _blocks(v, geom) is None:
-            return None
-        _, inp, k = v.shape
-        nr, nc = grid(v.shape, geom)
-        rows = torch.arange(nr)[:, None, None] * geom.rows + torch.arange(geom.rows)
-        off = rows * (inp * k) + (torch.arange(nc) * (geom.cols * k))[None, :, None]  # (nr, nc, rows)
-        offsets.append(off.reshape(nr * nc, geom.rows))
-        which.append(torch.full((nr * nc,), m, dtype=torch.int64))
-    return TileRows(tuple(views), torch.cat(which), torch.cat(offsets).contiguous(), geom)
+    `tile`), or None unless every view is contiguous float32. Tiles that overhang a view's far edges get edge
+    buffers (a copy of those edges only), so no view needs to be divided exactly by the tiles."""
+    if any(v.dtype != torch.float32 or not v.is_contiguous() for v in views):
+        return None
+    which, offsets, kinds = _addresses(tuple(tuple(v.shape) for v in views), geom)
+    R, C = geom.rows, geom.cols
+    regions = [v[: v.shape[0] // R * R, : v.shape[1] // C * C] for v in views]
+    buffers, edges = [], []
+    for m, kind, shape in kinds:
+        v = views[m]
+        (out, inp, _), full_rows, full_cols = v.shape, v.shape[0] // R * R, v.shape[1] // C * C
+        buffer = v.new_empty(shape)
+        if kind == "right":  # the last tile column, every row of tiles
+            edges.append((v[:, full_cols:], buffer, buffer[:out, : inp - full_cols]))
+        else:  # the last tile row, but for its last tile (in the right buffer)
+            edges.append((v[full_rows:, :full_cols], buffer, buffer[: out - full_rows]))
+        buffers.append(buffer)
+        regions.append(buffer)
+    return TileRows(tuple(views) + tuple(buffers), which, offsets, geom, tuple(regions), tuple(edges))
