@@ -24,6 +24,7 @@ from .layers import find_targets, view3d
 from .planning import CoveredTensor, plan_covered
 from .registry import family_class
 from .shards import RowShard
+from .step import TrainStep
 from .tiling import TileRows, tile_into, tile_rows, untile_into
 
 __all__ = ["Bottleneck"]
@@ -59,14 +60,9 @@ class Bottleneck(nn.Module):
     ``hf_gb.GenomicBottleneck``, which adds the checkpoint and Hub methods).
 
     The model is referenced, not registered: ``parameters()`` and ``state_dict()`` of the bottleneck are exactly the
-    g-net parameters (and their output scales). One optimizer step is::
-
-        gb.predict_weights()          # g-nets -> model weights, in place
-        loss = model(x).loss; loss.backward()   # any number of micro-batches
-        gb.push_gradients()           # accumulated weight grads -> g-net grads
-        optimizer.step(); optimizer.zero_grad(); gb.zero_grad()
-
-    with ``optimizer`` over ``gb.parameters()`` and ``gb.uncompressed_parameters()``.
+    g-net parameters (and their output scales). One optimizer step, the optimizer over `trainable_parameters`, is
+    `predict_weights`, ``loss.backward()`` (any number of micro-batches), `push_gradients`, ``optimizer.step()`` and
+    zeroed gradients; `step` makes them around a loop's forward and backward (`hf_gb.engine.step.TrainStep`).
 
     Example::
 
@@ -94,6 +90,7 @@ class Bottleneck(nn.Module):
         self._plans: dict[str, shards.BankPlan] = {}
         self._shard_group: Any = None
         self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `gathered` is open
+        self._step: TrainStep | None = None  # what `step` returns, kept across the micro-batches of a window
 
         family = family_class(config.family)
         targets, self.skipped = find_targets(model, config)
@@ -270,10 +267,9 @@ class Bottleneck(nn.Module):
 
     def _weight_rows(self, key: str, bank: GNetBank, what: str) -> TileRows | None:
         """Where bank ``key``'s tile rows lie in its weights' ``what`` ('data' or 'grad'), if its kernels address
-        them in place (`GNetBank.writes_rows`) and the weights allow it (contiguous float32, whole tiles)."""
-        if not bank.writes_rows():
-            return None
-        return tile_rows([view3d(getattr(t.param, what), t.layout) for t in self._members[key]], bank.geometry)
+        them in place (`GNetBank.writes_rows`) and the weights allow it (contiguous float32)."""
+        views = [view3d(getattr(t.param, what), t.layout) for t in self._members[key]]
+        return tile_rows(views, bank.geometry) if bank.writes_rows() else None
 
     def push_gradients(self, average_replicas: bool = False) -> bool:
         """Chain rule from the covered weights' accumulated ``.grad`` into the g-net parameters' ``.grad``.
@@ -339,6 +335,13 @@ class Bottleneck(nn.Module):
         grads = [p.grad.sum() for p in self.parameters() if p.grad is not None]
         return not grads or bool(torch.stack(grads).sum().isfinite())
 
+    def step(self, optimizer: torch.optim.Optimizer, accumulation_steps: int = 1,
+             max_grad_norm: float | None = None) -> TrainStep:
+        """The context manager of one micro-batch of a plain loop (`hf_gb.engine.step.TrainStep`, with an example):
+        ``with gb.step(optimizer): loss.backward()``; the same `TrainStep` while the arguments stay the same."""
+        self._step = TrainStep.following(self._step, self, optimizer, accumulation_steps, max_grad_norm)
+        return self._step
+
     def forward(self) -> None:
         """Same as `predict_weights` (so hooks registered on the bottleneck fire)."""
         self.predict_weights()
@@ -353,6 +356,10 @@ class Bottleneck(nn.Module):
                 seen.add(id(p))
                 out.append(p)
         return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What an optimizer trains: the g-net parameters, then `uncompressed_parameters`."""
+        return [*self.parameters(), *self.uncompressed_parameters()]
 
     def uncompressed_state_dict(self) -> dict[str, torch.Tensor]:
         """Model tensors (parameters and persistent buffers) that the g-nets do not predict, by model name."""
