@@ -8,13 +8,18 @@ Two parts, both printed as tables and written to JSON (default ``benchmarks/resu
 2. One AdamW training step of a Llama-style causal LM built from a config (hidden 512, intermediate 1536, 4 layers,
    8 heads, vocab 8192, untied embeddings) at batch 8 x 128, plain and with a bottleneck. Step times are measured in
    one process, plain and GB steps interleaved after warm-up, and compared by their medians; peak RSS (VmHWM) is
-   measured for each in its own child process so neither sees the other's memory.
+   measured for each in its own child process so neither sees the other's memory. The GB step is the step helper
+   (``with gb.step(optimizer)``).
+3. ``--loops`` (alone): the same model and step as plain, as README's four plain calls and as the step helper, each
+   for the benchmark's GBConfig (128 x 128 tiles) and README's (``hidden_dim=32, compression=20``), one step of each
+   per round in a rotating order; medians, ratios to plain, each round's ratios and the load average per round.
 
 Usage::
 
     python benchmarks/bench_engine.py            # full run (several minutes on a 2-core CPU)
     python benchmarks/bench_engine.py --quick    # smoke run: small sizes, few repeats
     python benchmarks/bench_engine.py --json out.json
+    python benchmarks/bench_engine.py --loops --threads 2   # plain / four plain calls / step helper side by side
 
 Timings on a shared machine are noisy: compare only numbers taken side by side in one run.
 """
@@ -39,6 +44,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engine.json")
+LOOPS_JSON = os.path.join(os.path.dirname(DEFAULT_JSON), "engine_loops.json")
+LOOPS_QUICK_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "out", "benchmarks",
+                                "engine_loops_quick.json")  # smoke runs never write over results/
 
 LLAMA = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=False, max_position_embeddings=256)
@@ -140,35 +148,51 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
 
 
 # ----------------------------------------------------------------------------- part 2: a training step
-class _Trainer:
-    """One model, its optimizer and (optionally) its bottleneck; ``step()`` runs one full AdamW step."""
+# The GB configs of the loops mode: the benchmark's own (128 x 128 tiles) and README's plain loop's.
+LOOP_CONFIGS = {"default": {}, "readme": {"hidden_dim": 32, "compression": 20}}
 
-    def __init__(self, use_gb: bool, llama: dict, batch: int, seq: int, seed: int = 0, kernel: str = "auto"):
+
+class _Trainer:
+    """One model, its optimizer and (optionally) its bottleneck; ``step()`` runs one full AdamW step.
+
+    ``loop``: how a GB step is written, ``"helper"`` (``with gb.step(optimizer)``, what users get) or ``"four"``
+    (README's four plain calls: ``predict_weights``, backward, ``push_gradients``, ``optimizer.step`` and both
+    ``zero_grad``)."""
+
+    def __init__(self, use_gb: bool, llama: dict, batch: int, seq: int, seed: int = 0, kernel: str = "auto",
+                 loop: str = "helper", config: dict | None = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
         self.model = LlamaForCausalLM(LlamaConfig(**llama))
         self.model.train()
-        self.gb = GenomicBottleneck(self.model, GBConfig(kernel=kernel)) if use_gb else None
-        if self.gb is not None:
-            params = list(self.gb.parameters()) + self.gb.uncompressed_parameters()
-        else:
-            params = list(self.model.parameters())
+        self.gb = GenomicBottleneck(self.model, GBConfig(kernel=kernel, **(config or {}))) if use_gb else None
+        self.loop = loop
+        params = self.gb.trainable_parameters() if self.gb is not None else list(self.model.parameters())
         self.trained_params = sum(p.numel() for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         gen = torch.Generator().manual_seed(seed)
         self.input_ids = torch.randint(0, llama["vocab_size"], (batch, seq), generator=gen)
 
+    def _backward(self) -> None:
+        self.model(input_ids=self.input_ids, labels=self.input_ids).loss.backward()
+
     def step(self) -> float:
         t0 = time.perf_counter()
-        if self.gb is not None:
+        if self.gb is None:
+            self._backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.loop == "helper":
+            with self.gb.step(self.optimizer):
+                self._backward()
+        else:  # README's four plain calls, as written there
             self.gb.predict_weights()
-        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
-        loss.backward()
-        if self.gb is not None:
+            self._backward()
             self.gb.push_gradients()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.gb.zero_grad()
         return time.perf_counter() - t0
 
 
@@ -197,6 +221,38 @@ def bench_step(llama: dict, batch: int, seq: int, warmup: int, steps: int, kerne
     }
     result["step_ratio"] = result["gb_step_ms"] / result["plain_step_ms"]
     return result
+
+
+def bench_loops(llama: dict, batch: int, seq: int, warmup: int, rounds: int, kernel: str = "auto") -> dict:
+    """plain, README's four plain calls and the step helper, for each config of `LOOP_CONFIGS`, in one process:
+    every round runs one step of each, in an order rotated by the round; medians, ratios to plain, and the load
+    average before every round (a ratio measured under load says little)."""
+    variants = {"plain": _Trainer(False, llama, batch, seq)}
+    for name, config in LOOP_CONFIGS.items():
+        for loop in ("four", "helper"):
+            variants[f"{loop}/{name}"] = _Trainer(True, llama, batch, seq, kernel=kernel, loop=loop, config=config)
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    loads = []
+    for r in range(warmup + rounds):
+        if r >= warmup:
+            loads.append(os.getloadavg())
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            dt = variants[name].step()
+            if r >= warmup:
+                times[name].append(dt)
+    plain = _median_ms(times["plain"])
+    rows = {}
+    for name in names:
+        gb = variants[name].gb
+        rows[name] = {"step_ms": _median_ms(times[name]), "ratio": _median_ms(times[name]) / plain,
+                      "steps_ms": [t * 1e3 for t in times[name]],
+                      "covered_compression": gb.stats()["covered_compression"] if gb is not None else None,
+                      "optimizer_params": variants[name].trained_params}
+        # Each round's own ratio: the rounds' spread shows how much the load moved the medians.
+        rows[name]["round_ratios"] = [t / p for t, p in zip(times[name], times["plain"])]
+    return {"variants": rows, "configs": LOOP_CONFIGS, "load_avg_per_round": loads, "llama": llama,
+            "batch": batch, "seq": seq, "warmup": warmup, "rounds": rounds, "kernel": kernel}
 
 
 def _vm_hwm_mb() -> float:
@@ -231,6 +287,30 @@ def bench_memory(args: argparse.Namespace, steps: int) -> dict:
     return out
 
 
+def run_loops(args: argparse.Namespace, llama: dict, batch: int, seq: int) -> None:
+    warmup, rounds = (1, args.rounds or 2) if args.quick else (3, args.rounds or 15)
+    start = os.getloadavg()
+    print(f"loops: Llama {llama['num_hidden_layers']} layers, batch {batch} x {seq}, AdamW, "
+          f"{torch.get_num_threads()} threads, {warmup} warm-up + {rounds} rounds; load average {start}", flush=True)
+    result = bench_loops(llama, batch, seq, warmup, rounds, kernel=args.kernel)
+    result.update(load_avg_at_start=start, load_avg_at_end=os.getloadavg(), quick=args.quick,
+                  torch_threads=torch.get_num_threads(), torch=torch.__version__, cpus=os.cpu_count(),
+                  command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    print("| loop | config | step ms (median) | / plain | rounds' ratios (min-max) | covered x |")
+    print("|---|---|---|---|---|---|")
+    for name, row in result["variants"].items():
+        loop, _, config = name.partition("/")
+        spread = f"{min(row['round_ratios']):.3f}-{max(row['round_ratios']):.3f}"
+        covered = f"{row['covered_compression']:.1f}" if row["covered_compression"] else "-"
+        print(f"| {loop} | {config or '-'} | {row['step_ms']:.0f} | {row['ratio']:.3f} | {spread} | {covered} |")
+    print(f"load average start {start}, end {result['load_avg_at_end']} (trust the ratios only when it is near 0)")
+    path = args.json if args.json != DEFAULT_JSON else LOOPS_QUICK_JSON if args.quick else LOOPS_JSON
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {os.path.abspath(path)}")
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,6 +319,11 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true", help="skip part 1 (predict+push)")
     parser.add_argument("--skip-step", action="store_true", help="skip part 2 (training step and memory)")
     parser.add_argument("--skip-families", action="store_true", help="skip the per-family predict+push at 20x")
+    parser.add_argument("--loops", action="store_true",
+                        help="only the loops mode: plain / README's four plain calls / the step helper side by "
+                             "side on the step's Llama, for the benchmark's GBConfig and README's (JSON: "
+                             "results/engine_loops.json, --quick: out/benchmarks/engine_loops_quick.json)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the loops mode (default 15, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--kernel", default="auto", choices=("auto", "native", "compiled", "eager"),
                         help="GBConfig.kernel of the training step (part 2; default: %(default)s)")
@@ -252,6 +337,10 @@ def main() -> None:
     batch, seq = (2, 32) if args.quick else (8, 128)
     if args._child:
         _child(args._child, llama, batch, seq, args._steps, args.kernel)
+        return
+
+    if args.loops:
+        run_loops(args, llama, batch, seq)
         return
 
     results: dict = {

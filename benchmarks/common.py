@@ -9,6 +9,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +76,21 @@ def read_parts(paths: list[str]) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
     return parts
+
+
+@contextmanager
+def train_step(gb, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> Iterator[None]:
+    """One optimizer step around the block's backward: ``gb.step`` with a bottleneck (yields its `TrainStep`),
+    the same plain calls (clip, step, zero) without one (yields None)."""
+    if gb is not None:
+        with gb.step(optimizer, max_grad_norm=max_grad_norm) as step:
+            yield step
+        return
+    yield None
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def warmup_cosine(warmup: int, steps: int):

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, ROOT, machine, pyplot, table, write_json  # noqa: E402
+from common import RESULTS, ROOT, machine, pyplot, table, train_step, write_json  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -115,7 +115,6 @@ def train(args, model, gb, train_data, teacher=None) -> list[float]:
                   {"params": gb.uncompressed_parameters(), "lr": args.lr}]
     else:
         groups = [{"params": list(model.parameters()), "lr": args.lr}]
-    params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def lr_lambda(step: int) -> float:
@@ -129,23 +128,15 @@ def train(args, model, gb, train_data, teacher=None) -> list[float]:
     model.train()
     for step in range(args.steps):
         ids = train_data.blocks[order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]]
-        if gb is not None:
-            gb.predict_weights()
-        if teacher is None:
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            with torch.no_grad():
-                t_out = teacher(input_ids=ids)
-            loss, _ = distillation_loss(model(input_ids=ids), t_out, None, {"kl": 1.0}, args.temperature)
-        loss.backward()
-        if gb is not None:
-            gb.push_gradients()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        with train_step(gb, optimizer, max_grad_norm=1.0):
+            if teacher is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                with torch.no_grad():
+                    t_out = teacher(input_ids=ids)
+                loss, _ = distillation_loss(model(input_ids=ids), t_out, None, {"kl": 1.0}, args.temperature)
+            loss.backward()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gb is not None:
-            gb.zero_grad(set_to_none=True)
         losses.append(loss.item())
     if gb is not None:
         gb.predict_weights(sample=False)

@@ -30,7 +30,17 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import best_by, closest_size, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, mean_std, pyplot, read_parts, table, warmup_cosine, write_json  # noqa: E402
+from common import (  # noqa: E402
+    default_out,
+    machine,
+    mean_std,
+    pyplot,
+    read_parts,
+    table,
+    train_step,
+    warmup_cosine,
+    write_json,
+)
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -162,16 +172,9 @@ def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr:
         perm = torch.randperm(len(Xtr), generator=gen)
         for i in range(0, len(Xtr), batch_size):
             idx = perm[i : i + batch_size]
-            if gb is not None:
-                gb.predict_weights()
-            nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
-            if gb is not None:
-                gb.push_gradients()
-            optimizer.step()
+            with train_step(gb, optimizer):
+                nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if gb is not None:
-                gb.zero_grad(set_to_none=True)
     return accuracy(model, gb, Xte, yte)
 
 

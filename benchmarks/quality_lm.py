@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import closest_size, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, pyplot, read_parts, table, warmup_cosine, write_json  # noqa: E402
+from common import default_out, machine, pyplot, read_parts, table, train_step, warmup_cosine, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -169,7 +169,6 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
         groups = [{"params": list(model.parameters()), "lr": lr}]
     if target is not None:
         row["gb_stored"] = gb_budget(args, target, vocab)
-    clip_params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     gnet_warmup = args.warmup if args.gnet_warmup is None else args.gnet_warmup
@@ -185,18 +184,10 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     for step in range(steps):
         idx = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]
         ids = train.blocks[idx]
-        if gb is not None:
-            gb.predict_weights()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if gb is not None:
-            gb.push_gradients()
-        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
-        optimizer.step()
+        with train_step(gb, optimizer, max_grad_norm=1.0):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gb is not None:
-            gb.zero_grad(set_to_none=True)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             val = evaluate(model, gb, validation, 32)
             curve.append({"step": step + 1, "tokens": (step + 1) * args.batch_size * args.block_size,

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import default_out, machine, pyplot, table, write_json  # noqa: E402
+from common import default_out, machine, pyplot, table, train_step, write_json  # noqa: E402
 
 # name -> (hidden, layers, heads, intermediate)
 SIZES = {
@@ -58,7 +58,7 @@ def child(size: str, batch: int, seq: int, mode: str, compression: float, hidden
         s = gb.stats()
         extra = {"covered_params": s["covered_params"], "covered_compression": s["covered_compression"],
                  "gnet_params": s["gnet_params"]}
-        params = [*gb.parameters(), *gb.uncompressed_parameters()]
+        params = gb.trainable_parameters()
     else:
         params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -67,15 +67,8 @@ def child(size: str, batch: int, seq: int, mode: str, compression: float, hidden
     for _ in range(warmup + steps):
         ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
         t0 = time.perf_counter()
-        if gb is not None:
-            gb.predict_weights()
-        model(input_ids=ids, labels=ids).loss.backward()
-        if gb is not None:
-            gb.push_gradients()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gb is not None:
-            gb.zero_grad(set_to_none=True)
+        with train_step(gb, optimizer):
+            model(input_ids=ids, labels=ids).loss.backward()
         times.append(time.perf_counter() - t0)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"size": size, "batch": batch, "seq": seq, "mode": mode, "params": n_params,

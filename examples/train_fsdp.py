@@ -71,17 +71,16 @@ def main() -> None:
         data = torch.tensor(list(f.read()), dtype=torch.long)
     per_rank = args.batch // world
     for step in range(args.steps):
-        gb.predict_weights()  # this rank's rows of every covered weight
         total = torch.zeros((), device=device)
         for micro in range(args.accum):
             ids = batch(data, step * args.accum + micro, args.batch, args.seq)[rank * per_rank : (rank + 1) * per_rank]
-            model.set_requires_gradient_sync(micro == args.accum - 1)  # reduce-scatter on the last micro-batch
-            loss = model(input_ids=ids.to(device), labels=ids.to(device)).loss / args.accum
-            loss.backward()
+            # The first micro-batch predicts this rank's rows of every covered weight; the last pushes the local
+            # gradient rows into the g-net gradients (summed over ranks) and steps.
+            with gb.step(optimizer, accumulation_steps=args.accum):
+                model.set_requires_gradient_sync(micro == args.accum - 1)  # reduce-scatter on the last micro-batch
+                loss = model(input_ids=ids.to(device), labels=ids.to(device)).loss / args.accum
+                loss.backward()
             total += loss.detach()
-        gb.push_gradients()  # local gradient rows -> g-net gradients, summed over ranks
-        optimizer.step()
-        optimizer.zero_grad()
         dist.all_reduce(total)
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {total.item() / world:.3f}")

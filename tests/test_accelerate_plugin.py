@@ -145,17 +145,12 @@ def test_plugin_loop_with_accumulation_equals_the_engine_loop():
 
     ref_model = loop.make_model(0)
     gb = GenomicBottleneck(ref_model, plugin.gb_config)
-    params = [*gb.parameters(), *gb.uncompressed_parameters()]
-    ref_opt = torch.optim.Adam(params, lr=1e-2)
+    ref_opt = torch.optim.Adam(gb.trainable_parameters(), lr=1e-2)
     for step in range(steps):
-        gb.predict_weights()
         for micro in range(accum):
             x, y = loop.global_batch(step, micro)
-            (nn.functional.cross_entropy(ref_model(x), y) / accum).backward()
-        gb.push_gradients()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        ref_opt.step()
-        ref_opt.zero_grad()
+            with gb.step(ref_opt, accumulation_steps=accum, max_grad_norm=1.0):
+                (nn.functional.cross_entropy(ref_model(x), y) / accum).backward()
     gb.predict_weights(sample=False)
     want = {"model." + k: v for k, v in ref_model.state_dict().items()}
     want.update({"gnet." + k: v for k, v in gb.state_dict().items()})

@@ -120,16 +120,13 @@ def fit_to_weights(
     gb.train(False)  # no sampled noise: fit the mean prediction
     try:
         for step in range(steps):
-            gb.predict_weights(sample=False)
-            loss = 0.0
-            with torch.no_grad():
-                for param, target, coef in fixed:
-                    diff = param.detach() - target
-                    loss += float(diff.float().pow(2).sum() * coef / 2)
-                    param.grad = (diff * coef).to(param.dtype)
-            gb.push_gradients()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with gb.step(optimizer):  # predicts without noise (gb.train(False)), pushes the gradients set here, steps
+                loss = 0.0
+                with torch.no_grad():
+                    for param, target, coef in fixed:
+                        diff = param.detach() - target
+                        loss += float(diff.float().pow(2).sum() * coef / 2)
+                        param.grad = (diff * coef).to(param.dtype)
             if scheduler is not None:
                 scheduler.step()
             if bar is not None:
