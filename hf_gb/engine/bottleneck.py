@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import report, shards
+from . import partitions, report, shards
 from .bank import GNetBank
 from .config import GBConfig
 from .gains import apply_gains, make_gains, push_gains
 from .layers import find_targets, view3d
 from .planning import CoveredTensor, plan_covered
 from .registry import family_class
-from .shards import RowShard
 from .step import TrainStep
 from .tiling import TileRows, tile_into, tile_rows, untile_into
 
@@ -39,6 +38,7 @@ def _check_model(model: nn.Module) -> None:
     """Errors that say what to do for models the bottleneck cannot attach to."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"GenomicBottleneck needs a torch.nn.Module, got {type(model).__name__}")
+    partitions.refuse_partitioned(model)
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
         raise ValueError(
@@ -86,7 +86,7 @@ class Bottleneck(nn.Module):
         self._predicted = False  # a prediction with kept tables is waiting for its push
         # Sharded models (FSDP2 DTensors, see hf_gb.engine.shards): this rank's rows of each covered weight and,
         # per bank, the tiles that intersect them; empty on an unsharded model (set by `rebind`).
-        self._shards: dict[str, RowShard] = {}
+        self._shards: dict[str, partitions.RowShard] = {}
         self._plans: dict[str, shards.BankPlan] = {}
         self._shard_group: Any = None
         self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `gathered` is open
@@ -161,16 +161,14 @@ class Bottleneck(nn.Module):
         return bool(self._shards)
 
     @property
-    def row_shards(self) -> dict[str, RowShard]:
+    def row_shards(self) -> dict[str, partitions.RowShard]:
         """The rows this rank holds of each sharded covered weight, by name (empty when nothing is sharded)."""
         return dict(self._shards)
 
     @property
     def local_tile_count(self) -> int:
         """How many tiles this rank predicts: those that intersect its rows, or every tile when not sharded."""
-        if not self._plans:
-            return sum(bank.n_tiles for bank in self.banks.values())
-        return sum(len(plan.index) for plan in self._plans.values())
+        return sum([len(p.index) for p in self._plans.values()] or [b.n_tiles for b in self.banks.values()])
 
     def rebind(self, model: nn.Module) -> bool:
         """Point the covered tensors at ``model``'s parameters of the same names (after ``fully_shard`` or
@@ -182,8 +180,8 @@ class Bottleneck(nn.Module):
             if new is None:
                 names = ", ".join(sorted(params)[:5])
                 raise ValueError(f"covered weight {t.name!r} is not a parameter of the wrapped model ({names}, ...)")
-            if tuple(new.shape) != tuple(t.param_shape):
-                raise ValueError(f"covered weight {t.name!r} has shape {tuple(new.shape)} after wrapping, "
+            if partitions.full_shape(new) != tuple(t.param_shape):
+                raise ValueError(f"covered weight {t.name!r} has shape {partitions.full_shape(new)} after wrapping, "
                                  f"{tuple(t.param_shape)} before")
             changed |= new is not t.param
             t.param = new
@@ -263,6 +261,7 @@ class Bottleneck(nn.Module):
                     untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
         if self.row_gains or self.col_gains:
             apply_gains(self.covered, self.row_gains, self.col_gains, self._shards)
+        partitions.publish_partitions(self.covered, self._shards)  # ZeRO-3: owned elements into ds_tensor
         self._predicted = keep_graph
 
     def _weight_rows(self, key: str, bank: GNetBank, what: str) -> TileRows | None:
@@ -288,6 +287,7 @@ class Bottleneck(nn.Module):
         if not self._predicted:
             raise RuntimeError("push_gradients() called without a preceding predict_weights() for this step")
         self._predicted = False
+        shards.reduce_partition_grads(self.covered, self._shards)  # ZeRO-3: this rank's averaged elements
         if self.row_gains or self.col_gains:
             push_gains(self.covered, self.row_gains, self.col_gains, self._shards)
         for key, bank in self.banks.items():

@@ -14,9 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .layers import view3d
+from .partitions import RowShard, local_rows
 from .planning import CoveredTensor
-from .shards import RowShard, local_part
 
 __all__ = ["apply_gains", "gain_key", "make_gains", "push_gains"]
 
@@ -57,8 +56,9 @@ def apply_gains(covered: Iterable[CoveredTensor], row_gains: nn.ParameterDict, c
                 shards: Mapping[str, RowShard]) -> None:
     """Weight = exp(rows) * G * exp(columns), in place over what the banks wrote."""
     for t in covered:
-        w = view3d(local_part(t.param.data), t.layout)
-        for gain in _factors(t, row_gains, col_gains, shards.get(t.name)):
+        shard = shards.get(t.name)
+        w = local_rows(t.param, t.layout, shard)
+        for gain in _factors(t, row_gains, col_gains, shard):
             if gain is not None:
                 w.mul_(gain)
 
@@ -71,11 +71,11 @@ def push_gains(covered: Iterable[CoveredTensor], row_gains: nn.ParameterDict, co
     for t in covered:
         if t.param.grad is None:
             continue
-        grad = view3d(local_part(t.param.grad), t.layout)
         key = gain_key(t.name)
         shard = shards.get(t.name)
+        grad = local_rows(t.param, t.layout, shard, "grad")
         dtype = (row_gains[key] if key in row_gains else col_gains[key]).dtype
-        prod = grad.to(dtype) * view3d(local_part(t.param.data), t.layout).to(dtype)
+        prod = grad.to(dtype) * local_rows(t.param, t.layout, shard).to(dtype)
         for gains, dims in ((row_gains, (1, 2)), (col_gains, (0, 2))):
             if key not in gains:
                 continue

@@ -1,10 +1,17 @@
-"""The distributed side of the engine: weights sharded by FSDP2 (DTensor ``Shard(0)``), read and written shard-local.
+"""The distributed side of the engine: weights sharded by FSDP2 (DTensor ``Shard(0)``) or partitioned by DeepSpeed
+ZeRO-3 (flat ``ds_tensor`` partitions), read and written shard-local.
 
 A rank that holds rows ``[start, stop)`` of a covered weight predicts only the whole tiles that intersect those rows
 (each tile is predicted whole, so its double centring stays exact without communication), writes its rows into
 ``param.to_local()`` and, in push, builds the gradient of those tiles from ``param.grad.to_local()`` with zeros for
 the rows it does not hold. Push is linear in that gradient, so the SUM over ranks of the g-net gradients is the
 gradient of the full weight: `all_reduce_gradients` finishes the step and the g-nets stay replicated.
+
+Under ZeRO-3 a rank owns the flat elements ``[f0, f1)`` of each (row-major) weight (`ds_partition`): the rows they
+touch are its `RowShard`, predicted into a buffer of those rows and published into ``param.ds_tensor``
+(`publish_partitions`). DeepSpeed leaves a covered weight outside its optimizer with this rank's own, unreduced,
+full ``.grad``: `reduce_partition_grads` averages it over the ranks and keeps the owned elements in a buffer of the
+same rows, zeros elsewhere, so the same push and SUM reduction apply.
 
 Everything here is a function of what it is passed; the bottleneck keeps the plans (`Bottleneck.rebind` makes
 them). This module is the only one of the engine that touches ``torch.distributed``; it imports it lazily, so the
@@ -23,7 +30,18 @@ import torch
 from torch import nn
 
 from .layers import view3d
-from .tiling import TileGeometry, grid, tile, tile_into, untile, untile_into
+from .partitions import (
+    RowShard,
+    full_shape,
+    grad_tiles,
+    is_partitioned,
+    local_rows,
+    local_tiles,
+    owned_slice,
+    tile_rows,  # noqa: F401 (hf_gb.engine.shards.tile_rows, as before partitions.py)
+    write_rows,
+)
+from .tiling import tile_into, untile_into
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +55,6 @@ def is_dtensor(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (FSDP2 DTensor) tensor; the tensor itself when it is not sharded."""
-    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
-
-
 def model_class(model: nn.Module) -> type:
     """The class ``model`` was built as: ``fully_shard`` swaps it for a generated ``FSDP<Name>`` subclass."""
     cls = type(model)
@@ -51,20 +64,6 @@ def model_class(model: nn.Module) -> type:
         if isinstance(model, FSDPModule):
             return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
     return cls
-
-
-@dataclass(frozen=True)
-class RowShard:
-    """The rows ``[start, stop)`` of a weight's dim 0 that this rank holds, and the process group sharing them."""
-
-    start: int
-    stop: int
-    rows: int  # global rows
-    group: Any  # process group over which the rows are split (None: the default group)
-
-    @property
-    def local_rows(self) -> int:
-        return self.stop - self.start
 
 
 def _chunk_offset(size: int, chunks: int, index: int) -> tuple[int, int]:
@@ -121,51 +120,42 @@ def row_shard(param: torch.Tensor) -> RowShard | None:
     return RowShard(start, start + size, rows, group)
 
 
-# ----------------------------------------------------------------------------- tiles of a row range
-def tile_rows(shard: RowShard, geometry: TileGeometry) -> range:
-    """Tile rows (of the weight's tile grid) that intersect the rows ``shard`` holds; empty for an empty shard."""
-    if shard.local_rows == 0:
-        return range(0)
-    return range(shard.start // geometry.rows, (shard.stop - 1) // geometry.rows + 1)
+def ds_partition(param: torch.Tensor, shape: tuple[int, int, int]) -> RowShard | None:
+    """The flat elements of ``param`` this rank owns under DeepSpeed ZeRO-3 (``rank * partition`` on, as DeepSpeed
+    partitions), as the `RowShard` of the rows of ``shape`` (the (out, in, K) view) they touch; None otherwise."""
+    if not is_partitioned(param):
+        return None
+    import torch.distributed as dist
+
+    group = getattr(param, "ds_process_group", None)
+    part = param.ds_tensor
+    size = int(getattr(part, "ds_numel", part.numel()))
+    numel, per_row = int(param.ds_numel), shape[1] * shape[2]
+    f0 = min(numel, dist.get_rank(group=group) * size)
+    f1 = min(numel, f0 + size)
+    start = f0 // per_row
+    stop = -(-f1 // per_row) if f1 > f0 else start
+    buffers = [part.new_zeros(stop - start, shape[1], shape[2]) for _ in range(2)]
+    return RowShard(start, stop, shape[0], group, (f0, f1), *buffers)
 
 
-def local_tiles(shape: tuple[int, int, int], geometry: TileGeometry, shard: RowShard) -> torch.Tensor:
-    """Indices (in the weight's row-major tile order) of the whole tiles intersecting the rows ``shard`` holds."""
-    _, n_cols = grid(shape, geometry)
-    rows = tile_rows(shard, geometry)
-    return torch.arange(rows.start * n_cols, rows.stop * n_cols, dtype=torch.long)
+@torch.no_grad()
+def reduce_partition_grads(covered: Iterable[Any], shards: dict[str, RowShard]) -> None:
+    """Each ZeRO-3 covered weight's full local ``.grad``, averaged over the ranks; its owned elements go into the
+    gradient buffer of ``shard``'s rows (zeros elsewhere). A collective: every rank calls it, in the same order."""
+    import torch.distributed as dist
 
-
-def write_rows(local: torch.Tensor, tiles: torch.Tensor, shape: tuple[int, int, int], geometry: TileGeometry,
-               shard: RowShard) -> None:
-    """Copy this rank's rows out of ``tiles`` (its `local_tiles`, ``(n, rows, cols * K)``) into ``local``.
-
-    ``local`` is the ``(local rows, in, K)`` view of ``param.to_local()``: written in place, never reassigned.
-    """
-    rows = tile_rows(shard, geometry)
-    if not len(rows):
-        return
-    first = rows.start * geometry.rows
-    block = untile(tiles, (len(rows) * geometry.rows, shape[1], shape[2]), geometry)  # (n_tr * R, in, K)
-    local.copy_(block[shard.start - first : shard.stop - first])
-
-
-def grad_tiles(dst: torch.Tensor, local_grad: torch.Tensor | None, shape: tuple[int, int, int],
-               geometry: TileGeometry, shard: RowShard) -> None:
-    """Fill ``dst`` (``(n, rows, cols * K)`` for `local_tiles`) with the tiles of this rank's gradient rows.
-
-    Rows of those tiles that another rank holds are zero: their gradient arrives through `all_reduce_gradients`.
-    """
-    rows = tile_rows(shard, geometry)
-    if not len(rows):
-        return
-    if local_grad is None:
-        dst.zero_()
-        return
-    first = rows.start * geometry.rows
-    block = local_grad.new_zeros(len(rows) * geometry.rows, shape[1], shape[2])
-    block[shard.start - first : shard.stop - first] = local_grad
-    dst.copy_(tile(block, geometry))
+    for t in covered:
+        shard = shards.get(t.name)
+        if shard is None or shard.flat is None:
+            continue
+        grad = t.param.grad
+        full = shard.grad.new_zeros(full_shape(t.param)) if grad is None else grad.detach().clone()
+        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=shard.group)
+        shard.grad.zero_()
+        if shard.local_rows:
+            f0, f1 = shard.flat
+            shard.grad.view(-1)[owned_slice(shard)] = full.reshape(-1)[f0:f1] / dist.get_world_size(group=shard.group)
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -261,11 +251,13 @@ def plan_bank(tensors: Iterable[Any], shards: dict[str, RowShard | None]) -> Ban
 
 
 def find_shards(covered: Iterable[Any], layouts_ok: tuple[str, ...] = ("matrix", "kernel")) -> dict[str, RowShard]:
-    """`RowShard` of every covered tensor that is a DTensor; ``ValueError`` for one whose rows are not the
-    (out, in, K) view's rows (GPT-2's transposed ``Conv1D``: FSDP splits its input dimension)."""
+    """`RowShard` of every covered tensor that is a DTensor or a ZeRO-3 partition; ``ValueError`` for one whose rows
+    are not the (out, in, K) view's rows (GPT-2's transposed ``Conv1D``: FSDP splits its input dimension)."""
     shards = {}
     for t in covered:
         shard = row_shard(t.param)
+        if shard is None:
+            shard = ds_partition(t.param, t.shape)
         if shard is None:
             continue
         if t.layout not in layouts_ok:
@@ -303,8 +295,8 @@ def write_bank(out: torch.Tensor, plan: BankPlan) -> None:
             t, tiles = m.tensor, out[m.pos : m.pos + m.n]
             if m.shard is None:
                 untile_into(view3d(t.param.data, t.layout), tiles, t.geometry)
-            else:  # a view of this rank's shard: written in place, never reassigned
-                write_rows(view3d(t.param.to_local(), t.layout), tiles, t.shape, t.geometry, m.shard)
+            else:  # a view of this rank's shard (or its ZeRO-3 buffer): written in place, never reassigned
+                write_rows(local_rows(t.param, t.layout, m.shard), tiles, t.shape, t.geometry, m.shard)
 
 
 def grad_bank(G: torch.Tensor, plan: BankPlan) -> None:
@@ -317,7 +309,7 @@ def grad_bank(G: torch.Tensor, plan: BankPlan) -> None:
         elif m.shard is None:
             tile_into(dst, view3d(grad, t.layout), t.geometry)
         else:
-            grad_tiles(dst, view3d(grad.to_local(), t.layout), t.shape, t.geometry, m.shard)
+            grad_tiles(dst, local_rows(t.param, t.layout, m.shard, "grad"), t.shape, t.geometry, m.shard)
         t.param.grad = None
 
 
