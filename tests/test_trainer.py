@@ -388,14 +388,25 @@ def test_trainer_takes_gb_config_from_arguments_or_keyword(tmp_path):
     assert trainer.gb.config == explicit
 
 
-def test_deepspeed_zero3_from_the_launcher_is_refused(tmp_path, monkeypatch):
-    """What `accelerate launch --use_deepspeed --zero_stage 3` sets; stages 1 and 2 run (tests/test_deepspeed.py)."""
+def test_deepspeed_stages_from_the_launcher(tmp_path, monkeypatch):
+    """What `accelerate launch --use_deepspeed --zero_stage N` sets: stage 3 is accepted (tests/test_deepspeed.py
+    trains it), stage 0 refused with the reason."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3: .*FSDP2 \\(fsdp_version=2\\)"):
-        GBTrainer(model=tiny_model(), args=make_args(tmp_path))
+    from accelerate.state import AcceleratorState
+
+    try:
+        trainer = GBTrainer(model=tiny_model(), args=make_args(tmp_path))
+        assert trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+        del trainer
+        AcceleratorState._reset_state(reset_partial_state=True)
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+        with pytest.raises(NotImplementedError, match="ZeRO stage 0: stage 0 is plain data parallelism"):
+            GBTrainer(model=tiny_model(), args=make_args(tmp_path, "out0"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # no DeepSpeed state for the tests after this
 
 
 def test_fsdp_that_does_not_engage_warns(tmp_path, monkeypatch, caplog):

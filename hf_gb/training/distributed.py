@@ -11,9 +11,10 @@ own rows (`hf_gb.engine.shards`). Under DeepSpeed ZeRO stage 1 or 2 (`GBTrainer`
 `GBPlugin.accelerator_prepare`) the parameters stay replicated as under DDP and the g-net gradients are handed to
 DeepSpeed's optimizer just before its step (the DeepSpeed glue at the end of this module). `check_setup` refuses, at
 start and with the reason and what works instead, the setups that would train wrong: FSDP1 (one ``FlatParameter``
-per unit: no rows to predict), ZeRO stage 3 (flat partitions: no rows either), ZeRO stage 0, and under `GBTrainer`
-a DeepSpeed ``optimizer`` section. The rest is the glue FSDP2 needs around Accelerate: the optimizer around its
-``prepare`` and optimizer state saved rank by rank.
+per unit: no rows to predict), ZeRO stage 0, and under `GBTrainer` a DeepSpeed ``optimizer`` section. Under ZeRO-3
+each rank predicts the elements of each covered weight it owns (`bind_zero3`), and the g-nets are held gathered from
+each prediction to its push (`GatheredGnets`). The rest is the glue FSDP2 needs around Accelerate: the optimizer
+around its ``prepare`` and optimizer state saved rank by rank.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def requested(args: Any) -> tuple[bool, bool]:
     return fsdp, deepspeed
 
 
-DEEPSPEED_STAGES = (1, 2)  # ZeRO stages that keep parameters replicated (see hf_gb.training.deepspeed)
+DEEPSPEED_STAGES = (1, 2, 3)  # ZeRO stages hf_gb trains under (see hf_gb.training.deepspeed)
 
 
 def _refuse_deepspeed(who: str, stage: Any, optimizer_section: bool = False) -> None:
@@ -95,19 +96,14 @@ def _refuse_deepspeed(who: str, stage: Any, optimizer_section: bool = False) -> 
     ``optimizer_section``: the config has an ``optimizer`` section that Trainer would build over every model
     parameter (a `GBPlugin` loop builds its ``DummyOptim`` itself, over ``plugin.trainable_parameters()``).
     """
-    instead = ("Train with ZeRO stage 1 or 2, DDP (accelerate launch --multi_gpu / torchrun) or, for models that "
-               "need sharding, FSDP2 (fsdp_version=2), where each rank predicts only its own rows.")
+    instead = ("Train with ZeRO stage 1, 2 or 3, DDP (accelerate launch --multi_gpu / torchrun) or FSDP2 "
+               "(fsdp_version=2).")
     if optimizer_section:
         raise NotImplementedError(
             "GBTrainer does not support a DeepSpeed config with an 'optimizer' section: DeepSpeed would build it over "
             "every model parameter, covered weights included, which the g-nets overwrite. Remove the section; "
             "Trainer then builds the optimizer (optim, learning_rate, gb_learning_rate) over the g-nets and the "
             "uncompressed tensors and hands it to DeepSpeed."
-        )
-    if stage == 3:
-        raise NotImplementedError(
-            f"{who} does not support DeepSpeed ZeRO stage 3: its parameters are flat partitions (ds_tensor) with "
-            "no rows to predict, so every rank would need whole weights. " + instead
         )
     if stage is not None and int(stage) not in DEEPSPEED_STAGES:
         raise NotImplementedError(
@@ -285,25 +281,27 @@ def leave_model(model: nn.Module) -> None:
         delattr(model, GNET_MODULE)
 
 
-def wrap_engine_step(engine: Any, gb: Bottleneck) -> None:
+def wrap_engine_step(engine: Any, gb: Bottleneck, gathered: GatheredGnets | None = None) -> None:
     """Push the g-net gradients into ``engine`` just before each of its optimizer steps.
 
     Accelerate's ``backward`` runs DeepSpeed's ``engine.backward`` and then ``engine.step()``, and the g-net gradients
     exist only once the weight gradients are complete, so ``step`` is wrapped on this one engine object: at a
-    gradient-accumulation boundary it first calls `push_into_deepspeed`. Raises ``RuntimeError`` when the engine's
-    optimizer does not hold the g-nets (ZeRO 1/2 link every parameter they optimize to a partition).
+    gradient-accumulation boundary it first calls `push_into_deepspeed` (then, under ZeRO-3, releases ``gathered``).
+    Raises ``RuntimeError`` when the engine's optimizer does not hold the g-nets.
     """
     if getattr(engine, "_hf_gb_step", None) is not None:
         return
-    unlinked = [n for n, p in gb.named_parameters() if not hasattr(p, "_hp_mapping")]
+    unlinked = [n for n, p in gb.named_parameters() if not (hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"))]
     if unlinked:
         raise RuntimeError(f"DeepSpeed's ZeRO optimizer does not hold the g-net parameter {unlinked[0]!r}; build the "
-                           "optimizer over the g-nets and the uncompressed parameters (ZeRO stages 1 and 2)")
+                           "optimizer over the g-nets and the uncompressed parameters")
     step = engine.step
 
     def step_with_push(self, *args, **kwargs):
         if self.is_gradient_accumulation_boundary():
             push_into_deepspeed(gb)
+            if gathered is not None:
+                gathered.release()  # ZeRO-3: DeepSpeed steps the g-nets' partitions
         return step(*args, **kwargs)
 
     engine._hf_gb_step = step
@@ -322,8 +320,57 @@ def push_into_deepspeed(gb: Bottleneck) -> None:
     for p in gb.parameters():
         grad, p.grad = p.grad, None  # DeepSpeed writes .grad when one exists, its partitions otherwise
         if grad is None:
-            grad = torch.zeros_like(p)  # a skipped step or an unused g-net
+            grad = torch.zeros(p.ds_shape if hasattr(p, "ds_id") else p.shape, dtype=p.dtype)  # skipped or unused
+        if hasattr(p, "ds_id"):  # ZeRO-3 reads the partition at rank * size: pad the tail as DeepSpeed does
+            size = p.ds_tensor.numel() * torch.distributed.get_world_size(group=p.ds_process_group)
+            grad = torch.nn.functional.pad(grad.reshape(-1), (0, size - grad.numel()))
         safe_set_full_grad(p, grad)
     if not kept:
         logger.warning("Under DeepSpeed the uncompressed tensors of the skipped step are still stepped by "
                        "DeepSpeed's own rules (its fp16 loss scaler skips overflowing steps; bf16 and fp32 do not)")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed ZeRO-3
+class GatheredGnets:
+    """The g-nets held whole on every rank from a prediction to its push: ZeRO-3 partitions them with the model,
+    and DeepSpeed gathers a parameter only inside the forward of the module that owns it, which the g-nets never
+    run in (`predict_weights` and `push_gradients` use them directly, through a kept graph)."""
+
+    def __init__(self, gb: Bottleneck):
+        self.gb = gb
+        self._context: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._context is not None
+
+    def gather(self) -> None:
+        if self._context is None:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            self._context = GatheredParameters(list(self.gb.parameters()), modifier_rank=None)
+            self._context.__enter__()
+
+    def release(self) -> None:
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
+
+
+def bind_zero3(model: nn.Module, gb: Bottleneck) -> None:
+    """Bind ``gb`` to the ZeRO-3 partitions of ``model``'s covered weights (each rank predicts its own elements).
+
+    ``ValueError`` for a covered weight DeepSpeed keeps whole on every rank (``ds_persist``: no larger than
+    ``stage3_param_persistence_threshold``): it fetches such a weight once and would never see a new prediction.
+    """
+    persistent = [t for t in gb.covered if getattr(t.param, "ds_persist", False)]
+    if persistent:
+        t = min(persistent, key=lambda t: t.param.ds_numel)
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 keeps {len(persistent)} covered weights whole on every rank (e.g. {t.name}, "
+            f"{t.param.ds_numel} elements: under zero_optimization.stage3_param_persistence_threshold) and would not "
+            "see their predictions; set stage3_param_persistence_threshold below the smallest covered weight "
+            "(0 is always safe)"
+        )
+    gb.rebind(model)
+

@@ -1,4 +1,4 @@
-"""`GBPlugin`: the genomic bottleneck in a custom Accelerate loop (one process, DDP, FSDP2 or DeepSpeed ZeRO-1/2).
+"""`GBPlugin`: the genomic bottleneck in a custom Accelerate loop (one process, DDP, FSDP2 or DeepSpeed ZeRO).
 
 Accelerate's ``Accelerator(kwargs_handlers=...)`` accepts only its own handler classes, so the plugin attaches
 explicitly: ``plugin.prepare(accelerator, model)`` builds the `GenomicBottleneck`, makes it identical on every rank,
@@ -16,7 +16,9 @@ and the g-net gradients are summed over ranks (`hf_gb.engine.shards`); prepare t
 `GBPlugin.accelerator_prepare` instead of ``accelerator.prepare`` so that the g-nets stay out of Accelerate's
 FSDP2 parameter remapping. Under DeepSpeed ZeRO stage 1 or 2 the same call builds the engine with the g-nets in its
 optimizer and pushes their gradients inside ``accelerator.backward``, just before DeepSpeed steps
-(`hf_gb.training.distributed.wrap_engine_step`); ``after_backward`` then only checks that it happened.
+(`hf_gb.training.distributed.wrap_engine_step`); ``after_backward`` then only checks that it happened. Under ZeRO
+stage 3 each rank also predicts only its own partitions, with the g-nets gathered from each prediction to its push
+(`hf_gb.training.distributed.GatheredGnets`); ``accelerator.save_state`` is not supported there yet.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class GBPlugin:
         self._phase = _IDLE
         self._steps = 0  # optimizer steps begun; seeds the weight noise of stochastic g-nets
         self._kind = "single"  # "single", "ddp", "fsdp2" or "deepspeed" (distributed.check_setup), set by prepare
+        self._gathered: distributed.GatheredGnets | None = None  # ZeRO-3: holds the g-nets (accelerator_prepare)
 
     # ----------------------------------------------------------------- attaching
     @property
@@ -176,7 +179,11 @@ class GBPlugin:
                 prepared = accelerator.prepare(model, optimizer, *others)
             finally:
                 distributed.leave_model(inner)
-            distributed.wrap_engine_step(accelerator.deepspeed_engine_wrapped.engine, gb)
+            if getattr(accelerator.state.deepspeed_plugin, "zero_stage", None) == 3:
+                distributed.bind_zero3(inner, gb)  # each rank predicts the elements it owns
+                self._gathered = distributed.GatheredGnets(gb)
+            distributed.wrap_engine_step(accelerator.deepspeed_engine_wrapped.engine, gb, self._gathered)
+            self._predict_for_eval()
             return prepared
         if self._kind != "fsdp2":
             return accelerator.prepare(model, optimizer, *others)
@@ -212,6 +219,8 @@ class GBPlugin:
         self._require_step_finished("GBPlugin.before_step()")
         self._steps += 1
         # The noise seed must be the same on every rank and after a resume: derived from the step count.
+        if self._gathered is not None:  # ZeRO-3: held until the push inside accelerator.backward
+            self._gathered.gather()
         gb.predict_weights(step=self._steps)
         self._phase = _FORWARD
 
@@ -252,7 +261,11 @@ class GBPlugin:
         self._predict_for_eval()
 
     def _predict_for_eval(self) -> None:
+        if self._gathered is not None:
+            self._gathered.gather()
         self.bottleneck.predict_weights(sample=False, keep_graph=False)  # nothing will be pushed through it
+        if self._gathered is not None:
+            self._gathered.release()
 
     def _require_step_finished(self, what: str) -> None:
         if self._phase != _IDLE:
@@ -272,15 +285,23 @@ class GBPlugin:
     def _save_state_pre_hook(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         # Gradients are not part of the state: saving before the step they belong to would lose them.
         self._require_step_finished("accelerator.save_state()")
+        self._refuse_zero3("accelerator.save_state()")
         self._checkpoint.save(output_dir)
 
     def _load_state_pre_hook(self, models: list[nn.Module], input_dir: str) -> None:
         # The model and optimizer load after this hook; the model's load_state_dict post-hook then predicts the
         # weights of the g-nets restored here (the model file holds the prediction of an earlier step).
+        self._refuse_zero3("accelerator.load_state()")
         for t in self.bottleneck.covered:
             t.param.grad = None
         self._phase = _IDLE
         self._checkpoint.load(input_dir)
+
+    def _refuse_zero3(self, what: str) -> None:
+        if self._gathered is not None:
+            raise NotImplementedError(f"{what} with GBPlugin under DeepSpeed ZeRO-3 is not supported yet (the g-nets "
+                                      "are partitioned; a state folder holds only DeepSpeed's files, without them); "
+                                      "plugin.save_pretrained() writes the compressed model")
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str:
         """Write the compressed checkpoint (as `GenomicBottleneck.save_pretrained`) from the main process only.
@@ -294,7 +315,15 @@ class GBPlugin:
         if accelerator is None:
             raise RuntimeError("GBPlugin.save_pretrained() needs plugin.prepare(accelerator, model) first")
         save_directory = os.fspath(save_directory)
-        with self.bottleneck.gathered() if self.bottleneck.sharded else nullcontext():
+        gb, context = self.bottleneck, nullcontext()
+        if self._gathered is not None:  # ZeRO-3: every rank gathers the g-nets and the uncompressed tensors
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            gnets = [] if self._gathered.held else list(gb.parameters())
+            context = GatheredParameters([*gnets, *gb.uncompressed_parameters()], modifier_rank=None)
+        elif gb.sharded:
+            context = gb.gathered()
+        with context:
             if accelerator.is_main_process:
                 self.bottleneck.save_pretrained(save_directory, **kwargs)
         accelerator.wait_for_everyone()

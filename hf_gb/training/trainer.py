@@ -90,8 +90,8 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
     format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
     weights; under FSDP2 (``fsdp_version=2``) every rank keeps the same g-nets and predicts only the tiles of its own
     rows (`hf_gb.engine.shards`); under DeepSpeed ZeRO stage 1 or 2 as under DDP, with the g-net gradients handed to
-    DeepSpeed's optimizer (`hf_gb.training.deepspeed`). FSDP1 and ZeRO stage 3 are refused at start
-    (`hf_gb.training.distributed.check_setup`).
+    DeepSpeed's optimizer (`hf_gb.training.deepspeed`); under ZeRO stage 3 each rank predicts only its own
+    partitions. FSDP1 is refused at start (`hf_gb.training.distributed.check_setup`).
 
     Example::
 
@@ -178,11 +178,12 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
         a re-prediction within one step (after evaluation) reproduce the prediction its gradients will be pushed to.
         """
         gb = self._ensure_bottleneck()
-        if not (train and gb.config.stochastic):
-            gb.predict_weights(sample=False, keep_graph=train)
-            return
-        step = self.state.global_step if completed_steps is None else completed_steps
-        gb.predict_weights(sample=True, step=step)
+        with self._gnets_for_prediction(keep_graph=train):  # ZeRO-3: the g-nets gathered (hf_gb.training.deepspeed)
+            if not (train and gb.config.stochastic):
+                gb.predict_weights(sample=False, keep_graph=train)
+                return
+            step = self.state.global_step if completed_steps is None else completed_steps
+            gb.predict_weights(sample=True, step=step)
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
