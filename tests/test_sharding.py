@@ -208,8 +208,8 @@ def test_check_setup_refuses_fsdp1_and_warns_on_fallback(caplog):
     with pytest.raises(NotImplementedError, match="fsdp_version=1"):
         check_setup(accel(fsdp_plugin=types.SimpleNamespace(fsdp_version=1)), True, False, "X")
     assert check_setup(accel(fsdp_plugin=types.SimpleNamespace(fsdp_version=2)), True, False, "X") == "fsdp2"
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3"):  # stages 1 and 2: tests/test_deepspeed.py
-        check_setup(accel(deepspeed_plugin=types.SimpleNamespace(zero_stage=3)), False, True, "X")
+    with pytest.raises(NotImplementedError, match="ZeRO stage 0"):  # stages 1 to 3: tests/test_deepspeed.py
+        check_setup(accel(deepspeed_plugin=types.SimpleNamespace(zero_stage=0)), False, True, "X")
     with caplog.at_level("WARNING", logger="hf_gb.training.distributed"):
         assert check_setup(accel(), True, False, "X") == "ddp"
     assert "FSDP was requested but Accelerate did not enable it" in caplog.text

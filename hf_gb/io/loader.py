@@ -147,7 +147,7 @@ def _bottleneck(model: nn.Module) -> GenomicBottleneck:
             f"the covered weights of this {type(model).__name__} changed after hf_gb predicted them at load, and the "
             "compressed format stores only the g-nets, which predict the weights as loaded. Save the dense weights "
             "with model.dequantize() then model.save_pretrained(...), or train the g-nets themselves "
-            "(GBTrainer(gb=model.hf_quantizer.bottleneck, ...)) and save those"
+            "(GBTrainer(gb=GenomicBottleneck.from_pretrained(folder), ...)) and save those"
         )
     return gb
 
@@ -274,7 +274,7 @@ def _define() -> dict[str, type]:
 
         @property
         def is_trainable(self) -> bool:
-            return False  # the weights are predictions: train the g-nets (GBTrainer(gb=...)), not these
+            return False  # the weights are predictions: train the g-nets (GBTrainer, GBPlugin), not these
 
     classes = {"GBQuantizationConfig": GBQuantizationConfig, "GBQuantizer": GBQuantizer}
     for name, cls in classes.items():  # picklable by name, through this module's __getattr__
