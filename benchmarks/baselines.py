@@ -8,6 +8,10 @@ Every method is charged what its checkpoint writes, counted the same way:
   (`hf_gb.io.checkpoint.gb_state_tensors`: g-net tensors, their per-tile output scales and the uncompressed model
   tensors).
 
+Random weight sharing (HashedNets, Chen et al. 2015): the engine's family ``"hash"`` with ``center=False``,
+whole-tensor tiles of ``ceil(numel / C)`` shared values each; `hash_config` picks the compression ``C`` whose
+checkpoint stores the budget (within 1% where the step sizes allow).
+
 Low-rank: each covered weight ``W`` (out, in) becomes ``U @ V`` with ``U`` (out, r) and ``V`` (r, in); a conv weight
 (out, in, k, k) becomes a k x k conv into r channels followed by a 1 x 1 conv to ``out``. Biases and every tensor the
 bottleneck leaves uncompressed stay dense in both. Ranks are equal across tensors where the budget allows
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_gb import GenomicBottleneck
+from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.io.checkpoint import gb_state_tensors
 
 TOLERANCE = 0.03  # a narrower dense model's storage must lie within 3% of the GB run's
@@ -130,6 +134,37 @@ def low_rank_(model: nn.Module, names: Iterable[str], total_budget: int, seed: i
             raise TypeError(f"low-rank baseline supports Linear and Conv2d, got {type(old).__name__} at {n!r}")
         setattr(parent, child, new)
     return {"ranks": ranks, "stored_values": stored_values(model)}
+
+
+def hash_config(build: Callable[[], nn.Module], budget: int, **config: Any) -> tuple[GBConfig, int]:
+    """``GBConfig(family="hash", center=False, compression=C, **config)`` whose bottleneck on ``build()`` stores the
+    value closest to ``budget``, and what it stores.
+
+    Stored values fall as ``C`` grows (``ceil(numel / C)`` per covered tensor), in steps: the search halves a log
+    interval of ``C`` until the two ends are neighbours in stored values, then keeps the closer end.
+    """
+    def stored(compression: float) -> int:
+        cfg = GBConfig(family="hash", center=False, compression=compression, **config)
+        model = build()
+        gb = GenomicBottleneck(model, cfg, init_gnets=False)  # counting only: no calibration, no prediction
+        n = stored_values(gb)
+        gb.detach_model()
+        return n
+
+    largest = max(p.numel() for p in build().parameters())
+    lo, hi = 1.0, float(largest)  # stored(lo) is the most, stored(hi) the least the family can store
+    s_lo, s_hi = stored(lo), stored(hi)
+    for _ in range(60):
+        if s_hi >= budget or s_lo <= budget or hi / lo < 1 + 1e-9:
+            break
+        mid = math.sqrt(lo * hi)
+        s_mid = stored(mid)
+        if s_mid > budget:
+            lo, s_lo = mid, s_mid
+        else:
+            hi, s_hi = mid, s_mid
+    compression, value = min(((lo, s_lo), (hi, s_hi)), key=lambda cs: abs(cs[1] - budget))
+    return GBConfig(family="hash", center=False, compression=compression, **config), value
 
 
 def closest_size(candidates: Iterable[Any], size: Callable[[Any], int], target: int,

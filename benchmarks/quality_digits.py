@@ -5,6 +5,10 @@ For an MLP (64-256-256-10) and a small CNN, each over several seeds:
 - ``plain``: trained as usual (the baseline line of the plot);
 - ``gb``: trained end to end through the genomic bottleneck at several covered compressions (the real ratio of each
   run comes from ``gb.stats()["covered_compression"]``);
+- ``hash``, ``narrow``, ``lowrank``: the equal-storage baselines of each GB point: random weight sharing (HashedNets:
+  family ``"hash"`` with ``center=False``, its compression picked so the checkpoint stores the GB run's values within
+  1%), a narrower dense model of the same architecture and low-rank factors (benchmarks/baselines.py), each with
+  its own LR grid (one LR for every tensor);
 - ``innate``: the PNAS sense, no training of the predicted network at all: g-nets are fitted by regression (MSE,
   `hf_gb.compress.regression.fit_to_weights`) to a plainly trained network's weights and the predicted network is
   evaluated;
@@ -29,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from baselines import best_by, closest_size, low_rank_, stored_values  # noqa: E402
+from baselines import best_by, closest_size, hash_config, low_rank_, stored_values  # noqa: E402
 from common import (  # noqa: E402
     default_out,
     machine,
@@ -48,7 +52,7 @@ from hf_gb.compress.regression import covered_weights, fit_to_weights  # noqa: E
 
 TARGETS = (10, 50, 300, 1000)
 LR_GRID = (1e-3, 3e-3, 1e-2)
-METHODS = ("plain", "gb", "narrow", "lowrank", "innate", "alternating")
+METHODS = ("plain", "gb", "hash", "narrow", "lowrank", "innate", "alternating")
 HIDDEN_DIMS = (16, 12, 8, 6, 4, 3, 2, 1)  # g-net widths tried, widest first, when a target ratio is set
 
 
@@ -217,6 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="LR grid of plain, narrower dense and low-rank runs (tables show the best)")
     p.add_argument("--gnet_lrs", nargs="+", type=float, default=list(LR_GRID),
                    help="g-net LR grid of GB runs (tables show the best)")
+    p.add_argument("--hash_lrs", nargs="+", type=float, default=list(LR_GRID),
+                   help="LR grid of random-sharing runs, one LR for every tensor (tables show the best)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                    help="methods to run (to split a run over processes; innate/alternating need no plain run)")
     p.add_argument("--encoding", default="gray", choices=["binary", "gray", "fourier"])
@@ -249,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.epochs, args.fit_steps, args.fit_lrs = 1, 4, 40, [1e-2]
         args.rounds, args.round_epochs, args.alt_seeds = 2, 2, 1
-        args.targets, args.lrs, args.gnet_lrs = [10, 300], [3e-3, 1e-2], [1e-2]
+        args.targets, args.lrs, args.gnet_lrs, args.hash_lrs = [10, 300], [3e-3, 1e-2], [1e-2], [3e-3, 1e-2]
     if args.tile_size is not None:  # one int: square tiles
         args.tile_size = args.tile_size[0] if len(args.tile_size) == 1 else args.tile_size
     args.out = args.out or default_out("digits", args.quick)
@@ -318,6 +324,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     label = "gb" if cfg.family == "mlp" else f"gb_{cfg.family}"  # a line per family
                     log({**common, "method": label, "seed": seed, "lr": lr, "accuracy": acc,
                          "ratio": gb.stats()["covered_compression"], "stored": stored_values(gb)})
+            if "hash" in methods:  # random weight sharing of the same tensors at the GB run's stored values
+                hash_cfg, _ = hash_config(lambda name=name: fresh(name, 0), budget, exclude_modules=MODELS[name][1])
+            for lr in args.hash_lrs if "hash" in methods else []:
+                for seed in seeds:
+                    model = fresh(name, seed)
+                    gb = GenomicBottleneck(model, with_seed(hash_cfg, seed))
+                    acc = train(model, gb, data, args.epochs, lr, lr, args.batch_size, seed, **schedule)
+                    log({**common, "method": "hash", "family": "hash", "seed": seed, "lr": lr, "accuracy": acc,
+                         "hash_compression": hash_cfg.compression, "ratio": gb.stats()["covered_compression"],
+                         "stored": stored_values(gb)})
             spec, _ = narrow_spec(name, budget)
             for lr in args.lrs if "narrow" in methods else []:
                 for seed in seeds:
@@ -421,7 +437,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = rows[0]
         size = {"gb_deep": f"h={first.get('hidden_dim')},{first.get('second_hidden_dim')}", "plain": "-",
                 "narrow": "-".join(map(str, _flat(first.get("widths", ())))),
-                "lowrank": "r=" + ",".join(map(str, (first.get("ranks") or {}).values()))}.get(
+                "lowrank": "r=" + ",".join(map(str, (first.get("ranks") or {}).values())),
+                "hash": f"C={first.get('hash_compression', 0):.1f}"}.get(
                     method, f"h={first.get('hidden_dim')}")
         if method.startswith("gb") and first.get("tiles"):
             size += f", tiles {'/'.join(map(str, first['tiles']))}"
@@ -451,7 +468,8 @@ def order(method: str) -> int:
     return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
-STYLES = {"gb": ("o-", "GB, trained end to end"), "narrow": ("D-", "narrower dense model"),
+STYLES = {"gb": ("o-", "GB, trained end to end"), "hash": ("^-", "random sharing (HashedNets)"),
+          "narrow": ("D-", "narrower dense model"),
           "lowrank": ("v-", "low-rank U @ V"), "gb_deep": ("s-", "GB, 'deep' g-nets"),
           "gb_shared": ("P-", "GB, 'shared' g-nets (best setting per target)"),
           "innate": ("s--", "GB innate (regression)"),

@@ -5,11 +5,14 @@ library's own source files, byte-level tokens, a small Llama. Every run uses the
 cosine decay, gradient clipping) and the same batches in the same order, so runs at equal steps have seen equal
 tokens. With the bottleneck, every Linear (attention, MLP, lm_head) is covered; embeddings and norms stay dense.
 
-Next to every GB point run the equal-storage baselines: a narrower dense Llama (same layers, heads and vocabulary)
-whose stored values are within 3% of the GB run's, and low-rank factors ``U @ V`` of every covered Linear at the
-same storage (see benchmarks/baselines.py). Plain, narrow and low-rank runs take an LR grid, GB runs a g-net LR grid
-(their uncompressed tensors keep ``--lr``); the grid runs on the first seed, further seeds at the LR the first seed
-found best (the same rule for every method); tables show the best, the JSON keeps every run.
+Next to every GB point run the equal-storage baselines: random weight sharing (HashedNets: the family ``"hash"``
+with ``center=False``, whole-tensor tiles, its compression picked so that its checkpoint stores the GB run's values
+within 1%) of the same covered Linears, a narrower dense Llama (same layers, heads and vocabulary) whose stored
+values are within 3% of the GB run's, and low-rank factors ``U @ V`` of every covered Linear at the same storage
+(see benchmarks/baselines.py). Plain, random-sharing, narrow and low-rank runs take an LR grid of one LR for every
+tensor, GB runs a g-net LR grid (their uncompressed tensors keep ``--lr``); the grid runs on the first seed,
+further seeds at the LR the first seed found best (the same rule for every method); tables show the best, the
+JSON keeps every run.
 
     python benchmarks/quality_lm.py            # full run, writes benchmarks/results/lm.{json,png}
     python benchmarks/quality_lm.py --quick    # a smoke run (tiny model, few steps) into out/benchmarks/
@@ -26,13 +29,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from baselines import closest_size, low_rank_, stored_values  # noqa: E402
+from baselines import closest_size, hash_config, low_rank_, stored_values  # noqa: E402
 from common import default_out, machine, pyplot, read_parts, table, train_step, warmup_cosine, write_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
 LR_GRID = (1e-3, 3e-3, 1e-2)
-METHODS = ("plain", "gb", "narrow", "lowrank")
+METHODS = ("plain", "gb", "hash", "narrow", "lowrank")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
                    help="LR grid of plain, narrower dense and low-rank runs")
     p.add_argument("--gnet_lrs", nargs="+", type=float, default=list(LR_GRID), help="g-net LR grid of GB runs")
+    p.add_argument("--hash_lrs", nargs="+", type=float, default=list(LR_GRID),
+                   help="LR grid of random-sharing runs (one LR for the shared values and the dense tensors)")
     p.add_argument("--init_active", type=float, default=None, help="GBConfig.init_active (sparse g-net init)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--gnet_warmup", type=int, default=None,
@@ -84,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compressions, args.steps, args.batch_size, args.block_size = [20], [12], 8, 64
         args.warmup, args.eval_every, args.max_train_tokens, args.max_eval_tokens = 2, 6, 100_000, 4096
         args.hidden_size, args.num_layers, args.intermediate_size = 64, 2, 192
-        args.lrs, args.gnet_lrs = [3e-3, 1e-2], [1e-2]
+        args.lrs, args.gnet_lrs, args.hash_lrs = [3e-3, 1e-2], [1e-2], [3e-3, 1e-2]
     if args.tile_size is not None:  # one int: square tiles
         args.tile_size = args.tile_size[0] if len(args.tile_size) == 1 else args.tile_size
     args.out = args.out or default_out("lm", args.quick)
@@ -149,7 +154,14 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
         row["widths"] = [hidden, inter]
     else:
         model = build_model(script_args(args), vocab, seed=seed)
-    if method == "gb":
+    if method == "hash":  # random weight sharing of the covered Linears at the GB run's stored values
+        cfg, _ = hash_match(args, target, vocab)
+        gb = GenomicBottleneck(model, GBConfig.from_dict({**cfg.to_dict(), "seed": seed}))
+        s = gb.stats()
+        row |= {"covered_compression": s["covered_compression"], "hash_compression": cfg.compression,
+                "stored": stored_values(gb), "covered_params": s["covered_params"], "gnet_params": s["gnet_params"]}
+        groups = [{"params": gb.trainable_parameters(), "lr": lr}]
+    elif method == "gb":
         gb = GenomicBottleneck(model, gb_config(args, target, seed=seed))
         s = gb.stats()
         row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
@@ -220,6 +232,21 @@ def gb_budget(args, target: float, vocab: int) -> int:
     return _BUDGETS[key]
 
 
+_HASH: dict[tuple, tuple[GBConfig, int]] = {}
+
+
+def hash_match(args, target: float, vocab: int) -> tuple[GBConfig, int]:
+    """The random-sharing config whose checkpoint stores what the GB run's at ``target`` stores (and that count)."""
+    from examples.train import build_model
+
+    budget = gb_budget(args, target, vocab)
+    key = (budget, args.hidden_size, args.num_layers, args.intermediate_size, args.target_modules, vocab)
+    if key not in _HASH:
+        _HASH[key] = hash_config(lambda: build_model(script_args(args), vocab, seed=0), budget,
+                                 target_modules=args.target_modules)
+    return _HASH[key]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.combine:
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = [("plain", None)] if "plain" in args.methods else []
         settings += [(m, c) for c in args.compressions for m in METHODS[1:] if m in args.methods]
         for method, target in settings:
-            grid = args.gnet_lrs if method == "gb" else args.lrs
+            grid = {"gb": args.gnet_lrs, "hash": args.hash_lrs}.get(method, args.lrs)
             first = [run(args, method, target, lr, steps, args.seeds[0], train, validation, vocab) for lr in grid]
             runs += first
             best = min(first, key=lambda r: r["val_loss"])["lr"]
@@ -276,7 +303,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             size = "{}/{}".format(*best["widths"])
         elif method == "lowrank":
             size = "r=" + ",".join(str(r) for r in sorted(set(best["ranks"].values())))
-        elif method.startswith("gb"):
+        elif method.startswith("gb") or method == "hash":
             size = f"{best['covered_compression']:.1f}x"
         out.append({"steps": steps, "method": method, "target": target, "lr": best["lr"], "seeds": len(at_best),
                     "stored": best["stored"], "gb_stored": best.get("gb_stored"),
@@ -309,7 +336,8 @@ def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
     return payload
 
 
-STYLES = {"gb": ("o-", "GB (g-nets h=32)"), "narrow": ("D-", "narrower dense Llama"),
+STYLES = {"gb": ("o-", "GB (g-nets h=32)"), "hash": ("^-", "random sharing (HashedNets)"),
+          "narrow": ("D-", "narrower dense Llama"),
           "lowrank": ("v-", "low-rank U @ V"), "gb_deep": ("s--", "GB, 'deep' g-nets")}
 
 

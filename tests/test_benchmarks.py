@@ -46,8 +46,8 @@ def test_quick_mode(script, tmp_path):
     assert f"{out}.png" in stdout.splitlines()[-1]
     if script == "quality_digits.py":
         methods = {(s["model"], s["method"]) for s in payload["summary"]}
-        expected = {("mlp", m) for m in ("plain", "gb", "narrow", "lowrank", "innate", "alternating")}
-        assert expected | {("cnn", "gb"), ("cnn", "narrow"), ("cnn", "lowrank")} <= methods
+        expected = {("mlp", m) for m in ("plain", "gb", "hash", "narrow", "lowrank", "innate", "alternating")}
+        assert expected | {("cnn", m) for m in ("gb", "hash", "narrow", "lowrank")} <= methods
         for s in payload["summary"]:
             assert 0.0 <= s["mean"] <= 1.0
             assert s["stored"] > 0
@@ -57,6 +57,10 @@ def test_quick_mode(script, tmp_path):
         assert max(s["ratio"] for s in gb) > 100  # the real covered ratio of the highest target is reported
         narrow = [s for s in payload["summary"] if s["method"] == "narrow"]
         assert narrow and all(abs(s["stored_vs_gb"]) <= 0.03 for s in narrow)
+        hashed = [s for s in payload["summary"] if s["method"] == "hash"]
+        assert len(hashed) == 4 and all(abs(s["stored_vs_gb"]) <= 0.01 for s in hashed)  # 2 models x 2 targets
+        assert sorted(g["lr"] for g in payload["grid"] if g["method"] == "hash" and g["model"] == "mlp"
+                      and g["target"] == 10) == [3e-3, 1e-2]  # its own LR grid
         # the grid keeps every LR; the summary shows the best of them
         grid = [g for g in payload["grid"] if g["model"] == "mlp" and g["method"] == "narrow" and g["target"] == 10]
         assert sorted(g["lr"] for g in grid) == [3e-3, 1e-2]
@@ -64,7 +68,7 @@ def test_quick_mode(script, tmp_path):
         assert best["mean"] == max(g["mean"] for g in grid)
     elif script == "quality_lm.py":
         runs = payload["runs"]
-        assert {r["method"] for r in runs} == {"plain", "gb", "narrow", "lowrank"}
+        assert {r["method"] for r in runs} == {"plain", "gb", "hash", "narrow", "lowrank"}
         assert len([r for r in runs if r["method"] == "narrow"]) == 2  # the LR grid of --quick
         for r in runs:
             assert math.isfinite(r["val_loss"]) and 0 < r["val_loss"] < math.log(257) + 1
@@ -74,13 +78,28 @@ def test_quick_mode(script, tmp_path):
         for r in runs:
             if r["method"] == "narrow":
                 assert abs(r["stored"] / gb["stored"] - 1) <= 0.03
+            if r["method"] == "hash":  # equal stored values within 1%, at its own covered compression
+                assert abs(r["stored"] / gb["stored"] - 1) <= 0.01 and r["covered_compression"] > 2
         summary = {s["method"]: s for s in payload["summary"]}
         assert summary["narrow"]["val_loss"] == min(r["val_loss"] for r in runs if r["method"] == "narrow")
+        assert len([r for r in runs if r["method"] == "hash"]) == 2  # its own LR grid
+        assert summary["hash"]["val_loss"] == min(r["val_loss"] for r in runs if r["method"] == "hash")
     else:
         (row,) = payload["rows"]
         assert row["plain_step_s"] > 0 and row["gb_step_s"] > 0 and row["step_ratio"] > 0
         assert row["plain_peak_rss_mb"] > 50 and row["gb_peak_rss_mb"] > 50
         assert row["covered_compression"] > 2
+
+
+def test_hash_config_matches_the_budget():
+    build = lambda: nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))  # noqa: E731
+    gb = GenomicBottleneck(build(), GBConfig(hidden_dim=4, compression=30))
+    budget = baselines.stored_values(gb)
+    cfg, stored = baselines.hash_config(build, budget)
+    assert cfg.family == "hash" and cfg.center is False and abs(stored / budget - 1) <= 0.01
+    assert baselines.stored_values(GenomicBottleneck(build(), cfg)) == stored
+    cfg, stored = baselines.hash_config(build, 10)  # below one value per tensor: the fewest it can store
+    assert stored == baselines.stored_values(GenomicBottleneck(build(), cfg)) > 10
 
 
 @pytest.mark.parametrize("module", [quality_digits, quality_lm, speed])
