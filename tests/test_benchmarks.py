@@ -20,6 +20,7 @@ import baselines  # noqa: E402
 import common  # noqa: E402
 import quality_digits  # noqa: E402
 import quality_lm  # noqa: E402
+import quality_mnist  # noqa: E402
 import speed  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -91,6 +92,38 @@ def test_quick_mode(script, tmp_path):
         assert row["covered_compression"] > 2
 
 
+@pytest.mark.parametrize("trainer", [False, True], ids=["mlp", "trainer"])
+def test_quick_mode_quality_mnist(trainer, tmp_path):
+    """Both parts: every method, equal storage, the real covered compression, a note where GB misses its target,
+    and the GB rows built from the flags (a GBConfig field passed through --gb)."""
+    extra = ["--trainer"] if trainer else ["--hidden_dim", "16", "--gb", "init_active=0.05"]
+    payload, stdout = run_quick("quality_mnist.py", tmp_path, extra)
+    assert os.path.getsize(str(tmp_path / "quality_mnist") + ".png") > 1000
+    summary = {s["method"]: s for s in payload["summary"]}
+    assert set(summary) == {"plain", "gb", "hash", "narrow"} | (set() if trainer else {"lowrank"})
+    gb = summary["gb"]
+    assert gb["ratio"] > 10 and gb["stored"] > 0 and summary["plain"]["mean"] > 0.5
+    assert abs(summary["hash"]["stored_vs_gb"]) <= 0.01 and summary["hash"]["ratio"] > 10
+    for s in payload["summary"]:
+        assert 0.0 <= s["mean"] <= 1.0 and s["stored"] > 0
+    assert bool(gb["note"]) == (not 30 / 1.25 <= gb["ratio"] <= 30 * 1.25 if trainer else
+                                not 300 / 1.25 <= gb["ratio"] <= 300 * 1.25)
+    if not trainer:
+        assert payload["gb_fields"] == {"hidden_dim": 16, "init_active": 0.05}
+        (row,) = [r for r in payload["runs"] if r["method"] == "gb"]
+        assert row["config"]["hidden_dim"] == 16 and row["config"]["init_active"] == 0.05
+
+
+def test_mnist_gb_flags_are_checked_at_parse_time():
+    with pytest.raises(ValueError, match="init_active"):
+        quality_mnist.parse_args(["--gb", "init_active=2"])
+    with pytest.raises(SystemExit, match="key=value"):
+        quality_mnist.parse_args(["--gb", "init_active"])
+    with pytest.raises(SystemExit, match="GBConfig has no field 'init_activ'"):
+        quality_mnist.parse_args(["--gb", "init_activ=0.1"])
+    assert quality_mnist.gb_fields(quality_mnist.parse_args([])) == {}  # GB defaults: GBConfig(compression=C)
+
+
 def test_hash_config_matches_the_budget():
     build = lambda: nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))  # noqa: E731
     gb = GenomicBottleneck(build(), GBConfig(hidden_dim=4, compression=30))
@@ -102,7 +135,7 @@ def test_hash_config_matches_the_budget():
     assert stored == baselines.stored_values(GenomicBottleneck(build(), cfg)) > 10
 
 
-@pytest.mark.parametrize("module", [quality_digits, quality_lm, speed])
+@pytest.mark.parametrize("module", [quality_digits, quality_lm, quality_mnist, speed])
 def test_quick_never_writes_over_committed_results(module):
     full, quick = module.parse_args([]).out, module.parse_args(["--quick"]).out
     assert os.path.dirname(full) == common.RESULTS
