@@ -46,9 +46,7 @@ def _check_model(model: nn.Module) -> None:
             "(model.to_empty(device=...) and an init, or load real weights), or load a compressed checkpoint "
             "with hf_gb.load_compressed, which builds the model itself"
         )
-    ref = getattr(model, _ATTACHED, None)
-    other = ref() if ref is not None else None
-    if other is not None and other.covered:
+    if Bottleneck.attached_to(model) is not None:
         raise ValueError(
             f"{type(model).__name__} already has a GenomicBottleneck attached; use that one, or call its "
             "detach_model() first (two bottlenecks would overwrite each other's predictions)"
@@ -148,6 +146,13 @@ class Bottleneck(nn.Module):
     @property
     def model(self) -> nn.Module:
         return self._model
+
+    @staticmethod
+    def attached_to(model: nn.Module) -> Bottleneck | None:
+        """The bottleneck that predicts ``model``'s weights now, or None (none attached, or it was detached)."""
+        ref = getattr(model, _ATTACHED, None)
+        gb = ref() if ref is not None else None
+        return gb if gb is not None and gb.covered else None
 
     @property
     def prediction_pending(self) -> bool:

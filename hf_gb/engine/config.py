@@ -186,6 +186,11 @@ class GBConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def differences(self, other: GBConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+        """``(field, self's value, other's value)`` for every field, in declaration order, where the two differ."""
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GBConfig:
         """Build a config from a dict, dropping (with a warning) keys this version does not know."""

@@ -16,10 +16,11 @@ Saving stages every file in a ``.tmp-hf_gb-*`` folder beside the target and rena
 last, so no file is ever half written. A save over an existing checkpoint that is killed between those two renames
 leaves files of two saves; loading detects that (the save ids differ) and says so instead of loading a mix.
 
-Loading checks the names and shapes of every tensor in the file against the bottleneck and its model (the checks
-before anything large is allocated are `hf_gb.io.pretrained`'s). Tensors in the file that the model has no place
-for are an error; g-net tensors of another dtype than the bank's, and non-finite g-net values, are loaded with a
-warning.
+Loading checks the names and shapes of every g-net tensor against the bottleneck, and loads the uncompressed ones
+through the model's own ``load_state_dict`` (its hooks and overrides run; it checks their shapes), after checking
+that none is missing (the checks before anything large is allocated are `hf_gb.io.pretrained`'s). Tensors in the
+file that the model has no place for are an error; g-net tensors of another dtype than the bank's, and non-finite
+g-net values, are loaded with a warning.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def load_checkpoint_state(gb: Bottleneck, directory: str, info: dict[str, Any] |
 
 
 def load_state(gb: Bottleneck, tensors: dict[str, torch.Tensor], directory: str) -> None:
-    """Load g-net and uncompressed tensors into ``gb`` and its model, checking every name and shape."""
+    """Load g-net and uncompressed tensors into ``gb`` and its model: the g-nets checked name by name and shape by
+    shape, the uncompressed tensors through the model's own ``load_state_dict`` (see `_load_uncompressed`)."""
     where = os.path.join(directory, WEIGHTS_NAME)
     unknown = sorted(k for k in tensors if not k.startswith((GNET_PREFIX, MODEL_PREFIX)))
     if unknown:
@@ -197,25 +199,28 @@ def load_state(gb: Bottleneck, tensors: dict[str, torch.Tensor], directory: str)
                        ", ".join(cast[:5]) + (f" and {len(cast) - 5} more" if len(cast) > 5 else ""))
     warn_non_finite(gnet, where)
     gb.load_state_dict(gnet)
+    _load_uncompressed(gb, plain, where)
+    gb.predict_weights(sample=False, keep_graph=False)
+
+
+def _load_uncompressed(gb: Bottleneck, plain: dict[str, torch.Tensor], where: str) -> None:
+    """The uncompressed tensors through the model's own ``load_state_dict``, as Trainer loads a model: its overrides
+    and load hooks run (e.g. a buffer that takes the saved shape, a renamed key). Every uncompressed tensor must be in
+    the file (tied ones once), and every model tensor of the file must have a place in the model."""
     targets = gb.uncompressed_state_dict()
     by_id: dict[int, list[str]] = {}
     for name, value in targets.items():
         by_id.setdefault(id(value), []).append(name)
-    placed = set()
-    with torch.no_grad():
-        for names in by_id.values():
-            name = next((n for n in names if n in plain), None)
-            if name is None:
-                raise ValueError(f"{where} lacks uncompressed tensor {names[0]!r}")
-            placed.update(n for n in names if n in plain)
-            value, target = plain[name], targets[name]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"tensor {name!r}: {where} holds shape {tuple(value.shape)}, "
-                    f"this model needs {tuple(target.shape)}"
-                )
-            target.copy_(value)
-    extra = sorted(set(plain) - placed)
+    for names in by_id.values():
+        if not any(n in plain for n in names):
+            raise ValueError(f"{where} lacks uncompressed tensor {names[0]!r}")
+    extra = sorted(set(plain) - targets.keys())
     if extra:
         raise ValueError(f"{where} holds model tensors this model has no place for: {extra[:5]}")
-    gb.predict_weights(sample=False, keep_graph=False)
+    try:
+        result = gb.model.load_state_dict(plain, strict=False)  # the covered weights are missing: predicted below
+    except RuntimeError as e:  # e.g. "size mismatch for norm.weight: copying a param with shape ..."
+        raise ValueError(f"{where}: {type(gb.model).__name__} cannot load its uncompressed tensors: {e}") from e
+    unexpected = sorted(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise ValueError(f"{where} holds model tensors this model has no place for: {unexpected[:5]}")

@@ -26,7 +26,7 @@ from ..version import __version__
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_RE", "check_compressed_folder", "check_layout", "check_sizes", "checkpoint_problem",
-           "last_complete_checkpoint", "read_header", "warn_non_finite"]
+           "last_complete_checkpoint", "read_header", "resume_checkpoint", "warn_non_finite"]
 
 GNET_PREFIX = "gnet."
 MODEL_PREFIX = "model."
@@ -154,6 +154,9 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
             raise ValueError(f"tensor {name}: shape in {config_path} is {entry['shape']} but this model gives "
                              f"{list(params[name].shape)}")
     state = model.state_dict(keep_vars=True)
+    # Buffers may take the saved shape in the model's own load_state_dict (e.g. a record that grows in training);
+    # that load checks them. Parameters are checked here, before they are allocated.
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     groups: dict[int, list[str]] = {}
     tied = {k: v for k, v in (tied or {}).items() if k in state and v in state}
     for name in state:
@@ -169,7 +172,7 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
                 f"{os.path.join(directory, WEIGHTS_NAME)} lacks uncompressed tensor {names[0]!r} of shape {shape} "
                 f"that {where} describes, and {config_path} does not cover it"
             )
-        if stored[name] != shape:
+        if stored[name] != shape and name not in buffers:
             raise ValueError(f"tensor {name!r}: {os.path.join(directory, WEIGHTS_NAME)} holds shape {stored[name]}, "
                              f"this model needs {shape}")
     try:
@@ -221,6 +224,8 @@ def checkpoint_problem(folder: str) -> str | None:
 
     Complete: Trainer's ``trainer_state.json`` (written last) and both hf_gb files, from the same save.
     """
+    if not os.path.isdir(folder):
+        return "no such folder"
     for name in (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME):
         if not os.path.isfile(os.path.join(folder, name)):
             return f"{name} is missing"
@@ -249,3 +254,23 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             return folder
         logger.warning("Not resuming from %s, which is incomplete (%s); trying an older checkpoint", folder, problem)
     return None
+
+
+def resume_checkpoint(resume: str | os.PathLike | bool | None, output_dir: str) -> str | bool | None:
+    """The folder ``Trainer.train(resume_from_checkpoint=resume)`` resumes from: the newest complete checkpoint of
+    ``output_dir`` for True, else ``resume`` itself once `checkpoint_problem` finds it complete (False and None as
+    they are). Raises ``ValueError`` with Trainer's wording first (code and people look for it), the reason after."""
+    if isinstance(resume, bool):
+        found = last_complete_checkpoint(output_dir) if resume else False
+        if found is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({output_dir}): resuming needs a "
+                             "complete compressed checkpoint (gb_config.json, gb_model.safetensors and "
+                             "trainer_state.json of one save)")
+        return found
+    if resume is None:
+        return None
+    folder = os.fspath(resume)
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise ValueError(f"Can't find a valid checkpoint at {folder}: {problem}")
+    return folder

@@ -76,6 +76,23 @@ def check_replicas(gb: Bottleneck, gather) -> None:
         raise RuntimeError(f"Processes disagree on the g-nets or predicted weights; checksums by rank: {everyone}")
 
 
+def check_launch(num_processes: int, who: str, fix: str) -> None:
+    """Refuse a launch of several processes (``WORLD_SIZE`` > 1) in which this one sees itself alone.
+
+    E.g. ``torchrun --nproc_per_node 2`` on a machine without GPUs: unless told to use the CPU, Accelerate starts no
+    process group, so every process would train on its own, as process 0 of 1, and write the same output folder.
+    ``fix`` says how to make them one run (``use_cpu=True`` for Trainer, ``Accelerator(cpu=True)`` for a loop).
+    """
+    raw = os.environ.get("WORLD_SIZE", "").strip()
+    launched = int(raw) if raw.isdigit() else 1
+    if launched > 1 and num_processes == 1:
+        raise RuntimeError(
+            f"{who}: the launcher started WORLD_SIZE={launched} processes, but this one runs alone (1 process, no "
+            "process group), so each would train on its own and all would write the same output folder. On a "
+            f"machine without GPUs, {fix} to train them as one run over gloo."
+        )
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 

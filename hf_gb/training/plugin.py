@@ -134,13 +134,7 @@ class GBPlugin:
         """
         if self._bottleneck is not None:
             raise RuntimeError("this GBPlugin is already attached to a model; create one GBPlugin per model")
-        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world_size > 1 and accelerator.num_processes == 1:
-            # Each process would train (and save) on its own without any gradient averaging.
-            raise RuntimeError(
-                f"WORLD_SIZE={world_size} but the Accelerator runs num_processes=1; on a machine without GPUs, "
-                "`accelerate launch --multi_gpu` needs Accelerator(cpu=True) to start the gloo process group"
-            )
+        distributed.check_launch(accelerator.num_processes, "GBPlugin", "create the Accelerator with cpu=True")
         fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
         self._kind = distributed.check_setup(accelerator, fsdp_requested, False, "GBPlugin")
         inner = accelerator.unwrap_model(model)

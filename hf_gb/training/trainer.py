@@ -16,7 +16,6 @@ compressed format of `hf_gb.io.checkpoint`; after every load the weights are pre
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import HubStrategy
 from transformers.training_args import ParallelMode
 
+from ..engine.bottleneck import Bottleneck
 from ..engine.config import GBConfig, read_config_json
 from ..files import (
     CONFIG_NAME,
@@ -39,7 +39,7 @@ from ..files import (
     remove_stale_staging,
 )
 from ..io.checkpoint import load_checkpoint_state
-from ..io.checks import CHECKPOINT_RE, last_complete_checkpoint
+from ..io.checks import CHECKPOINT_RE, resume_checkpoint
 from ..io.model_card import write_model_card
 from ..io.pretrained import GenomicBottleneck
 from . import distributed
@@ -84,7 +84,10 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
 
     Takes every ``Trainer`` argument plus ``gb_config`` (default: ``args.to_gb_config()`` for
     `GBTrainingArguments`, else ``GBConfig()``) or ``gb``, a `GenomicBottleneck` already attached to ``model``
-    (e.g. from ``GenomicBottleneck.from_pretrained`` to continue training). The bottleneck is ``trainer.gb``.
+    (e.g. from ``GenomicBottleneck.from_pretrained`` to continue training). The bottleneck is ``trainer.gb``. A
+    model that already has one attached (by an earlier GBTrainer: a re-run notebook cell, a resume with other
+    arguments) keeps it, g-nets as they are, as Trainer keeps a model's weights; settings that differ from its
+    config raise ``ValueError`` naming them (``gb.detach_model()`` first to start new g-nets).
     The optimizer holds the g-net parameters and the uncompressed model parameters only; an optimizer passed in
     ``optimizers`` must hold all of ``trainer.gb.parameters()``. ``save_model`` and checkpoints write the compressed
     format, loadable with `hf_gb.load_compressed`. Under DDP every rank keeps the same g-nets and predicts the same
@@ -126,10 +129,12 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
             gb_config = gb.config
         elif gb_config is None and isinstance(args, GBTrainingArguments):
             gb_config = args.to_gb_config()
+        self._settings_given = gb_config is not None  # else an attached bottleneck's settings are taken as they are
         self.gb_config = gb_config if gb_config is not None else GBConfig()
         self.gb: GenomicBottleneck | None = gb
         self._detached_gnets: list | None = None  # g-net groups kept out of Accelerate's FSDP2 prepare
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        distributed.check_launch(self.accelerator.num_processes, "GBTrainer", "pass use_cpu=True (--use_cpu)")
         self._run_kind = distributed.check_setup(self.accelerator, *distributed.requested(self.args), "GBTrainer")
         if self.accelerator.num_processes > 1 and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
             raise RuntimeError(
@@ -152,12 +157,33 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
         if self.gb is None or self.gb.model is not self.model:
             if self.model is None:
                 raise ValueError("GBTrainer needs a model (or model_init) to attach the genomic bottleneck to")
-            self.gb = GenomicBottleneck(self.model, self.gb_config)
+            self.gb = self._attached() or GenomicBottleneck(self.model, self.gb_config)
         device = next((t.param.device for t in self.gb.covered), None)
         first = next(iter(self.gb.parameters()), None)
         if device is not None and first is not None and first.device != device:
             self.gb.to(device)
         return self.gb
+
+    def _attached(self) -> GenomicBottleneck | None:
+        """The bottleneck already attached to ``self.model``, if any, checked against this trainer's settings."""
+        gb = Bottleneck.attached_to(self.model)
+        if gb is None:
+            return None
+        name = type(self.model).__name__
+        if not isinstance(gb, GenomicBottleneck):
+            raise TypeError(f"{name} has an engine Bottleneck attached; GBTrainer trains and saves a "
+                            "hf_gb.GenomicBottleneck: build that one, or call detach_model() on this one first")
+        differ = self.gb_config.differences(gb.config) if self._settings_given else []
+        if differ:
+            listed = ", ".join(f"{n}={theirs!r} attached, {mine!r} asked for" for n, mine, theirs in differ)
+            raise ValueError(
+                f"{name} already has a GenomicBottleneck attached, with other settings than this GBTrainer's "
+                f"({listed}); train it with its own settings (or gb=that bottleneck), or call its detach_model() "
+                "first to start new g-nets"
+            )
+        logger.info("GBTrainer: training the GenomicBottleneck already attached to %s, its g-nets as they are", name)
+        self.gb_config = gb.config
+        return gb
 
     @staticmethod
     def _check_trainable(gb: GenomicBottleneck) -> None:
@@ -187,6 +213,7 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
 
     def _begin_training(self) -> None:
         gb = self._ensure_bottleneck()
+        gb.zero_grad(set_to_none=True)  # e.g. of a step that auto_find_batch_size abandoned (out of memory)
         if self._sharded and not gb.sharded:
             raise RuntimeError("GBTrainer runs under FSDP2 but the covered weights are not sharded DTensors")
         if self.accelerator.num_processes > 1:
@@ -314,12 +341,9 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint of ``output_dir``
-        (see `last_complete_checkpoint`), skipping incomplete ones with a warning."""
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            found = last_complete_checkpoint(self.args.output_dir)
-            if found is None:
-                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
-            resume_from_checkpoint = found
+        (see `last_complete_checkpoint`), skipping incomplete ones with a warning; a folder that holds none raises
+        Trainer's error, with the reason after it (`resume_checkpoint`)."""
+        resume_from_checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_compressed_state(self, checkpoint: str) -> None:
@@ -327,16 +351,9 @@ class GBTrainer(FSDP2TrainerMixin, DeepSpeedTrainerMixin, Trainer):
         model), in place (the optimizer keeps its parameters), and predict the weights."""
         gb = self._ensure_bottleneck()
         info = read_config_json(os.path.join(checkpoint, CONFIG_NAME))
-        saved = info["gb_config"]
-        for f in dataclasses.fields(GBConfig):
-            if f.name in _IGNORED_ON_LOAD:
-                continue
-            ours, theirs = getattr(gb.config, f.name), getattr(saved, f.name)
-            if ours != theirs:
-                raise ValueError(
-                    f"{os.path.join(checkpoint, CONFIG_NAME)} has {f.name}={theirs!r}, but this trainer's g-nets "
-                    f"have {f.name}={ours!r}"
-                )
+        for name, ours, theirs in gb.config.differences(info["gb_config"], ignore=_IGNORED_ON_LOAD):
+            raise ValueError(f"{os.path.join(checkpoint, CONFIG_NAME)} has {name}={theirs!r}, but this trainer's "
+                             f"g-nets have {name}={ours!r}")
         load_checkpoint_state(gb, checkpoint, info)  # predicts (noise-free); training predicts again on_train_begin
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
