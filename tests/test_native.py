@@ -223,12 +223,13 @@ def test_native_refused_off_cpu_warns_once(monkeypatch, caplog):
     assert len([r for r in caplog.records if "CPU only" in r.getMessage()]) == 1
 
 
-def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
+def test_build_failure_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
     import torch.utils.cpp_extension as cpp
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_failed", False)
     monkeypatch.setattr(cpp, "load", broken)
@@ -298,3 +299,50 @@ def test_ddp_on_the_native_kernels(tmp_path, ext, monkeypatch):
     for k, v in one.items():
         tol = dict(rtol=0, atol=1e-2) if k.startswith("gnet.") else {}
         torch.testing.assert_close(v, rank0["plain"][k], msg=lambda m, k=k: f"{k}: {m}", **tol)
+
+
+# ----------------------------------------------------------------------------- no build to predict
+def test_prediction_without_gradients_never_waits_for_a_build(tmp_path, monkeypatch, caplog):
+    """A fresh machine (empty extension cache): building a bottleneck, loading its checkpoint and a forward run
+    eager without building (same logits); the first prediction for training builds, announced, in
+    ``$TORCH_EXTENSIONS_DIR``."""
+    from test_checkpoint import tiny_bottleneck
+
+    import hf_gb
+
+    cache = tmp_path / "extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", False)
+    builds = []
+
+    def no_build(directory):
+        builds.append(directory)
+        raise RuntimeError("the test stops the build here")
+
+    monkeypatch.setattr(native, "_build", no_build)
+    gb = tiny_bottleneck(seed=0)  # init, calibration and first prediction: no gradient follows
+    gb.save_pretrained(str(tmp_path / "ckpt"))
+    model = hf_gb.load_compressed(str(tmp_path / "ckpt"))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    gb.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gb.model(ids).logits, rtol=0, atol=0)
+    assert builds == [] and not cache.exists()
+    with caplog.at_level(logging.WARNING, logger="hf_gb.engine.native"):
+        gb.predict_weights(keep_graph=True)  # training
+    assert builds == [cache / native.build_directory().name]
+    announced = [r.getMessage() for r in caplog.records if "building the native g-net kernel" in r.getMessage()]
+    assert len(announced) == 1 and f"about {native.BUILD_SECONDS} s" in announced[0] and str(cache) in announced[0]
+
+
+def test_prediction_without_gradients_takes_a_built_kernel(ext, monkeypatch):
+    """A kernel built earlier (here: by the fixture) is loaded from its folder, without a build."""
+    built = native.build_directory()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(built.parent))
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_build", lambda directory: pytest.fail("built again"))
+    with kernels.prediction_only():
+        assert kernel_path("auto", 1, torch.device("cpu"), torch.float32) == "native"
+    A, B, w2, G = _inputs(2, 3, 4, 5)
+    _close(fused_forward(A, B, w2, compiled="native"), _reference(A, B, w2, G, center=False)[0])

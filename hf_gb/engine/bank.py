@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .kernels import center_tiles, center_tiles_
+from .kernels import center_tiles, center_tiles_, prediction_only
 from .kernels import kernel_path as _kernel_path
 from .tiling import TileGeometry, TileRows
 
@@ -173,12 +173,13 @@ class GNetBank(nn.Module):
     ) -> torch.Tensor:
         """Predicted tiles ``(n_sel, rows, cols * K)``, detached; ``noise_seed`` adds the learned noise.
 
-        With ``keep_graph`` the bank keeps the small tables (and their graph to its parameters) for one `push`.
+        With ``keep_graph`` the bank keeps the small tables (and their graph to its parameters) for one `push`;
+        without, it never waits for a kernel build (`hf_gb.engine.kernels.prediction_only`).
         """
         if noise_seed is not None and self.log_sigma is None:
             raise ValueError("noise_seed given to a bank without learned noise (GBConfig.stochastic=False)")
         tables = self._tables_for_push(index)
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.nullcontext() if keep_graph else prediction_only():
             detached = tuple(t.detach() for t in tables)
             out = self.evaluate_centered(detached) if self.center else self.evaluate(detached)
             if noise_seed is not None:
@@ -194,7 +195,7 @@ class GNetBank(nn.Module):
     def predict_into(self, rows: TileRows, keep_graph: bool = True) -> None:
         """`predict` of every tile, noise-free, written into the weight rows ``rows`` (`writes_rows` banks)."""
         tables = self._tables_for_push(None)
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.nullcontext() if keep_graph else prediction_only():
             self.evaluate_into(tuple(t.detach() for t in tables), rows)
         self._saved = (tables, None, None) if keep_graph else None
 

@@ -10,7 +10,7 @@ import logging
 import math
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from . import partitions, report, shards
 from .bank import GNetBank
 from .config import GBConfig
 from .gains import apply_gains, make_gains, push_gains
+from .kernels import prediction_only
 from .layers import find_targets, view3d
 from .planning import CoveredTensor, plan_covered
 from .registry import family_class
@@ -150,8 +151,7 @@ class Bottleneck(nn.Module):
     @staticmethod
     def attached_to(model: nn.Module) -> Bottleneck | None:
         """The bottleneck that predicts ``model``'s weights now, or None (none attached, or it was detached)."""
-        ref = getattr(model, _ATTACHED, None)
-        gb = ref() if ref is not None else None
+        gb = getattr(model, _ATTACHED, lambda: None)()
         return gb if gb is not None and gb.covered else None
 
     @property
@@ -243,26 +243,24 @@ class Bottleneck(nn.Module):
         sample = (self.training and self.config.stochastic) if sample is None else sample
         if sample and not self.config.stochastic:
             raise ValueError("predict_weights(sample=True) needs GBConfig(stochastic=True)")
-        seed = None
-        if sample:
-            seed = self.noise_seed(step) if step is not None else int(torch.randint(0, 2**62, ()))
-        for i, (key, bank) in enumerate(self.banks.items()):
-            bank_seed = None if seed is None else (seed * 1_000_003 + i) % (2**63)  # distinct noise per bank
-            plan = self._plans.get(key)
-            if plan is not None:  # sharded: only the whole tiles that intersect this rank's rows
-                if not len(plan.index):
-                    bank.discard()
+        seed = (self.noise_seed(step) if step is not None else int(torch.randint(0, 2**62, ()))) if sample else None
+        with nullcontext() if keep_graph else prediction_only():  # no wait for a kernel build
+            for i, (key, bank) in enumerate(self.banks.items()):
+                bank_seed = None if seed is None else (seed * 1_000_003 + i) % (2**63)  # distinct noise per bank
+                plan = self._plans.get(key)
+                if plan is not None:  # sharded: only the whole tiles that intersect this rank's rows
+                    if not len(plan.index):
+                        bank.discard()
+                        continue
+                    out = bank.predict(plan.index.to(bank.scale.device), noise_seed=bank_seed, keep_graph=keep_graph)
+                    shards.write_bank(out, plan)
                     continue
-                out = bank.predict(plan.index.to(bank.scale.device), noise_seed=bank_seed, keep_graph=keep_graph)
-                shards.write_bank(out, plan)
-                continue
-            rows = self._weight_rows(key, bank, "data") if bank_seed is None else None
-            if rows is not None:  # the kernels write the weights' rows themselves: no tile-shaped copy
-                bank.predict_into(rows, keep_graph=keep_graph)
-                continue
-            out = bank.predict(noise_seed=bank_seed, keep_graph=keep_graph)
-            with torch.no_grad():
-                for t in self._members[key]:
+                rows = self._weight_rows(key, bank, "data") if bank_seed is None else None
+                if rows is not None:  # the kernels write the weights' rows themselves: no tile-shaped copy
+                    bank.predict_into(rows, keep_graph=keep_graph)
+                    continue
+                out = bank.predict(noise_seed=bank_seed, keep_graph=keep_graph)
+                for t in self._members[key]:  # out is detached, t.param.data untracked: nothing for autograd to see
                     untile_into(view3d(t.param.data, t.layout), out[t.offset : t.offset + t.n_tiles], t.geometry)
         if self.row_gains or self.col_gains:
             apply_gains(self.covered, self.row_gains, self.col_gains, self._shards)
@@ -355,12 +353,7 @@ class Bottleneck(nn.Module):
     def uncompressed_parameters(self) -> list[nn.Parameter]:
         """Model parameters an optimizer must still train: everything not covered that requires grad."""
         covered = {id(t.param) for t in self.covered} | {id(p) for p in self.parameters()}  # ours may join it
-        seen, out = set(), []
-        for p in self._model.parameters():
-            if id(p) not in covered and id(p) not in seen and p.requires_grad:
-                seen.add(id(p))
-                out.append(p)
-        return out
+        return list({id(p): p for p in self._model.parameters() if id(p) not in covered and p.requires_grad}.values())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What an optimizer trains: the g-net parameters, then `uncompressed_parameters`."""

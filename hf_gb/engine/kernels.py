@@ -15,9 +15,11 @@ layer is separable, so the (n, R, C, bits) code matrix never exists). Two implem
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -103,6 +105,22 @@ def _fused_forward_centered(A, Bt, w2):
     return center_tiles(_fused_forward(A, Bt, w2))
 
 
+_prediction_only = contextvars.ContextVar("hf_gb_prediction_only", default=False)
+_eager_instead_of_build = False  # said once: a prediction without gradients ran eager rather than build the kernel
+
+
+@contextlib.contextmanager
+def prediction_only() -> Iterator[None]:
+    """Within it, `kernel_path` never waits for a kernel to be built: predictions that no gradient follows (after a
+    load, for evaluation or export) take the native kernel only if it is built already, else the eager kernels,
+    which give the same values. `GNetBank.predict(keep_graph=False)` and the bottleneck's enter it."""
+    token = _prediction_only.set(True)
+    try:
+        yield
+    finally:
+        _prediction_only.reset(token)
+
+
 _compiled: dict[str, Callable] = {}
 _compile_failed = False
 _native_refused = False  # kernel='native' was asked for a bank it cannot run (warned once)
@@ -143,12 +161,22 @@ def kernel_path(kernel: str, numel: int, device: torch.device, dtype: torch.dtyp
     ``kernel`` is `GBConfig.kernel`. 'auto' and 'native' take the native kernel for float32 on CPU, at any bank
     size (it has no per-shape compile cost; `hf_gb.engine.native` warns once if it cannot be built); elsewhere 'auto'
     compiles banks of at least `AUTO_COMPILE_MIN_NUMEL` weights and runs smaller ones eager.
-    ``HF_GB_DISABLE_COMPILE=1`` turns every built kernel off."""
-    global _native_refused
+    ``HF_GB_DISABLE_COMPILE=1`` turns every built kernel off. Within `prediction_only`, a float32 CPU bank whose
+    native kernel is not built yet runs eager (same values) instead of building it, or compiling (which on a CPU is
+    a C++ build too)."""
+    global _native_refused, _eager_instead_of_build
     if kernel == "eager" or os.environ.get("HF_GB_DISABLE_COMPILE", "0") == "1":
         return "eager"
     if kernel != "compiled":
         if device.type == "cpu" and dtype == torch.float32:
+            if _prediction_only.get():
+                if native.ready() is not None:
+                    return "native"
+                if not _eager_instead_of_build:
+                    _eager_instead_of_build = True
+                    logger.info("hf_gb: the native g-net kernel is not built yet; predicting without gradients on "
+                                "the eager kernels (the same values) instead of building it first")
+                return "eager"
             if native.get() is not None:
                 return "native"
         elif kernel == "native" and not _native_refused:

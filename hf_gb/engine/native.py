@@ -5,12 +5,16 @@ two thirds of its backward's (`benchmarks/bench_engine.py`). The build needs a C
 compiler ``torch.compile`` needs on CPU, plus the ninja package), takes about 40 s once per machine and is cached
 in torch's extension directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). It is compiled
 for the CPU it runs on, so its directory name hashes that CPU with the source and the torch and Python versions.
-If the build fails, `get` warns once and returns None: the callers then run the compiled or eager kernels.
+`get` builds it (training: the first prediction kept for a push) and announces the build; `ready` only loads what is
+built, so that predictions without gradients never wait for a build. If the build fails, `get` warns once and
+returns None: the callers then run the compiled or eager kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -22,10 +26,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "gnet_cpu.cpp"
+BUILD_SECONDS = 40  # what one build takes on the project's 2-core CPU (20 to 40 s measured), for the announcement
 _module = None
 _failed = False
 
 
+@functools.cache
 def _build_key() -> str:
     """A short hash of what the binary depends on: the source, the CPU's model and instruction-set flags
     (``-march=native`` builds run only where built), torch's and Python's versions."""
@@ -51,27 +57,54 @@ def failed() -> bool:
     return _failed
 
 
-def get():
-    """The built extension module, or None after one warning if it cannot be built here."""
-    global _module, _failed
+def _name() -> str:
+    return f"hf_gb_gnet_cpu_{_build_key()}"
+
+
+def build_directory() -> Path:
+    """Where the kernel is built and cached: ``$TORCH_EXTENSIONS_DIR/<name>``, else under torch's default root
+    (``~/.cache/torch_extensions``; torch's ``get_default_build_root`` itself does not read the variable)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", "").strip()
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    return Path(root) / _name()
+
+
+def ready():
+    """The extension module if it is loaded or built already (then imported), else None; never builds or warns.
+
+    What predictions without gradients use (`hf_gb.engine.kernels.prediction_only`): they run the eager kernels,
+    which give the same values, rather than wait for a build.
+    """
+    global _module
     if _module is not None or _failed:
         return _module
-    try:
-        from torch.utils.cpp_extension import get_default_build_root, load
+    library = build_directory() / f"{_name()}.so"
+    if library.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location(_name(), library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (ImportError, OSError) as e:  # e.g. a library left half written by a killed build: build again
+            logger.info("hf_gb: the cached native kernel %s does not load (%s); it will be rebuilt", library, e)
+            return None
+        _module = module
+    return _module
 
-        name = f"hf_gb_gnet_cpu_{_build_key()}"
-        directory = Path(get_default_build_root()) / name
-        if not (directory / f"{name}.so").exists():
-            logger.warning("hf_gb: building the native g-net kernel in %s (once per machine, about 40 s)", directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _module = load(
-            name=name,
-            sources=[str(SOURCE)],
-            build_directory=str(directory),
-            extra_cflags=["-O3", "-march=native", "-fopenmp", *_x86_flags()],
-            extra_ldflags=["-fopenmp"],
-            verbose=os.environ.get("HF_GB_VERBOSE_BUILD", "0") == "1",
-        )
+
+def get():
+    """The extension module, built first if it is not yet (once per machine, announced with its expected
+    duration), or None after one warning if it cannot be built here."""
+    global _module, _failed
+    if ready() is not None or _failed:
+        return _module
+    directory = build_directory()
+    logger.warning("hf_gb: building the native g-net kernel for training in %s (once per machine, about %d s; "
+                   "predictions without gradients do not wait for it)", directory, BUILD_SECONDS)
+    try:
+        _module = _build(directory)
     except Exception as e:  # a missing compiler, ninja or OpenMP raises many types
         _failed = True
         logger.warning(
@@ -80,3 +113,17 @@ def get():
             type(e).__name__, e,
         )
     return _module
+
+
+def _build(directory: Path):
+    from torch.utils.cpp_extension import load
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=_name(),
+        sources=[str(SOURCE)],
+        build_directory=str(directory),
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *_x86_flags()],
+        extra_ldflags=["-fopenmp"],
+        verbose=os.environ.get("HF_GB_VERBOSE_BUILD", "0") == "1",
+    )
