@@ -59,7 +59,8 @@ NET_COVERED = {
 def _net(dtype=torch.float64, **config):
     torch.manual_seed(0)
     model = Net().to(dtype)
-    gb = GenomicBottleneck(model, GBConfig(**{"hidden_dim": 4, "tile_size": 8, "kernel": "eager", **config}))
+    config = {"family": "mlp", "hidden_dim": 4, "tile_size": 8, "kernel": "eager", **config}
+    gb = GenomicBottleneck(model, GBConfig(**config))
     return model, gb.to(dtype)
 
 
@@ -323,11 +324,11 @@ def test_llama_tied_embedding_opt_in_covered_once():
     pytest.importorskip("transformers")
     model = _llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    default = GenomicBottleneck(model, GBConfig(hidden_dim=8, min_compression=1e-6))
+    default = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=8, min_compression=1e-6))
     assert "lm_head.weight" not in {t.name for t in default.covered}
     assert _has(default.uncompressed_parameters(), model.model.embed_tokens.weight)
     default.detach_model()  # one bottleneck per model
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=8, min_compression=1e-6,
+    gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=8, min_compression=1e-6,
                                            target_modules=r".*(embed_tokens|lm_head|_proj)"))
     emb = [t for t in gb.covered if t.param is model.lm_head.weight]
     assert len(emb) == 1
@@ -427,7 +428,7 @@ def test_unknown_module_types_are_skipped_and_reported():
 
 def test_min_compression_leaves_small_tensors_uncompressed():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2))
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=16, min_compression=2.0))
+    gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=16, min_compression=2.0))
     assert [t.name for t in gb.covered] == ["0.weight"]
     assert _has(gb.uncompressed_parameters(), model[1].weight)
     assert "compress it only" in gb.stats()["skipped"][0]["reason"]

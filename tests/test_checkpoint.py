@@ -20,7 +20,8 @@ def tiny_bottleneck(seed: int = 0, **gb_config) -> GenomicBottleneck:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return GenomicBottleneck(LlamaForCausalLM(config), GBConfig(**{"hidden_dim": 8, "tile_size": 16, **gb_config}))
+    gb_config = {"family": "mlp", "hidden_dim": 8, "tile_size": 16, **gb_config}
+    return GenomicBottleneck(LlamaForCausalLM(config), GBConfig(**gb_config))
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,8 @@ def test_meta_keys_are_not_reported_as_unknown(caplog):
 def test_from_pretrained_drops_unknown_keys_in_file(tmp_path, caplog):
     (tmp_path / CONFIG_NAME).write_text(json.dumps({"hidden_dim": 12, "made_up": True, "hf_gb_version": "9"}))
     with caplog.at_level(logging.WARNING, logger="hf_gb.engine.config"):
-        assert GBConfig.from_pretrained(tmp_path) == GBConfig(hidden_dim=12)
+        # A file without format_version is of format 1: what it leaves out means what it meant then.
+        assert GBConfig.from_pretrained(tmp_path) == GBConfig(hidden_dim=12, family="mlp", kernel_code="one_hot")
     assert "made_up" in caplog.text
 
 

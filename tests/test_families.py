@@ -90,10 +90,15 @@ def test_deep_checkpoint_round_trip_records_the_family(tmp_path):
     torch.testing.assert_close(fresh(x), model(x))
 
 
-def test_config_without_family_means_mlp():
+def test_config_file_without_family_means_mlp(tmp_path):
+    """Files of format 1 and 2 were written when "mlp" was the default: one that names no family means it. A config
+    built now without one gets the present default, "auto"."""
     data = GBConfig(hidden_dim=4).to_dict()
     del data["family"], data["second_hidden_dim"]
-    assert GBConfig.from_dict(data).family == "mlp"
+    assert GBConfig.from_dict(data).family == "auto"
+    for version in (1, 2):
+        (tmp_path / "gb_config.json").write_text(json.dumps({**data, "format_version": version}))
+        assert GBConfig.from_pretrained(tmp_path).family == "mlp"
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "8"])

@@ -67,7 +67,7 @@ def test_compression_target_pays_for_the_gains():
     """At a compression target the tiles shrink to make room for the gains, instead of overshooting the storage."""
     dims = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
     for gains in ("none", "both"):
-        gb = GenomicBottleneck(dims, GBConfig(compression=40, gains=gains, kernel="eager"))
+        gb = GenomicBottleneck(dims, GBConfig(family="mlp", compression=40, gains=gains, kernel="eager"))
         ratio = gb.stats()["covered_compression"]
         assert 40 / 1.6 < ratio < 40 * 1.6, (gains, ratio)
         if gains == "none":
@@ -102,7 +102,7 @@ def test_gains_on_the_fused_kernels_match_eager(kernel, monkeypatch):
     for k in ("eager", kernel):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 32))
-        gb = GenomicBottleneck(model, GBConfig(hidden_dim=8, tile_size=32, gains="both", kernel=k))
+        gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=8, tile_size=32, gains="both", kernel=k))
         _randomise_gains(gb)
         gb.predict_weights()
         model(torch.randn(4, 64, generator=torch.Generator().manual_seed(1))).square().sum().backward()

@@ -32,7 +32,7 @@ def tiny_model(seed: int = 0, dtype=None) -> LlamaForCausalLM:
 
 
 def tiny_bottleneck(seed: int = 0, **config) -> GenomicBottleneck:
-    return GenomicBottleneck(tiny_model(seed), GBConfig(hidden_dim=8, tile_size=16, **config))
+    return GenomicBottleneck(tiny_model(seed), GBConfig(family="mlp", hidden_dim=8, tile_size=16, **config))
 
 
 def logits(model) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_plugin_state_is_safetensors_and_a_crafted_pickle_is_never_loaded(tmp_pa
 
     def setup(seed):
         accelerator = Accelerator(cpu=True)
-        plugin = GBPlugin(hidden_dim=4, tile_size=16)
+        plugin = GBPlugin(family="mlp", hidden_dim=4, tile_size=16)
         torch.manual_seed(seed)
         model, _ = plugin.prepare(accelerator, torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)))
         optimizer = torch.optim.AdamW(plugin.trainable_parameters(), lr=1e-2)
@@ -198,7 +198,8 @@ def test_trainer_resume_true_uses_the_newest_complete_checkpoint(tmp_path, caplo
     def trainer(max_steps):
         args = GBTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
                                    disable_tqdm=True, per_device_train_batch_size=4, max_steps=max_steps,
-                                   save_strategy="steps", save_steps=2, gb_hidden_dim=4, gb_tile_size=[16])
+                                   save_strategy="steps", save_steps=2, gb_family="mlp", gb_hidden_dim=4,
+                                   gb_tile_size=[16])
         return GBTrainer(model=tiny_model(), args=args, train_dataset=data)
 
     trainer(4).train()
@@ -363,7 +364,7 @@ def test_symlinks_are_never_followed_out_of_the_folder(saved, tmp_path, caplog):
 # ----------------------------------------------------------------------------- 8. dtype
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dtype_round_trip(tmp_path, dtype):
-    gb = GenomicBottleneck(tiny_model(dtype=dtype), GBConfig(hidden_dim=8, tile_size=16))
+    gb = GenomicBottleneck(tiny_model(dtype=dtype), GBConfig(family="mlp", hidden_dim=8, tile_size=16))
     gb.save_pretrained(str(tmp_path / "half"))
     assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == str(dtype).split(".")[1]
     model = hf_gb.load_compressed(str(tmp_path / "half"))

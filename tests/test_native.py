@@ -138,7 +138,7 @@ class _Sum(nn.Sequential):
 def _train(kernel, model_fn, x, steps=2, **config):
     torch.manual_seed(0)
     model = model_fn()
-    gb = GenomicBottleneck(model, GBConfig(kernel=kernel, **config))
+    gb = GenomicBottleneck(model, GBConfig(**{"family": "mlp", "kernel": kernel, **config}))
     seen = []
     for step in range(steps):
         gb.predict_weights(step=step)

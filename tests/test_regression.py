@@ -26,7 +26,7 @@ def smooth_model() -> torch.nn.Module:
 def test_fit_reduces_the_relative_error_and_reports_it(center, max_ratio):
     model = smooth_model()
     targets = covered_weights(model)
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=16, tile_size=32, center=center))
+    gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=16, tile_size=32, center=center))
     before = relative_errors(gb, targets)
     after = fit_to_weights(gb, targets, steps=150, lr=3e-2, progress=False)
     assert set(after) == {"0.weight", "2.weight"}
@@ -40,7 +40,8 @@ def test_fit_reduces_the_relative_error_and_reports_it(center, max_ratio):
 def test_uncovered_tensors_are_left_alone():
     model = smooth_model()
     bias = model[0].bias.detach().clone()
-    gb, errors = compress_by_regression(model, GBConfig(hidden_dim=4, tile_size=16), steps=3, progress=False)
+    config = GBConfig(family="mlp", hidden_dim=4, tile_size=16)
+    gb, errors = compress_by_regression(model, config, steps=3, progress=False)
     assert torch.equal(model[0].bias, bias)
     assert sorted(errors) == sorted(t.name for t in gb.covered)
 
@@ -56,14 +57,14 @@ def test_uncovered_tensors_are_left_alone():
 def test_bad_arguments_raise_value_error(kwargs, message):
     model = smooth_model()
     targets = covered_weights(model)
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=4, tile_size=16))
+    gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=4, tile_size=16))
     with pytest.raises(ValueError, match=message):
         fit_to_weights(gb, targets, progress=False, **kwargs)
 
 
 def test_targets_must_match_the_covered_tensors():
     model = smooth_model()
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=4, tile_size=16))
+    gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=4, tile_size=16))
     with pytest.raises(ValueError, match="lack 1 covered"):
         fit_to_weights(gb, {"0.weight": torch.zeros(32, 32)}, steps=1, progress=False)
     with pytest.raises(ValueError, match=r"shape \(3, 3\)"):

@@ -21,7 +21,7 @@ from hf_gb import GBConfig, GenomicBottleneck
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_gb-0.1.0"
 
 CASES = {
-    "llama_rows": dict(hidden_dim=4, tile_size=16, gains="rows"),
+    "llama_rows": dict(family="mlp", hidden_dim=4, tile_size=16, gains="rows"),
     "llama_shared": dict(hidden_dim=4, tile_size=16, family="shared", stochastic=True, center=False, gains="columns",
                          encoding="gray"),
 }

@@ -28,14 +28,16 @@ def test_every_unit_is_active_on_the_fraction_asked_for(family):
 def test_large_tiles_are_sampled_and_no_unit_starts_dead():
     torch.manual_seed(0)
     model = nn.Linear(256, 128)
-    gb = GenomicBottleneck(model, GBConfig(hidden_dim=16, tile_size=128, init_active=0.05, kernel="eager"))
+    gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=16, tile_size=128, init_active=0.05,
+                                           kernel="eager"))
     (bank,) = gb.banks.values()
     assert 128 * 128 > SPARSE_SAMPLE  # the biases come from a sample of positions
     active = _active(bank)
     assert active.min() > 0.02 and active.max() < 0.09, active
     assert abs(active.mean().item() - 0.05) < 0.01
     # The dense init: about half of the positions, every unit.
-    dense = GenomicBottleneck(nn.Linear(256, 128), GBConfig(hidden_dim=16, tile_size=128, kernel="eager"))
+    config = GBConfig(family="mlp", hidden_dim=16, tile_size=128, kernel="eager")
+    dense = GenomicBottleneck(nn.Linear(256, 128), config)
     assert abs(_active(next(iter(dense.banks.values()))).mean().item() - 0.5) < 0.05
 
 
@@ -45,7 +47,7 @@ def test_sparse_init_is_calibrated_and_seeded():
         torch.manual_seed(0)
         model = nn.Linear(64, 64)
         std = model.weight.std().item()
-        gb = GenomicBottleneck(model, GBConfig(hidden_dim=8, tile_size=32, init_active=0.02, seed=seed,
+        gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=8, tile_size=32, init_active=0.02, seed=seed,
                                                kernel="eager"))
         return gb, std
 
@@ -61,9 +63,10 @@ def test_sparse_init_is_calibrated_and_seeded():
 def test_loading_does_not_run_the_sparse_init(monkeypatch):
     calls = []
     monkeypatch.setattr(SeparableBank, "sparse_biases_", lambda self, *a: calls.append(self))
-    GenomicBottleneck(nn.Linear(64, 64), GBConfig(hidden_dim=8, tile_size=32, init_active=0.02), init_gnets=False)
+    sparse = GBConfig(family="mlp", hidden_dim=8, tile_size=32, init_active=0.02)
+    GenomicBottleneck(nn.Linear(64, 64), sparse, init_gnets=False)
     assert calls == []
-    GenomicBottleneck(nn.Linear(64, 64), GBConfig(hidden_dim=8, tile_size=32, init_active=0.02))
+    GenomicBottleneck(nn.Linear(64, 64), GBConfig(family="mlp", hidden_dim=8, tile_size=32, init_active=0.02))
     assert len(calls) == 1
 
 

@@ -47,7 +47,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def make_args(tmp_path, name: str = "out", **overrides) -> GBTrainingArguments:
     kwargs = dict(output_dir=str(tmp_path / name), report_to="none", use_cpu=True, disable_tqdm=True,
                   per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-                  max_steps=3, gb_hidden_dim=8, gb_tile_size=[16])
+                  max_steps=3, gb_family="mlp", gb_hidden_dim=8, gb_tile_size=[16])
     kwargs.update(overrides)
     return GBTrainingArguments(**kwargs)
 
@@ -138,7 +138,7 @@ def test_weights_follow_the_gnets_after_every_step(tmp_path):
 def test_gradient_accumulation_matches_large_batch(tmp_path, micro_batch, accumulation):
     def run(name, batch, steps_accum):
         model = tiny_model().double()
-        gb = GenomicBottleneck(model, GBConfig(hidden_dim=8, tile_size=16)).double()
+        gb = GenomicBottleneck(model, GBConfig(family="mlp", hidden_dim=8, tile_size=16)).double()
         args = make_args(tmp_path, name, per_device_train_batch_size=batch, gradient_accumulation_steps=steps_accum,
                          max_grad_norm=0.0, train_sampling_strategy="sequential")
         trainer = GBTrainer(model=model, gb=gb, args=args, train_dataset=tiny_data())

@@ -91,17 +91,18 @@ class Bottleneck(nn.Module):
         self._full_uncompressed: dict[str, torch.Tensor] | None = None  # set while `gathered` is open
         self._step: TrainStep | None = None  # what `step` returns, kept across the micro-batches of a window
 
-        family = family_class(config.family)
         targets, self.skipped = find_targets(model, config)
-        by_geometry, too_small = plan_covered(targets, config)
+        groups, too_small = plan_covered(targets, config)
         self.skipped.extend(too_small)
         generator = torch.Generator().manual_seed(config.seed)
-        for geometry, group in by_geometry.items():
-            self.banks[geometry.key()] = family(geometry, sum(t.n_tiles for t in group), config, generator)
+        for spec, group in groups.items():
+            family = family_class(spec.family)
+            self.banks[spec.key(config)] = family(spec.geometry, sum(t.n_tiles for t in group),
+                                                  spec.bank_config(config), generator)
             self.covered.extend(group)
         order = {t.name: i for i, t in enumerate(targets)}
         self.covered.sort(key=lambda t: order[t.name])  # model order, for tables and files
-        self._members = {key: [t for t in self.covered if t.geometry.key() == key] for key in self.banks}
+        self._members = {key: [t for t in self.covered if t.bank == key] for key in self.banks}
         # GBConfig.gains: log-gains, so exp() keeps them positive and 0 (the init) predicts what the banks do.
         self.row_gains, self.col_gains = make_gains(self.covered, config.gains)
         device = next((t.param.device for t in self.covered), None)
@@ -370,10 +371,12 @@ class Bottleneck(nn.Module):
     def bank_shares(self) -> dict[str, int]:
         """Each covered tensor's share of its bank's shared values (`GNetBank.bank_params`), in proportion to its
         tiles and rounded so that a bank's shares sum to its shared values exactly (all 0 for per-tile families)."""
-        family = family_class(self.config.family)
         shares = {}
-        for key, members in self._members.items():
-            total = family.bank_params(self.banks[key].geometry, self.config)
+        for members in self._members.values():
+            if not members:  # after detach_model
+                continue
+            spec = members[0].spec
+            total = family_class(spec.family).bank_params(spec.geometry, spec.bank_config(self.config))
             n = sum(t.n_tiles for t in members)
             done = 0
             for t in members:
@@ -395,4 +398,4 @@ class Bottleneck(nn.Module):
         print(self.summary(per_tensor=per_tensor))
 
     def extra_repr(self) -> str:
-        return f"covered={len(self.covered)}, banks={len(self.banks)}, hidden_dim={self.config.hidden_dim}"
+        return f"covered={len(self.covered)}, banks={len(self.banks)}, family={self.config.family!r}"

@@ -50,6 +50,31 @@ def position_codes(size: int, encoding: str = "binary") -> torch.Tensor:
     return codes
 
 
+def axis_codes(axes: tuple[int, ...], encoding: str = "binary") -> torch.Tensor:
+    """Codes of the positions of an ordered multi-axis range (an image's (channel, y, x), a kernel's (ky, kx)), in
+    row-major (C) order as torch flattens them: each position's `position_codes` of every coordinate, side by side.
+    A ``(prod(axes), axes_width(axes))`` tensor; a 28 x 28 image needs 5 + 5 bits and no padding."""
+    parts = []
+    for d, size in enumerate(axes):
+        codes = position_codes(size, encoding)  # (size, w_d)
+        before, after = math.prod(axes[:d]), math.prod(axes[d + 1 :])
+        parts.append(codes[None, :, None, :].expand(before, size, after, -1).reshape(-1, codes.shape[1]))
+    return torch.cat(parts, dim=1)
+
+
+def axes_width(axes: tuple[int, ...], encoding: str = "binary") -> int:
+    """Columns of `axis_codes` of ``axes``."""
+    return sum(code_width(size, encoding) for size in axes)
+
+
+def column_codes(geom: TileGeometry, encoding: str = "binary") -> torch.Tensor:
+    """The codes of a tile's columns: of their coordinates (``geom.col_axes``) or of their index."""
+    return axis_codes(geom.col_axes, encoding) if geom.col_axes else position_codes(geom.cols, encoding)
+
+
 def code_inputs(geom: TileGeometry, encoding: str = "binary") -> int:
-    """Inputs of a g-net over tiles of ``geom``: row code, column code and one bit per kernel position."""
-    return code_width(geom.rows, encoding) + code_width(geom.cols, encoding) + geom.kernel_bits
+    """Inputs of a g-net over tiles of ``geom``: row code, column code and the kernel code (one input per kernel
+    position, or the bits of each kernel axis)."""
+    cols = axes_width(geom.col_axes, encoding) if geom.col_axes else code_width(geom.cols, encoding)
+    kernel = axes_width(geom.kernel_axes, encoding) if geom.kernel_axes else geom.kernel_bits
+    return code_width(geom.rows, encoding) + cols + kernel

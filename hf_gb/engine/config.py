@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,36 +12,49 @@ from typing import Any
 from ..files import CONFIG_NAME, atomic_write_text
 from ..version import __version__
 from .registry import families
+from .validation import (
+    MAX_CONFIG_BYTES,
+    MAX_HIDDEN_DIM,
+    MAX_TENSOR_DIMS,
+    MAX_TILE_SIDE,
+    check_input_shapes,
+    check_pattern,
+    int_in,
+    is_int,
+    number,
+)
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "GBConfig", "check_pattern", "config_json", "parse_config_json",
-           "read_config_json"]
+__all__ = ["AUTO_FAMILY", "CONFIG_NAME", "DEFAULT_HIDDEN_DIM", "FORMAT_VERSION", "GBConfig", "check_pattern",
+           "config_json", "parse_config_json", "read_config_json"]
 
 logger = logging.getLogger(__name__)
 
 # Bumped only when a saved checkpoint can no longer be read by older code. Readers accept 1 .. FORMAT_VERSION.
-FORMAT_VERSION = 2  # 2: centred banks store no b2 (version 1 files still load)
+FORMAT_VERSION = 3  # 2: centred banks store no b2; 3: family "auto", hidden_dim None, input_shapes, kernel_code
+# What a gb_config.json of format 1 or 2 meant by a field it does not name (those defaults have changed since).
+_LEGACY_DEFAULTS = {"family": "mlp", "hidden_dim": 32, "kernel_code": "one_hot"}
 
 # Keys of gb_config.json that describe the file, not the config.
 _META_KEYS = ("hf_gb_version", "format_version", "tensors", "save_id")
-# Bounds on what a config (or a crafted gb_config.json) may ask for: far above any useful value, far below a hang.
-MAX_HIDDEN_DIM = 65536
-MAX_TILE_SIDE = 2**24
-MAX_PATTERN_LENGTH = 4096  # characters of one regex or one name suffix
-MAX_PATTERN_ITEMS = 65536  # names in a list of module names
-MAX_CONFIG_BYTES = 64 * 2**20
-MAX_TENSOR_DIMS = 8
 _ENCODINGS = ("binary", "gray", "fourier")
 _KERNELS = ("auto", "native", "compiled", "eager")
 _GAINS = ("none", "rows", "columns", "both")
+_KERNEL_CODES = ("one_hot", "axes")
+# `GBConfig.family` that picks a family per tensor (`hf_gb.engine.planning`) instead of naming one.
+AUTO_FAMILY = "auto"
+# Hidden width of a family's g-nets when `hidden_dim` is None and no target asks for another.
+DEFAULT_HIDDEN_DIM = 32
 
 
 @dataclass
 class GBConfig:
     """Configuration of a genomic bottleneck.
 
-    Every covered weight tensor is cut into tiles; by default (``family="mlp"``) each tile gets its own g-net, a
-    one-hidden-layer MLP that maps the binary code of a position (row bits, column bits, one bit per kernel
-    position) to the weight there (``"shared"``: one g-net per bank of equal tiles, a learned embedding per tile).
+    Every covered weight tensor is cut into tiles and its weights are predicted from their positions. By default
+    (``family="auto"``) a tensor whose positions carry meaning (a Linear whose input is an image named in
+    `input_shapes`) gets a g-net over the position codes of its axes, and every other tensor gets random weight
+    sharing (``"hash"``), which at equal storage is what works where positions mean nothing (the hidden units of a
+    transformer). ``"mlp"``, ``"deep"``, ``"shared"`` and ``"hash"`` name one family for every tensor.
 
     Example::
 
@@ -52,7 +64,11 @@ class GBConfig:
         True
     """
 
-    hidden_dim: int = field(default=32, metadata={"help": "Width of each g-net's hidden layer."})
+    hidden_dim: int | None = field(
+        default=None,
+        metadata={"help": "Width of each g-net's hidden layer. None: 32, or the width a `compression` target "
+                  "needs (family 'auto': the width the tensor's budget allows, one g-net per tensor)."},
+    )
     compression: float | None = field(
         default=None,
         metadata={
@@ -114,12 +130,28 @@ class GBConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the g-net initialisation."})
     family: str = field(
-        default="mlp",
+        default=AUTO_FAMILY,
         metadata={
-            "help": "g-net family: 'mlp' (one hidden layer over position codes, one g-net per tile), 'deep' (a "
-            "second hidden layer of `second_hidden_dim` units after the first) or 'shared' (one g-net per bank, "
-            "each tile keeping only its own first-layer bias; hf_gb.engine.families)."
+            "help": "g-net family: 'auto' (per tensor: 'mlp' over the position codes of a tensor with ordered axes "
+            "(`input_shapes`), 'hash' elsewhere), 'mlp' (one hidden layer over position codes, one g-net per "
+            "tile), 'deep' (a second hidden layer of `second_hidden_dim` units), 'shared' (one g-net per bank, "
+            "each tile keeping only its own first-layer bias) or 'hash' (random weight sharing: a seeded hash of "
+            "each position into learned values); hf_gb.engine.families."
         },
+    )
+    input_shapes: dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Ordered input axes of Linears that read an image: {module name suffix: shape}, e.g. "
+            "{'fc1': [28, 28]} or {'fc1': [3, 32, 32]} (channel-major, as torch flattens). The g-nets of those "
+            "weights code each input by its coordinates (Gray/binary bits of channel, y and x) instead of its flat "
+            "index, and family 'auto' gives them g-nets instead of random sharing."
+        },
+    )
+    kernel_code: str = field(
+        default="one_hot",
+        metadata={"help": "Code of a conv kernel position: 'one_hot' (one input per position) or 'axes' (the "
+                  "bits of each kernel axis, e.g. ky and kx of a 3x3 kernel: 4 inputs instead of 9)."},
     )
     second_hidden_dim: int = field(
         default=8, metadata={"help": "Width of the second hidden layer of the 'deep' family (other families: unused)."}
@@ -145,15 +177,16 @@ class GBConfig:
     )
 
     def __post_init__(self):
-        self.hidden_dim = _int("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
+        if self.hidden_dim is not None:
+            self.hidden_dim = int_in("hidden_dim", self.hidden_dim, 1, MAX_HIDDEN_DIM)
         if self.compression is not None:
-            self.compression = _number("compression", self.compression)
+            self.compression = number("compression", self.compression)
             if self.compression < 1.0:
                 raise ValueError(f"compression must be a finite ratio >= 1, got compression={self.compression!r}")
         if self.tile_size is not None:
-            sizes = [self.tile_size] * 2 if _is_int(self.tile_size) else self.tile_size
+            sizes = [self.tile_size] * 2 if is_int(self.tile_size) else self.tile_size
             ok = isinstance(sizes, (list, tuple)) and len(sizes) == 2
-            if not (ok and all(_is_int(s) and 1 <= s <= MAX_TILE_SIDE for s in sizes)):
+            if not (ok and all(is_int(s) and 1 <= s <= MAX_TILE_SIDE for s in sizes)):
                 raise ValueError(
                     f"tile_size must be a positive int or [rows, cols] of positive ints (at most {MAX_TILE_SIDE}), "
                     f"got tile_size={self.tile_size!r:.80}"
@@ -161,7 +194,9 @@ class GBConfig:
             self.tile_size = list(sizes)
         for name in ("target_modules", "exclude_modules"):
             setattr(self, name, check_pattern(name, getattr(self, name)))
-        for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS), ("gains", _GAINS)):
+        self.input_shapes = check_input_shapes(self.input_shapes)
+        for name, choices in (("encoding", _ENCODINGS), ("kernel", _KERNELS), ("gains", _GAINS),
+                              ("kernel_code", _KERNEL_CODES)):
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
                 raise ValueError(f"{name} must be one of {choices}, got {name}={getattr(self, name)!r}")
         # strict: "no" or null must not read as a boolean
@@ -169,19 +204,25 @@ class GBConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
         for name in ("init_noise", "min_compression"):
-            value = _number(name, getattr(self, name))
+            value = number(name, getattr(self, name))
             if not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {name}={getattr(self, name)!r}")
             setattr(self, name, value)
         if self.init_active is not None:
-            self.init_active = _number("init_active", self.init_active)
+            self.init_active = number("init_active", self.init_active)
             if not 0 < self.init_active < 1:
                 raise ValueError(f"init_active must be a fraction in (0, 1) or null, "
                                  f"got init_active={self.init_active!r}")
-        self.seed = _int("seed", self.seed, 0, 2**63 - 1)
-        if not (isinstance(self.family, str) and self.family in families()):
-            raise ValueError(f"family must be one of {families()}, got family={self.family!r:.80}")
-        self.second_hidden_dim = _int("second_hidden_dim", self.second_hidden_dim, 1, MAX_HIDDEN_DIM)
+        self.seed = int_in("seed", self.seed, 0, 2**63 - 1)
+        known = [AUTO_FAMILY, *families()]
+        if not (isinstance(self.family, str) and self.family in known):
+            raise ValueError(f"family must be one of {known}, got family={self.family!r:.80}")
+        self.second_hidden_dim = int_in("second_hidden_dim", self.second_hidden_dim, 1, MAX_HIDDEN_DIM)
+
+    @property
+    def width(self) -> int:
+        """`hidden_dim`, or `DEFAULT_HIDDEN_DIM` when it is None."""
+        return DEFAULT_HIDDEN_DIM if self.hidden_dim is None else self.hidden_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,7 +299,7 @@ def parse_config_json(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{where} must hold a JSON object, got {type(data).__name__}")
     version = data.get("format_version", 1)
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise ValueError(f"{where}: format_version must be a positive int, got format_version={version!r}")
     if version > FORMAT_VERSION:
         raise ValueError(
@@ -269,6 +310,8 @@ def parse_config_json(data: Any, where: str) -> dict[str, Any]:
     if save_id is not None and not (isinstance(save_id, str) and len(save_id) <= 64):
         raise ValueError(f"{where}: save_id must be a string of at most 64 characters, got save_id={save_id!r:.80}")
     config = {k: v for k, v in data.items() if k not in _META_KEYS}
+    if version < 3:  # written before these defaults changed: what the file meant by leaving them out
+        config = {**_LEGACY_DEFAULTS, **config}
     try:
         gb_config = GBConfig.from_dict(config)
         tensors = _check_entries(data.get("tensors"))
@@ -295,56 +338,13 @@ def _check_entries(entries: Any) -> list[dict[str, Any]] | None:
         for key, dims in (("shape", None), ("tile", 3)):
             value = entry[key]
             ok = isinstance(value, list) and 1 <= len(value) <= (dims or MAX_TENSOR_DIMS) and (
-                dims is None or len(value) == dims) and all(_is_int(v) and v >= 1 for v in value)
+                dims is None or len(value) == dims) and all(is_int(v) and v >= 1 for v in value)
             if not ok:
                 expected = "3 positive ints" if dims else "a list of positive ints"
                 raise ValueError(f"tensors[{i}].{key} ({entry['name']}) must be {expected}, got {value!r:.80}")
-        if "n_tiles" in entry and not (_is_int(entry["n_tiles"]) and entry["n_tiles"] >= 1):
+        if "n_tiles" in entry and not (is_int(entry["n_tiles"]) and entry["n_tiles"] >= 1):
             raise ValueError(f"tensors[{i}].n_tiles ({entry['name']}) must be a positive int, "
                              f"got {entry['n_tiles']!r:.80}")
     return entries
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(name: str, value: Any, low: int, high: int) -> int:
-    if not _is_int(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}], got {name}={value!r:.80}")
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {name}={value!r:.80}")
-    return float(value)
-
-
-def check_pattern(name: str, value: Any) -> None | str | list[str]:
-    """A module pattern as `GBConfig` keeps it: None, a regex (checked to compile) or a list of name suffixes.
-
-    Raises ``ValueError`` naming the field for a value of another type, a pattern longer than
-    `MAX_PATTERN_LENGTH`, or a regex that does not compile.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if len(value) > MAX_PATTERN_LENGTH:
-            raise ValueError(f"{name} is a regex of {len(value):,} characters; at most {MAX_PATTERN_LENGTH} are "
-                             f"allowed, got {name}={value[:40]!r}...")
-        import regex
-
-        try:
-            regex.compile(value)
-        except (regex.error, RecursionError, OverflowError) as e:
-            raise ValueError(f"{name} is not a valid regular expression ({e}), got {name}={value!r:.80}") from None
-        return value
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a regex string or a list of strings, got {name}={value!r:.80}")
-    value = list(value)
-    if len(value) > MAX_PATTERN_ITEMS:
-        raise ValueError(f"{name} lists {len(value):,} names; at most {MAX_PATTERN_ITEMS} are allowed")
-    if not all(isinstance(v, str) and len(v) <= MAX_PATTERN_LENGTH for v in value):
-        raise ValueError(f"{name} must be a regex string or a list of strings, got {name}={value!r:.80}")
-    return value

@@ -21,11 +21,25 @@ _MAX_SIDE = 1 << 14
 
 @dataclass(frozen=True)
 class TileGeometry:
-    """Shape of one tile: ``rows x cols`` positions of a weight, times ``kernel`` positions each."""
+    """Shape of one tile: ``rows x cols`` positions of a weight, times ``kernel`` positions each.
+
+    ``col_axes``: the shape a tile's columns unravel to when they are an ordered input (an image a Linear reads,
+    `GBConfig.input_shapes`; the tile then spans the whole input axis); ``kernel_axes``: the kernel's shape (e.g.
+    ``(3, 3)``) when kernel positions are coded by their axes (`GBConfig.kernel_code`). Either changes the codes the
+    g-nets read, so it is part of the bank's `key`; both None is the geometry of earlier versions.
+    """
 
     rows: int
     cols: int
     kernel: int = 1
+    col_axes: tuple[int, ...] | None = None
+    kernel_axes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.col_axes is not None and math.prod(self.col_axes) != self.cols:
+            raise ValueError(f"col_axes {self.col_axes} do not hold the tile's {self.cols} columns")
+        if self.kernel_axes is not None and math.prod(self.kernel_axes) != self.kernel:
+            raise ValueError(f"kernel_axes {self.kernel_axes} do not hold the tile's {self.kernel} kernel positions")
 
     @property
     def numel(self) -> int:
@@ -33,11 +47,16 @@ class TileGeometry:
 
     @property
     def kernel_bits(self) -> int:
-        # One bit per kernel position (one-hot); a single position carries no information.
-        return self.kernel if self.kernel > 1 else 0
+        # One-hot kernel codes: one input per kernel position; a single position carries no information.
+        return self.kernel if self.kernel > 1 and self.kernel_axes is None else 0
 
     def key(self) -> str:
-        return f"{self.rows}x{self.cols}x{self.kernel}"
+        key = f"{self.rows}x{self.cols}x{self.kernel}"
+        if self.col_axes is not None:
+            key += "-in" + "x".join(map(str, self.col_axes))
+        if self.kernel_axes is not None:
+            key += "-k" + "x".join(map(str, self.kernel_axes))
+        return key
 
 
 def grid(shape: Sequence[int], geom: TileGeometry) -> tuple[int, int]:
@@ -105,7 +124,7 @@ def gain_values(shape: Sequence[int], gains: str) -> int:
     return (shape[0] if gains in ("rows", "both") else 0) + (shape[1] if gains in ("columns", "both") else 0)
 
 
-def _sides(size: int) -> list[int]:
+def tile_sides(size: int) -> list[int]:
     sides = {size}
     p = 1
     while p < min(size, _MAX_SIDE):
@@ -132,8 +151,8 @@ def choose_geometry(
         return TileGeometry(min(tile_size[0], out), min(tile_size[1], inp), k)
     target = math.log(compression)
     best, best_score = None, None
-    for r in _sides(out):
-        for c in _sides(inp):
+    for r in tile_sides(out):
+        for c in tile_sides(inp):
             geom = TileGeometry(r, c, k)
             score = (abs(math.log(compression_of(shape, geom, tile_params(geom))) - target), -geom.numel)
             if best_score is None or score < best_score:

@@ -189,16 +189,17 @@ def check_sizes(model: nn.Module, info: dict[str, Any], header: dict[str, Any], 
 
 def _gnet_values_wanted(model: nn.Module, config: GBConfig) -> int:
     """How many values the g-nets of ``config`` over ``model`` hold, from the shapes alone: the plan a bottleneck
-    would be built from (`hf_gb.engine.planning.plan_covered`), counted by the family's
-    `GNetBank.params_per_tile` per tile, `GNetBank.bank_params` once per bank (tile geometry) and the tensors'
-    gains."""
-    family = family_class(config.family)
+    would be built from (`hf_gb.engine.planning.plan_covered`), counted by each bank's family:
+    `GNetBank.params_per_tile` per tile, `GNetBank.bank_params` once per bank, and the tensors' gains."""
     groups, _ = plan_covered(find_targets(model, config)[0], config)
     total = 0
-    for geometry, group in groups.items():
+    for spec, group in groups.items():
+        family, bank_config = family_class(spec.family), spec.bank_config(config)
         for t in group:
-            total += t.n_tiles * family.params_per_tile(geometry, config) + gain_values(t.shape, config.gains)
-    return round(total + sum(family.bank_params(g, config) for g in groups))
+            total += t.n_tiles * family.params_per_tile(spec.geometry, bank_config) + gain_values(t.shape,
+                                                                                                 config.gains)
+        total += family.bank_params(spec.geometry, bank_config)
+    return round(total)
 
 
 def _prod(values) -> int:

@@ -21,12 +21,14 @@ _CLI_TYPES: dict[str, Any] = {
     "tile_size": list[int] | None,
     "target_modules": list[str] | None,
     "exclude_modules": list[str] | None,
+    "input_shapes": str | None,
 }
 # Extra help for those forms.
 _CLI_HELP = {
     "tile_size": " On the command line: one or two ints.",
     "target_modules": " On the command line: name suffixes; a single regex string from JSON/YAML.",
     "exclude_modules": " On the command line: name suffixes; a single regex string from JSON/YAML.",
+    "input_shapes": " On the command line: a JSON object, e.g. '{\"fc1\": [28, 28]}'.",
 }
 
 

@@ -29,7 +29,7 @@ def make_model(seed: int) -> nn.Module:
 def make_plugin(**kwargs) -> GBPlugin:
     # GB_TEST_KERNEL: tests/test_native.py runs the same loop on the native kernels (rows written in place).
     kernel = os.environ.get("GB_TEST_KERNEL", "eager")
-    return GBPlugin(**{"hidden_dim": 8, "tile_size": 16, "kernel": kernel, **kwargs})
+    return GBPlugin(**{"family": "mlp", "hidden_dim": 8, "tile_size": 16, "kernel": kernel, **kwargs})
 
 
 def global_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str, tol: dict) -> float:
 
 def run(case: dict, rank: int, world: int) -> dict:
     dims, accum, mixed = case["dims"], case["accum"], case["mixed"]
-    config = GBConfig(hidden_dim=2, tile_size=8, stochastic=case["stochastic"], seed=3,
+    config = GBConfig(family="mlp", hidden_dim=2, tile_size=8, stochastic=case["stochastic"], seed=3,
                       gains=case.get("gains", "none"))
     tol = {"rtol": 2e-2, "atol": 2e-3} if mixed else TOL  # the sharded forward runs in bf16 there
     ref_model = build(dims)

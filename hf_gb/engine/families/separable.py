@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..bank import GNetBank, pick, randn_parameter, scatter
-from ..codes import code_width, position_codes
+from ..codes import axes_width, axis_codes, code_width, column_codes, position_codes
 
 if TYPE_CHECKING:
     from ..config import GBConfig
@@ -43,12 +43,18 @@ class SeparableBank(GNetBank):
         m = 1 if shared else n
         self._shared_codes = shared
         self.register_buffer("row_codes", position_codes(g.rows, config.encoding), persistent=False)  # (rows, br)
-        self.register_buffer("col_codes", position_codes(g.cols, config.encoding), persistent=False)  # (cols, bc)
-        br, bc = code_width(g.rows, config.encoding), code_width(g.cols, config.encoding)
-        std = 1 / math.sqrt(max(1, br + bc + (1 if g.kernel_bits else 0)))
+        self.register_buffer("col_codes", column_codes(g, config.encoding), persistent=False)  # (cols, bc)
+        # Kernel positions: one-hot (w_ker[k] is their row of the first layer), or the bits of each kernel axis
+        # (ker_codes (K, bk), and w_ker (bk, h) is the first layer of those bits).
+        ker_codes = axis_codes(g.kernel_axes, config.encoding) if g.kernel_axes else None
+        self.register_buffer("ker_codes", ker_codes, persistent=False)
+        br, bc = code_width(g.rows, config.encoding), self.col_codes.shape[1]
+        bk = axes_width(g.kernel_axes, config.encoding) if g.kernel_axes else g.kernel_bits
+        # Unit-variance pre-activations: every ±1 code bit (and the one active one-hot input) adds std².
+        std = 1 / math.sqrt(max(1, br + bc + (bk if g.kernel_axes else min(1, bk))))
         self.w_row = randn_parameter(generator, m, br, hidden, std=std)
         self.w_col = randn_parameter(generator, m, bc, hidden, std=std)
-        self.w_ker = randn_parameter(generator, m, g.kernel_bits, hidden, std=std) if g.kernel_bits else None
+        self.w_ker = randn_parameter(generator, m, bk, hidden, std=std) if bk else None
         self.b1 = randn_parameter(generator, n, hidden, std=b1_std)
 
     @torch.no_grad()
@@ -91,7 +97,10 @@ class SeparableBank(GNetBank):
         A = torch.einsum("rb,nbh->nrh", self.row_codes, codes_of(self.w_row)) + pick(self.b1, index)[:, None, :]
         B = torch.einsum("cb,nbh->nch", self.col_codes, codes_of(self.w_col))  # (n or 1, cols, h)
         if self.w_ker is not None:
-            B = (B[:, :, None, :] + codes_of(self.w_ker)[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
+            ker = codes_of(self.w_ker)  # (n or 1, K, h): one row per kernel position
+            if self.ker_codes is not None:
+                ker = torch.einsum("kb,nbh->nkh", self.ker_codes, ker)
+            B = (B[:, :, None, :] + ker[:, None, :, :]).reshape(B.shape[0], g.cols * g.kernel, -1)
         B = B.expand(A.shape[0], -1, -1)  # a no-op for per-tile weights
         # Contiguous tables: einsum may return a permuted layout, and one layout per shape keeps the compiled
         # kernels to one compilation (their guards include strides).
@@ -110,7 +119,10 @@ class SeparableBank(GNetBank):
         pairs = [(self.w_row, torch.einsum("rb,nrh->nbh", self.row_codes, dA))]
         if self.w_ker is not None:
             dB = dB.reshape(dB.shape[0], g.cols, g.kernel, dB.shape[2])
-            pairs.append((self.w_ker, dB.sum(1)))
+            dker = dB.sum(1)  # (n, K, h)
+            if self.ker_codes is not None:
+                dker = torch.einsum("kb,nkh->nbh", self.ker_codes, dker)
+            pairs.append((self.w_ker, dker))
             dB = dB.sum(2)
         pairs.append((self.w_col, torch.einsum("cb,nch->nbh", self.col_codes, dB)))
         if not self._shared_codes:

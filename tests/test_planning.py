@@ -1,0 +1,109 @@
+"""The plan a bottleneck is built from: family "auto" per tensor, axis codes, widths, unreachable targets."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_bottleneck import _batches, push_against_autograd
+from torch import nn
+
+from hf_gb import GBConfig, GenomicBottleneck
+from hf_gb.engine.codes import axis_codes, code_inputs, position_codes
+from hf_gb.engine.tiling import TileGeometry
+
+
+def _mnist_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 800), nn.ReLU(), nn.Linear(800, 10))
+
+
+def test_axis_codes_are_the_coordinates_codes_in_flatten_order():
+    codes = axis_codes((3, 5, 7), "gray")
+    assert codes.shape == (105, 2 + 3 + 3)
+    c, y, x = 2, 4, 6
+    flat = (c * 5 + y) * 7 + x  # torch's flatten of (C, H, W)
+    want = torch.cat([position_codes(3, "gray")[c], position_codes(5, "gray")[y], position_codes(7, "gray")[x]])
+    assert torch.equal(codes[flat], want)
+    assert code_inputs(TileGeometry(800, 784, col_axes=(28, 28)), "gray") == 10 + 5 + 5
+    assert code_inputs(TileGeometry(8, 4, 9, kernel_axes=(3, 3))) == 3 + 2 + 4
+    with pytest.raises(ValueError, match="col_axes"):
+        TileGeometry(8, 780, col_axes=(28, 28))
+
+
+@pytest.mark.parametrize("target", [100.0, 300.0, 700.0, 1000.0])
+def test_auto_gives_an_image_reading_linear_one_wide_gnet_and_hashes_the_rest(target):
+    model = _mnist_mlp()
+    gb = GenomicBottleneck(model, GBConfig(compression=target, input_shapes={"0": [28, 28]}))
+    fc1, fc2 = gb.covered
+    assert fc1.spec.family == "mlp" and fc1.geometry.col_axes == (28, 28) and fc1.geometry.cols == 784
+    assert fc2.spec.family == "hash" and fc2.geometry.col_axes is None
+    assert fc1.spec.hidden_dim <= 128 and fc1.n_tiles == math.ceil(800 / fc1.geometry.rows)
+    assert abs(gb.stats()["covered_compression"] / target - 1) < 0.1
+    assert set(gb.banks) == {fc1.bank, fc2.bank} and fc1.bank.startswith("mlp-h") and fc2.bank.startswith("hash-")
+
+
+def test_auto_without_ordered_axes_is_random_sharing():
+    model = _mnist_mlp()
+    gb = GenomicBottleneck(model, GBConfig(compression=50))
+    assert {t.spec.family for t in gb.covered} == {"hash"}
+    assert [list(b.keys()) for b in [dict(gb.named_parameters())]] == [["banks.hash-800x784x1.values",
+                                                                       "banks.hash-10x800x1.values"]]
+
+
+def test_input_shapes_are_checked_against_the_model():
+    with pytest.raises(ValueError, match=r"input_shapes\['0'\].*does not describe"):
+        GenomicBottleneck(_mnist_mlp(), GBConfig(compression=50, input_shapes={"0": [28, 27]}))
+    with pytest.raises(ValueError, match="match no covered module"):
+        GenomicBottleneck(_mnist_mlp(), GBConfig(compression=50, input_shapes={"fc9": [28, 28]}))
+    for bad in ({"0": [0, 28]}, {"0": "28x28"}, [28, 28], "{not json"):
+        with pytest.raises(ValueError, match="input_shapes"):
+            GBConfig(input_shapes=bad)
+    assert GBConfig(input_shapes='{"0": [28, 28]}').input_shapes == {"0": [28, 28]}
+
+
+def test_an_unreachable_target_is_refused_with_the_reachable_ratio():
+    with pytest.raises(ValueError, match=r"compression=5000 cannot be reached.*at most \d+\.\dx"):
+        GenomicBottleneck(_mnist_mlp(), GBConfig(family="mlp", hidden_dim=32, compression=5000))
+    # A free width shrinks instead: the same target is met with narrower g-nets.
+    gb = GenomicBottleneck(_mnist_mlp(), GBConfig(family="mlp", compression=1500))
+    assert gb.stats()["covered_compression"] * 1.25 >= 1500
+    assert min(t.spec.hidden_dim for t in gb.covered) < 32
+
+
+def test_the_mlp_default_plan_is_unchanged():
+    """family="mlp" with the old default width plans the tiles and bank names of earlier versions."""
+    gb = GenomicBottleneck(_mnist_mlp(), GBConfig(family="mlp", hidden_dim=32, compression=20))
+    assert all(key == t.geometry.key() for key, t in zip(gb.banks, gb.covered))
+    assert all(t.spec.hidden_dim == 32 and t.geometry.col_axes is None for t in gb.covered)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_axis_codes_push_equals_end_to_end_autograd(accumulate):
+    """Image-coded columns and (ky, kx)-coded kernels: the closed-form push equals autograd through the g-nets."""
+    from test_bottleneck import Net
+
+    torch.manual_seed(0)
+    model = Net().double()
+    config = GBConfig(family="mlp", hidden_dim=3, tile_size=8, kernel="eager", kernel_code="axes",
+                      input_shapes={"fc": [3, 2, 2]})
+    gb = GenomicBottleneck(model, config).double()
+    conv = next(t for t in gb.covered if t.name == "conv.weight")
+    fc = next(t for t in gb.covered if t.name == "fc.weight")
+    assert conv.geometry.kernel_axes == tuple(model.conv.weight.shape[2:]) and fc.geometry.col_axes == (3, 2, 2)
+    _, got = push_against_autograd(model, gb, _batches(accumulate))
+    assert sum(float(g.abs().sum()) for g in got) > 0
+
+
+def test_a_saved_auto_plan_round_trips(tmp_path):
+    from hf_gb import load_compressed
+
+    model = _mnist_mlp()
+    gb = GenomicBottleneck(model, GBConfig(compression=300, input_shapes={"0": [28, 28]}, encoding="gray"))
+    gb.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "gb_config.json").read_text())
+    assert saved["format_version"] == 3 and [t["family"] for t in saved["tensors"]] == ["mlp", "hash"]
+    reloaded = load_compressed(tmp_path / "ckpt", model=nn.Sequential(nn.Linear(784, 800), nn.ReLU(),
+                                                                        nn.Linear(800, 10)))
+    for a, b in zip(model.parameters(), reloaded.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
