@@ -85,7 +85,7 @@ def _reference_weights(gb, noise_seed=None):
         tiles = bank(reference=True)  # (n_tiles, rows, cols * K)
         if noise_seed is not None:  # bank i's noise at step seed s is seeded (s * 1_000_003 + i), as in predict
             tiles = tiles + bank.sigma()[:, None, None] * bank.noise((noise_seed * 1_000_003 + i) % 2**63)
-        for t in (t for t in gb.covered if t.geometry.key() == key):
+        for t in (t for t in gb.covered if t.bank == key):
             g = t.geometry
             w = tiles[t.offset : t.offset + t.n_tiles]
             nr, nc = math.ceil(t.shape[0] / g.rows), math.ceil(t.shape[1] / g.cols)

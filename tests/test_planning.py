@@ -1,7 +1,6 @@
 """The plan a bottleneck is built from: family "auto" per tensor, axis codes, widths, unreachable targets."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -36,11 +35,19 @@ def test_auto_gives_an_image_reading_linear_one_wide_gnet_and_hashes_the_rest(ta
     model = _mnist_mlp()
     gb = GenomicBottleneck(model, GBConfig(compression=target, input_shapes={"0": [28, 28]}))
     fc1, fc2 = gb.covered
-    assert fc1.spec.family == "mlp" and fc1.geometry.col_axes == (28, 28) and fc1.geometry.cols == 784
+    assert fc1.spec.family == "coords" and fc1.geometry.col_axes == (28, 28) and fc1.geometry.cols == 784
     assert fc2.spec.family == "hash" and fc2.geometry.col_axes is None
-    assert fc1.spec.hidden_dim <= 128 and fc1.n_tiles == math.ceil(800 / fc1.geometry.rows)
-    assert abs(gb.stats()["covered_compression"] / target - 1) < 0.1
-    assert set(gb.banks) == {fc1.bank, fc2.bank} and fc1.bank.startswith("mlp-h") and fc2.bank.startswith("hash-")
+    assert fc1.spec.hidden_dim <= 32 and fc1.n_tiles == 1  # one g-net for the whole matrix, as in PNAS
+    assert abs(gb.stats()["covered_compression"] / target - 1) < 0.02
+    assert set(gb.banks) == {fc1.bank, fc2.bank} and fc1.bank.startswith("coords-h") and fc2.bank.startswith("hash-")
+
+
+def test_auto_splits_rows_only_when_the_hashed_features_would_outnumber_the_rows():
+    gb = GenomicBottleneck(_mnist_mlp(), GBConfig(compression=10, input_shapes={"0": [28, 28]}))
+    fc1 = gb.covered[0]
+    bank = gb.banks[fc1.bank]
+    assert fc1.n_tiles > 1 and fc1.geometry.cols == 784 and 0 < bank.pool <= fc1.geometry.rows * bank.hidden_dim
+    assert abs(gb.stats()["covered_compression"] / 10 - 1) < 0.05
 
 
 def test_auto_without_ordered_axes_is_random_sharing():
@@ -95,6 +102,34 @@ def test_axis_codes_push_equals_end_to_end_autograd(accumulate):
     assert sum(float(g.abs().sum()) for g in got) > 0
 
 
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_coords_push_equals_end_to_end_autograd(accumulate):
+    """The hashed row features and the stored-divided-by-the-multiplier tensors: push equals autograd."""
+    from test_bottleneck import Net
+
+    torch.manual_seed(0)
+    model = Net().double()
+    config = GBConfig(family="coords", compression=2, tile_size=8, kernel="eager", input_shapes={"fc": [3, 2, 2]})
+    gb = GenomicBottleneck(model, config).double()
+    assert any(bank.row_pool is not None for bank in gb.banks.values())
+    _, got = push_against_autograd(model, gb, _batches(accumulate))
+    assert sum(float(g.abs().sum()) for g in got) > 0
+
+
+def test_coords_stores_its_tensors_divided_by_the_multiplier():
+    from hf_gb.engine.families import CoordsBank, MLPBank
+    from hf_gb.engine.families.coords import LR_MULTIPLIER
+
+    geometry = TileGeometry(64, 49, col_axes=(7, 7))
+    config = GBConfig(family="coords", compression=4, kernel="eager", center=False)
+    bank = CoordsBank(geometry, 1, config, torch.Generator().manual_seed(0))
+    plain = MLPBank(geometry, 1, GBConfig(family="mlp", hidden_dim=bank.hidden_dim, kernel="eager", center=False),
+                    torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bank.w_row * LR_MULTIPLIER, plain.w_row)  # same draw, stored divided
+    A, B, *_ = bank.tables()
+    assert float(A.std()) > 0.3 and float(B.std()) > 0.3  # used at the scale of "mlp"'s tables
+
+
 def test_a_saved_auto_plan_round_trips(tmp_path):
     from hf_gb import load_compressed
 
@@ -102,8 +137,28 @@ def test_a_saved_auto_plan_round_trips(tmp_path):
     gb = GenomicBottleneck(model, GBConfig(compression=300, input_shapes={"0": [28, 28]}, encoding="gray"))
     gb.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "gb_config.json").read_text())
-    assert saved["format_version"] == 3 and [t["family"] for t in saved["tensors"]] == ["mlp", "hash"]
+    assert saved["format_version"] == 3 and [t["family"] for t in saved["tensors"]] == ["coords", "hash"]
     reloaded = load_compressed(tmp_path / "ckpt", model=nn.Sequential(nn.Linear(784, 800), nn.ReLU(),
                                                                         nn.Linear(800, 10)))
     for a, b in zip(model.parameters(), reloaded.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.compiled
+def test_coords_native_kernels_match_eager():
+    from hf_gb.engine import native
+
+    if native.get() is None:
+        pytest.skip("the native kernel cannot be built here")
+    got = {}
+    for kernel in ("eager", "native"):
+        model = _mnist_mlp()
+        gb = GenomicBottleneck(model, GBConfig(compression=300, input_shapes={"0": [28, 28]}, kernel=kernel))
+        gb.predict_weights()
+        x = torch.randn(8, 784, generator=torch.Generator().manual_seed(1))
+        model(x).square().mean().backward()
+        gb.push_gradients()
+        got[kernel] = (model[0].weight.detach().clone(), {n: p.grad.clone() for n, p in gb.named_parameters()})
+    torch.testing.assert_close(got["native"][0], got["eager"][0], rtol=1e-4, atol=1e-6)
+    for name, grad in got["eager"][1].items():
+        torch.testing.assert_close(got["native"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

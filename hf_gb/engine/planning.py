@@ -5,9 +5,9 @@ shapes alone.
 `BankSpec` (one bank each); `tensor_spec` is the one choice per tensor and `stored_per_tile` what it counts. The
 checkpoint size check (`hf_gb.io.checks`) runs the same plan on a model that has no data yet.
 
-Under ``family="auto"`` a tensor whose input axis is an ordered image (`GBConfig.input_shapes`) gets an ``"mlp"``
-g-net over the coordinates of its positions, one tile spanning all its columns (as the PNAS g-nets covered whole
-matrices), and as wide as the compression target allows; every other tensor gets random weight sharing
+Under ``family="auto"`` a tensor whose input axis is an ordered image (`GBConfig.input_shapes`) gets a
+``"coords"`` g-net over the coordinates of its positions (with hashed features of its unordered rows), one tile
+spanning all its columns as the PNAS g-nets covered whole matrices; every other tensor gets random weight sharing
 (``"hash"``), which at equal storage beats position-coded g-nets where positions carry no meaning (docs/design.md).
 A target that the tiles cannot reach is met with narrower g-nets where the width is free (``hidden_dim=None``),
 and refused with the reachable ratio otherwise: never silently missed.
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .codes import code_inputs
 from .config import AUTO_FAMILY
+from .families.coords import coords_sizes
 from .layers import Target, name_matches, view3d
 from .registry import family_class
 from .tiling import TileGeometry, choose_geometry, compression_of, gain_values, grid, tile_sides
@@ -39,8 +39,6 @@ __all__ = ["DEFAULT_TILE_SIZE", "BankSpec", "CoveredTensor", "plan_covered", "st
 DEFAULT_TILE_SIZE = (128, 128)
 # Covered compression that family "auto" aims at when the config names none (about the default tiles' 32x).
 AUTO_COMPRESSION = 32.0
-# Widest g-net "auto" gives one tile before it cuts the tensor's rows into more tiles.
-AUTO_MAX_WIDTH = 128
 # Widths tried, widest first, when a free width (hidden_dim=None) must shrink to reach a target.
 _WIDTHS = (32, 24, 16, 12, 8, 6, 4, 3, 2, 1)
 # A plan may fall short of the target by this factor (tile sides are powers of two and 1.5x powers of two).
@@ -128,11 +126,11 @@ def tensor_spec(name: str, shape: tuple[int, int, int], layout: str, param_shape
     if tile_size is None and config.compression is None and family != AUTO_FAMILY:
         tile_size = list(DEFAULT_TILE_SIZE)
     if family == AUTO_FAMILY:
-        family = "hash" if col_axes is None else "mlp"
+        family = "hash" if col_axes is None else "coords"
         if config.compression is None:
             config = dataclasses.replace(config, compression=AUTO_COMPRESSION)
-        if family == "mlp" and config.hidden_dim is None and tile_size is None:
-            return _widest(shape, config, col_axes, kernel_axes)
+        if family == "coords" and tile_size is None:
+            return _ordered(shape, config, col_axes, kernel_axes)
     widths = [config.width] if config.hidden_dim is not None or config.compression is None else _WIDTHS
     for width in widths:  # widest first; a free width shrinks until the target is met
         spec = _spec(family, shape, config, width, col_axes, kernel_axes, tile_size)
@@ -141,20 +139,19 @@ def tensor_spec(name: str, shape: tuple[int, int, int], layout: str, param_shape
     return spec
 
 
-def _widest(shape: tuple[int, int, int], config: GBConfig, col_axes, kernel_axes) -> BankSpec:
-    """Family "auto" on an ordered tensor: the fewest tiles of whole columns (rows split evenly) whose g-nets, as
-    wide as the target allows, are at most `AUTO_MAX_WIDTH` wide: one tile per tensor whenever the budget allows."""
+def _ordered(shape: tuple[int, int, int], config: GBConfig, col_axes, kernel_axes) -> BankSpec:
+    """Family "auto" on an ordered tensor: a ``"coords"`` bank of the fewest tiles of whole columns (rows split
+    evenly) whose hashed row pools are no larger than their row tables (one tile whenever the budget allows)."""
     out, inp, k = shape
     for n_tiles in range(1, out + 1):
         rows = math.ceil(out / n_tiles)
         if math.ceil(out / rows) != n_tiles:  # this many tiles cannot split the rows evenly; the next can
             continue
         g = TileGeometry(rows, inp, k, col_axes=col_axes, kernel_axes=kernel_axes)
-        budget = (out * inp * k / config.compression - gain_values(shape, config.gains)) / n_tiles
-        width = math.floor(budget / (code_inputs(g, config.encoding) + 2))  # an "mlp" tile's (inputs + 2) h
-        if width <= AUTO_MAX_WIDTH:
-            return BankSpec("mlp", g, max(1, width))
-    return BankSpec("mlp", g, AUTO_MAX_WIDTH)
+        width, pool = coords_sizes(g, config)
+        if pool <= rows * width:
+            break
+    return BankSpec("coords", g, width)
 
 
 def tensor_geometry(shape: tuple[int, int, int], config: GBConfig, name: str = "", layout: str = "matrix",

@@ -78,7 +78,7 @@ class DeepBank(SeparableBank):
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__(geometry, n_tiles, config, generator)
-        h1, h2, n = config.hidden_dim, config.second_hidden_dim, n_tiles
+        h1, h2, n = config.width, config.second_hidden_dim, n_tiles
         self.hidden_dim, self.second_hidden_dim = h1, h2
         # Unit-variance first pre-activations (as "mlp"), He-scaled second layer; `calibrate` sets the output scale.
         self._init_separable(config, h1, generator)
@@ -89,7 +89,7 @@ class DeepBank(SeparableBank):
 
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
-        h1, h2 = config.hidden_dim, config.second_hidden_dim
+        h1, h2 = config.width, config.second_hidden_dim
         inputs = code_inputs(geometry, config.encoding)
         return (inputs + 1) * h1 + (h1 + 2) * h2 + (0 if config.center else 1)
 

@@ -45,7 +45,7 @@ class MLPBank(SeparableBank):
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__(geometry, n_tiles, config, generator)
-        h, n = config.hidden_dim, n_tiles
+        h, n = config.width, n_tiles
         self.hidden_dim = h
         self._init_separable(config, h, generator)
         # The output is calibrated to the layer's scale in `calibrate`.
@@ -55,7 +55,7 @@ class MLPBank(SeparableBank):
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
         inputs = code_inputs(geometry, config.encoding)
-        return (inputs + 2) * config.hidden_dim + (0 if config.center else 1)
+        return (inputs + 2) * config.width + (0 if config.center else 1)
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
         """``(A, B, w2)`` or ``(A, B, w2, b2)`` of tiles ``index``, with the output scale folded into w2 and b2."""

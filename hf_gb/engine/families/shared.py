@@ -57,7 +57,7 @@ class SharedBank(MLPBank):
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         GNetBank.__init__(self, geometry, n_tiles, config, generator)
-        h = config.hidden_dim
+        h = config.width
         self.hidden_dim = h
         self._init_separable(config, h, generator, shared=True, b1_std=1.0)
         self.w2 = randn_parameter(generator, 1, h, std=1 / math.sqrt(h))  # `calibrate` sets each tile's output scale
@@ -66,12 +66,12 @@ class SharedBank(MLPBank):
 
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
-        return config.hidden_dim + (1 if config.tile_gain else 0) + (0 if config.center else 1)
+        return config.width + (1 if config.tile_gain else 0) + (0 if config.center else 1)
 
     @classmethod
     def bank_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
         inputs = code_inputs(geometry, config.encoding)
-        return (inputs + 1) * config.hidden_dim
+        return (inputs + 1) * config.width
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
         """``(A, B, w2)`` or ``(A, B, w2, b2)`` of tiles ``index``: per-tile tables (n_sel, ...), the shared
