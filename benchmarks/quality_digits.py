@@ -135,7 +135,10 @@ def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS
     for h in hidden_dims:
         cfg = GBConfig(hidden_dim=h, compression=target, encoding=encoding, kernel="eager", exclude_modules=exclude,
                        **family)
-        ratio = GenomicBottleneck(build(), cfg).stats()["covered_compression"]
+        try:
+            ratio = GenomicBottleneck(build(), cfg).stats()["covered_compression"]
+        except ValueError:  # this width cannot reach the target (the engine refuses it): a narrower one may
+            continue
         if 0.8 * target <= ratio <= 1.25 * target and not closest:
             return cfg, ratio
         score = abs(math.log(ratio / target))

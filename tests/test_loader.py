@@ -178,9 +178,9 @@ def test_an_edited_quantization_config_is_refused_with_the_file_named(folders, t
     folder = shutil.copytree(folders["llama"], tmp_path / "edited")
     path = folder / MODEL_CONFIG_NAME
     config = json.loads(path.read_text())
-    config["quantization_config"]["hidden_dim"] = 4096
+    config["quantization_config"]["tile_size"] = [8, 8]  # other tiles, whatever the family
     path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"config.json \(quantization_config\) covers tensors"):
+    with pytest.raises(ValueError, match=r"config.json \(quantization_config\) is \[16, 16, 1\] but this model gives"):
         transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
