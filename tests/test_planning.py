@@ -1,6 +1,7 @@
 """The plan a bottleneck is built from: family "auto" per tensor, axis codes, widths, unreachable targets."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -125,7 +126,10 @@ def test_coords_stores_its_tensors_divided_by_the_multiplier():
     bank = CoordsBank(geometry, 1, config, torch.Generator().manual_seed(0))
     plain = MLPBank(geometry, 1, GBConfig(family="mlp", hidden_dim=bank.hidden_dim, kernel="eager", center=False),
                     torch.Generator().manual_seed(0))
-    torch.testing.assert_close(bank.w_row * LR_MULTIPLIER, plain.w_row)  # same draw, stored divided
+    # The same draw, each code's weights at unit pre-activation variance, stored divided by the multiplier.
+    rows, cols = bank.row_codes.shape[1], bank.col_codes.shape[1]
+    torch.testing.assert_close(bank.w_row * LR_MULTIPLIER, plain.w_row * math.sqrt((rows + cols) / rows))
+    torch.testing.assert_close(bank.w_col * LR_MULTIPLIER, plain.w_col * math.sqrt((rows + cols) / cols))
     A, B, *_ = bank.tables()
     assert float(A.std()) > 0.3 and float(B.std()) > 0.3  # used at the scale of "mlp"'s tables
 

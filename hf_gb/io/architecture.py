@@ -83,6 +83,24 @@ def _config_dtype(config: Any, config_path: str) -> torch.dtype | None:
     return value
 
 
+def _registered_class(config: Any, arch: Any) -> type | None:
+    """The model class named ``arch`` that code of this process registered for ``type(config)`` with an Auto class
+    (``AutoModelForImageClassification.register(MyConfig, MyModel)``, as transformers' custom-model guide does);
+    nothing is imported or run from the checkpoint."""
+    from transformers.models.auto import modeling_auto
+
+    for name in dir(modeling_auto):
+        if not (name.startswith("MODEL_") and name.endswith("_MAPPING")):
+            continue
+        try:
+            cls = getattr(modeling_auto, name)[type(config)]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if getattr(cls, "__name__", None) == arch:
+            return cls
+    return None
+
+
 def model_class_for(config: Any, config_path: str = MODEL_CONFIG_NAME) -> type:
     """The class named in ``architectures`` (a transformers model class), else the base model of the config."""
     import transformers
@@ -93,9 +111,12 @@ def model_class_for(config: Any, config_path: str = MODEL_CONFIG_NAME) -> type:
         raise ValueError(f"{config_path}: architectures must be a list of class names, got {architectures!r:.80}")
     for arch in architectures:
         cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            cls = _registered_class(config, arch)
+        if cls is not None:
             return cls
-        raise ValueError(f"{config_path}: architectures names {arch!r:.80}, which is not a transformers model class")
+        raise ValueError(f"{config_path}: architectures names {arch!r:.80}, which is neither a transformers model "
+                         "class nor one registered with the Auto classes (AutoModel*.register) in this process")
     try:
         return MODEL_MAPPING[type(config)]
     except KeyError:

@@ -46,7 +46,7 @@ __all__ = ["COORDS_MAX_WIDTH", "LR_MULTIPLIER", "CoordsBank", "coords_sizes"]
 # Widest g-net of a tile when the width follows from the budget; the rest of the budget goes to the hashed pool.
 COORDS_MAX_WIDTH = 32
 # Stored tensors are the g-net's divided by this (and multiplied back when used): see the module docstring.
-LR_MULTIPLIER = 3.0
+LR_MULTIPLIER = 10 / 3
 # Covered compression when `GBConfig.compression` is None (what the default 128 x 128 "mlp" tiles give).
 DEFAULT_COORDS_COMPRESSION = 32.0
 # Std of the hashed row features at init (the row bits' pre-activations have unit variance).
@@ -86,6 +86,9 @@ class CoordsBank(MLPBank):
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         h, pool = coords_sizes(geometry, config)
         super().__init__(geometry, n_tiles, _with_width(config, h), generator)
+        # The std `_init_separable` drew the code weights with was 1 / sqrt(all code inputs).
+        bk = 0 if self.w_ker is None else (self.w_ker.shape[1] if self.ker_codes is not None else 1)
+        self._code_inputs = self.row_codes.shape[1] + self.col_codes.shape[1] + bk
         self.pool = pool
         m = self.multiplier = LR_MULTIPLIER
         self.row_pool = randn_parameter(generator, n_tiles, max(1, pool), std=ROW_FEATURE_STD) if pool else None
@@ -96,6 +99,12 @@ class CoordsBank(MLPBank):
         self.register_buffer("row_bucket", bucket, persistent=False)
         self.register_buffer("row_sign", sign, persistent=False)
         with torch.no_grad():
+            # Each code's pre-activations at unit variance (the "mlp" init gives the row and column codes unit
+            # variance together): the units then see the rows and the coordinates equally at the start.
+            for weight, width in ((self.w_row, self.row_codes.shape[1]), (self.w_col, self.col_codes.shape[1])):
+                weight.mul_(math.sqrt(self._code_inputs) / math.sqrt(max(1, width)))
+            if self.w_ker is not None:
+                self.w_ker.mul_(math.sqrt(self._code_inputs) / math.sqrt(max(1, self.w_ker.shape[1])))
             for p in self.parameters():
                 p.div_(m)
 
