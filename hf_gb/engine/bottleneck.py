@@ -369,20 +369,8 @@ class Bottleneck(nn.Module):
         return state
 
     def bank_shares(self) -> dict[str, int]:
-        """Each covered tensor's share of its bank's shared values (`GNetBank.bank_params`), in proportion to its
-        tiles and rounded so that a bank's shares sum to its shared values exactly (all 0 for per-tile families)."""
-        shares = {}
-        for members in self._members.values():
-            if not members:  # after detach_model
-                continue
-            spec = members[0].spec
-            total = family_class(spec.family).bank_params(spec.geometry, spec.bank_config(self.config))
-            n = sum(t.n_tiles for t in members)
-            done = 0
-            for t in members:
-                shares[t.name] = round(total * (done + t.n_tiles) / n) - round(total * done / n)
-                done += t.n_tiles
-        return shares
+        """Each covered tensor's share of its bank's shared values (`hf_gb.engine.report.bank_shares`)."""
+        return report.bank_shares(self._members.values(), self.config)
 
     def stats(self) -> dict[str, Any]:
         """Sizes and compression ratios: totals and one row per covered tensor (with its share of shared values)."""

@@ -5,15 +5,34 @@ Pure functions of the covered tensors and counts they are given (the bottleneck 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .planning import CoveredTensor
+from .registry import family_class
 
 if TYPE_CHECKING:
     from .config import GBConfig
 
-__all__ = ["stats", "summary"]
+__all__ = ["bank_shares", "stats", "summary"]
+
+
+def bank_shares(banks: Iterable[Sequence[CoveredTensor]], config: GBConfig) -> dict[str, int]:
+    """Each covered tensor's share of its bank's shared values (`GNetBank.bank_params`), given the tensors of each
+    bank: in proportion to its tiles, rounded so that a bank's shares sum to its shared values exactly (all 0 for
+    per-tile families)."""
+    shares = {}
+    for members in banks:
+        if not members:  # after detach_model
+            continue
+        spec = members[0].spec
+        total = family_class(spec.family).bank_params(spec.geometry, spec.bank_config(config))
+        n = sum(t.n_tiles for t in members)
+        done = 0
+        for t in members:
+            shares[t.name] = round(total * (done + t.n_tiles) / n) - round(total * done / n)
+            done += t.n_tiles
+    return shares
 
 
 def stats(covered: Sequence[CoveredTensor], config: GBConfig, shares: dict[str, int], gnet: int,
