@@ -151,9 +151,24 @@ def hash_config(build: Callable[[], nn.Module], budget: int, **config: Any) -> t
         gb.detach_model()
         return n
 
+    def reachable(compression: float) -> int | None:  # None: the engine refuses a target no tiling can reach
+        try:
+            return stored(compression)
+        except ValueError:
+            return None
+
     largest = max(p.numel() for p in build().parameters())
     lo, hi = 1.0, float(largest)  # stored(lo) is the most, stored(hi) the least the family can store
-    s_lo, s_hi = stored(lo), stored(hi)
+    s_lo, s_hi = stored(lo), reachable(hi)
+    if s_hi is None:  # the largest target the engine accepts (small tensors cap what one value per tensor gives)
+        ok = lo
+        for _ in range(40):
+            mid = math.sqrt(ok * hi)
+            if reachable(mid) is None:
+                hi = mid
+            else:
+                ok = mid
+        hi, s_hi = ok, stored(ok)
     for _ in range(60):
         if s_hi >= budget or s_lo <= budget or hi / lo < 1 + 1e-9:
             break

@@ -107,8 +107,14 @@ def gb_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {**fields, **parse_gb(args.gb)}
 
 
+# What the MLP is: its first layer reads a 28 x 28 image. A fact of the model that GBConfig.input_shapes states (so
+# that family "auto" codes that layer's weights by pixel coordinates), not a setting to tune; `--gb input_shapes=null`
+# drops it.
+MODEL_FIELDS = {"input_shapes": {"0": [28, 28]}}
+
+
 def gb_config(args: argparse.Namespace, target: float) -> GBConfig:
-    return GBConfig(compression=target, **gb_fields(args))
+    return GBConfig(compression=target, **{**MODEL_FIELDS, **gb_fields(args)})
 
 
 def note(ratio: float, target: float) -> str:
