@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=list(LR_GRID),
                    help="LR grid of plain, narrower dense and low-rank runs")
     p.add_argument("--gnet_lrs", nargs="+", type=float, default=list(LR_GRID), help="g-net LR grid of GB runs")
+    p.add_argument("--one_lr", action="store_true",
+                   help="GB runs: one LR for every tensor (the g-net grid's), as a user's own loop gives them, "
+                   "instead of --lr for the uncompressed tensors")
     p.add_argument("--hash_lrs", nargs="+", type=float, default=list(LR_GRID),
                    help="LR grid of random-sharing runs (one LR for the shared values and the dense tensors)")
     p.add_argument("--init_active", type=float, default=None, help="GBConfig.init_active (sparse g-net init)")
@@ -166,11 +169,12 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
         s = gb.stats()
         row |= {k: s[k] for k in ("covered_compression", "overall_compression", "covered_params", "gnet_params",
                                   "uncompressed_params")}
-        row |= {"gnet_lr": lr, "dense_lr": args.lr, "stored": stored_values(gb),
+        dense_lr = lr if args.one_lr else args.lr
+        row |= {"gnet_lr": lr, "dense_lr": dense_lr, "stored": stored_values(gb),
                 "family": args.family, "hidden_dim": args.hidden_dim, "target_modules": args.target_modules,
                 "gains": args.gains, "init_active": args.init_active}
         groups = [{"params": list(gb.parameters()), "lr": lr},
-                  {"params": gb.uncompressed_parameters(), "lr": args.lr}]
+                  {"params": gb.uncompressed_parameters(), "lr": dense_lr}]
     else:
         if method == "lowrank":
             probe = GenomicBottleneck(build_model(script_args(args), vocab, seed=seed),

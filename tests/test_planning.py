@@ -55,6 +55,7 @@ def test_auto_without_ordered_axes_is_random_sharing():
     model = _mnist_mlp()
     gb = GenomicBottleneck(model, GBConfig(compression=50))
     assert {t.spec.family for t in gb.covered} == {"hash"}
+    assert not any(bank.center for bank in gb.banks.values())  # HashedNets' own function: no centring
     assert [list(b.keys()) for b in [dict(gb.named_parameters())]] == [["banks.hash-800x784x1.values",
                                                                        "banks.hash-10x800x1.values"]]
 

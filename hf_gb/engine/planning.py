@@ -52,12 +52,14 @@ class BankSpec:
     family: str
     geometry: TileGeometry
     hidden_dim: int
+    center: bool | None = None  # None: the config's; "auto" gives random sharing the paper's function, uncentred
 
     def bank_config(self, config: GBConfig) -> GBConfig:
-        """``config`` as this bank's family reads it: its own family name and width."""
-        if config.family == self.family and config.hidden_dim == self.hidden_dim:
+        """``config`` as this bank's family reads it: its own family name, width and centring."""
+        center = config.center if self.center is None else self.center
+        if config.family == self.family and config.hidden_dim == self.hidden_dim and config.center == center:
             return config
-        return dataclasses.replace(config, family=self.family, hidden_dim=self.hidden_dim)
+        return dataclasses.replace(config, family=self.family, hidden_dim=self.hidden_dim, center=center)
 
     def key(self, config: GBConfig) -> str:
         """The bank's name in ``Bottleneck.banks`` (and in checkpoints): the geometry alone where the bank is what
@@ -136,6 +138,8 @@ def tensor_spec(name: str, shape: tuple[int, int, int], layout: str, param_shape
         spec = _spec(family, shape, config, width, col_axes, kernel_axes, tile_size)
         if config.compression is None or _ratio(shape, spec, config) * TOLERANCE >= config.compression:
             break
+    if config.family == AUTO_FAMILY and family == "hash":  # random sharing exactly as HashedNets has it
+        spec = dataclasses.replace(spec, center=False)
     return spec
 
 
