@@ -49,10 +49,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "max_steps": 300,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
-    "learning_rate": 3e-3,
-    # The sparse g-net init (README): with it the g-nets' best learning rate is the dense tensors' own (3e-3);
-    # with the dense init (`gb_init_active: null` in a YAML file) they want about 1e-2 (`gb_learning_rate`).
-    "gb_init_active": 0.003,
+    "learning_rate": 3e-3,  # every tensor, the hashed values of the default family included
     "lr_scheduler_type": "cosine",
     "warmup_steps": 20,
     "max_grad_norm": 1.0,

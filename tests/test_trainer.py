@@ -511,8 +511,10 @@ def test_example_arguments_from_yaml_keep_the_embedded_defaults(tmp_path):
     assert training_args.max_steps == 7 and script_args.block_size == 64
     assert training_args.to_gb_config().compression == 100.0
     assert training_args.learning_rate == example.TRAINING_DEFAULTS["learning_rate"]
-    assert training_args.to_gb_config().init_active == example.TRAINING_DEFAULTS["gb_init_active"] == 0.003
-    path.write_text(yaml.safe_dump({"gb_init_active": None}))  # back to the dense init
+    assert training_args.warmup_steps == example.TRAINING_DEFAULTS["warmup_steps"] == 20
+    path.write_text(yaml.safe_dump({"gb_init_active": 0.01}))
+    assert example.parse_args([str(path)])[1].to_gb_config().init_active == 0.01
+    path.write_text(yaml.safe_dump({"gb_init_active": None}))  # a YAML null is how a flag goes back to None
     assert example.parse_args([str(path)])[1].to_gb_config().init_active is None
     _, plain = example.parse_args(["--no_gb"])
     assert plain.output_dir == example.PLAIN_OUTPUT_DIR
