@@ -230,14 +230,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="methods to run (to split a run over processes; innate/alternating need no plain run)")
     p.add_argument("--encoding", default="gray", choices=["binary", "gray", "fourier"])
     p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
-    p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
+    p.add_argument("--second_hidden_dim", type=int, default=8, help="second_hidden_dim of family 'deep'")
     p.add_argument("--hidden_dims", nargs="+", type=int, default=list(HIDDEN_DIMS),
                    help="g-net widths to choose from per target (widest within 25%%, or the closest: --closest)")
     p.add_argument("--closest", action="store_true",
                    help="take the width whose covered compression is closest to each target")
     p.add_argument("--tile_size", nargs="+", type=int, default=None,
                    help="fixed GBConfig.tile_size (one int or rows cols) instead of the tile chosen per target")
-    p.add_argument("--no_tile_gain", action="store_true", help="GBConfig.tile_gain=False ('shared' family)")
+    p.add_argument("--no_tile_gain", action="store_true", help="family_options tile_gain=False of family 'shared'")
     p.add_argument("--gains", default="none", choices=["none", "rows", "columns", "both"], help="GBConfig.gains")
     p.add_argument("--label", default=None,
                    help="name of this GB setting in tables and plot (runs of several settings can be combined)")
@@ -300,22 +300,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 plain_states[seed] = copy.deepcopy(model.state_dict())
         for target in args.targets:
             extra = {} if args.tile_size is None else {"tile_size": args.tile_size}
+            options = {"second_hidden_dim": args.second_hidden_dim} if args.family == "deep" else {}
             if args.no_tile_gain:
-                extra["tile_gain"] = False
+                options["tile_gain"] = False
             if args.gains != "none":
                 extra["gains"] = args.gains
             if args.init_active is not None:
                 extra["init_active"] = args.init_active
             cfg, ratio = pick_config(name, target, args.encoding, args.hidden_dims, args.closest, family=args.family,
-                                     second_hidden_dim=args.second_hidden_dim, **extra)
+                                     family_options=options or None, **extra)
             common = {"model": name, "target": target, "ratio": ratio, "hidden_dim": cfg.hidden_dim,
-                      "family": cfg.family, "second_hidden_dim": cfg.second_hidden_dim,
+                      "family": cfg.family,
+                      "second_hidden_dim": cfg.option("second_hidden_dim") if cfg.family == "deep" else None,
                       "init_active": cfg.init_active, "gains": cfg.gains}
             if args.label is not None:  # a named setting: its rows (GB and baselines) are grouped apart
                 probe = GenomicBottleneck(fresh(name, 0), cfg)
                 tiles = sorted({"x".join(map(str, t.geometry.key()[:2])) for t in probe.covered})
                 common |= {"setting": args.label, "tiles": [t.n_tiles for t in probe.covered],
-                           "tile_size": cfg.tile_size, "tile_gain": cfg.tile_gain, "geometries": tiles}
+                           "tile_size": cfg.tile_size,
+                           "tile_gain": cfg.option("tile_gain") if cfg.family == "shared" else None,
+                           "geometries": tiles}
             probe = GenomicBottleneck(fresh(name, 0), cfg)
             budget, covered = stored_values(probe), [t.name.rpartition(".")[0] for t in probe.covered]
             common["gb_stored"] = budget

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--hidden_dim", type=int, default=32, help="GBConfig.hidden_dim")
     p.add_argument("--family", default="mlp", help="GBConfig.family of the GB runs")
-    p.add_argument("--second_hidden_dim", type=int, default=8, help="GBConfig.second_hidden_dim ('deep' family)")
+    p.add_argument("--second_hidden_dim", type=int, default=8, help="second_hidden_dim of family 'deep'")
     p.add_argument("--gains", default="none", choices=["none", "rows", "columns", "both"], help="GBConfig.gains")
     p.add_argument("--tile_size", nargs="+", type=int, default=None,
                    help="fixed GBConfig.tile_size (one int or rows cols); the compression then follows hidden_dim")
@@ -220,7 +220,8 @@ _BUDGETS: dict[tuple, int] = {}
 
 def gb_config(args, target: float, **kwargs: Any) -> GBConfig:
     return GBConfig(hidden_dim=args.hidden_dim, compression=target, family=args.family,
-                    second_hidden_dim=args.second_hidden_dim, tile_size=args.tile_size,
+                    family_options={"second_hidden_dim": args.second_hidden_dim} if args.family == "deep" else None,
+                    tile_size=args.tile_size,
                     target_modules=args.target_modules, gains=args.gains, init_active=args.init_active, **kwargs)
 
 

@@ -63,6 +63,7 @@ CONFIGS = [
     {"tile_size": [8, 32], "encoding": "gray", "stochastic": True, "init_noise": 0.5},
     {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*lm_head", "kernel": "eager", "seed": 3},
     {"target_modules": r"model\.layers\.\d+\.mlp\..*", "min_compression": 4.0},
+    {"family": "deep", "family_options": {"second_hidden_dim": 16}},
 ]
 
 
@@ -82,7 +83,9 @@ def test_save_pretrained_round_trip(tmp_path, kwargs):
     with open(path) as f:
         saved = json.load(f)
     assert saved["hf_gb_version"] == hf_gb.__version__
-    assert saved["format_version"] == FORMAT_VERSION
+    # Format 4 only where the file needs it (family options), so that older hf_gb reads the rest.
+    assert saved["format_version"] == (FORMAT_VERSION if config.family_options else 3)
+    assert ("family_options" in saved) == bool(config.family_options)
     assert GBConfig.from_pretrained(tmp_path / "ckpt") == config
     assert GBConfig.from_pretrained(path) == config  # the file itself works too
     assert not [p.name for p in (tmp_path / "ckpt").iterdir() if p.name != CONFIG_NAME]  # no temp files left

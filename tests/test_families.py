@@ -15,7 +15,7 @@ from hf_gb.engine.tiling import TileGeometry
 
 
 def _deep(geometry, n=4, **config):
-    cfg = GBConfig(family="deep", hidden_dim=3, second_hidden_dim=2, kernel="eager", **config)
+    cfg = GBConfig(family="deep", hidden_dim=3, family_options={"second_hidden_dim": 2}, kernel="eager", **config)
     return family_class("deep")(geometry, n, cfg, torch.Generator().manual_seed(0)).double()
 
 
@@ -52,7 +52,7 @@ def test_chunks_cover_every_tile_and_row_once():
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_deep_push_equals_end_to_end_autograd(accumulate, center):
-    model, gb = _net(family="deep", hidden_dim=3, second_hidden_dim=2, center=center)
+    model, gb = _net(family="deep", hidden_dim=3, family_options={"second_hidden_dim": 2}, center=center)
     assert {t.name for t in gb.covered} == NET_COVERED
     _, got = push_against_autograd(model, gb, _batches(accumulate))
     assert sum(float(g.abs().sum()) for g in got) > 0
@@ -67,7 +67,7 @@ def test_deep_kernel_setting_gives_the_same_prediction():
 
 def test_deep_stored_params_and_compression():
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
-    config = GBConfig(family="deep", hidden_dim=8, second_hidden_dim=4, compression=20)
+    config = GBConfig(family="deep", hidden_dim=8, family_options={"second_hidden_dim": 4}, compression=20)
     gb = GenomicBottleneck(model, config)
     stats = gb.stats()
     assert stats["gnet_params"] == sum(p.numel() for p in gb.parameters())
@@ -78,14 +78,15 @@ def test_deep_stored_params_and_compression():
 def test_deep_checkpoint_round_trip_records_the_family(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    gb = GenomicBottleneck(model, GBConfig(family="deep", hidden_dim=4, second_hidden_dim=3, tile_size=8))
+    config = GBConfig(family="deep", hidden_dim=4, family_options={"second_hidden_dim": 3}, tile_size=8)
+    gb = GenomicBottleneck(model, config)
     gb.save_pretrained(str(tmp_path), model_card=False)
     saved = json.loads((tmp_path / "gb_config.json").read_text())
-    assert saved["family"] == "deep" and saved["second_hidden_dim"] == 3
+    assert saved["family"] == "deep" and saved["family_options"] == {"second_hidden_dim": 3}
     torch.manual_seed(1)
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     loaded = GenomicBottleneck.from_pretrained(str(tmp_path), model=fresh)
-    assert loaded.config.family == "deep"
+    assert loaded.config.family == "deep" and loaded.config.option("second_hidden_dim") == 3
     x = torch.randn(3, 16)
     torch.testing.assert_close(fresh(x), model(x))
 
@@ -94,7 +95,7 @@ def test_config_file_without_family_means_mlp(tmp_path):
     """Files of format 1 and 2 were written when "mlp" was the default: one that names no family means it. A config
     built now without one gets the present default, "auto"."""
     data = GBConfig(hidden_dim=4).to_dict()
-    del data["family"], data["second_hidden_dim"]
+    del data["family"]
     assert GBConfig.from_dict(data).family == "auto"
     for version in (1, 2):
         (tmp_path / "gb_config.json").write_text(json.dumps({**data, "format_version": version}))
@@ -104,4 +105,4 @@ def test_config_file_without_family_means_mlp(tmp_path):
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "8"])
 def test_second_hidden_dim_is_validated(value):
     with pytest.raises(ValueError, match="second_hidden_dim"):
-        GBConfig(family="deep", second_hidden_dim=value)
+        GBConfig(family="deep", family_options={"second_hidden_dim": value})

@@ -48,13 +48,13 @@ def _llama(seed=0):
 @pytest.mark.parametrize("tile_gain", [True, False], ids=["gain", "no-gain"])
 @pytest.mark.parametrize("geometry", [TileGeometry(4, 6), TileGeometry(5, 3, 4)], ids=str)
 def test_one_set_of_weights_per_bank(geometry, tile_gain):
-    bank = _bank(geometry, n=7, tile_gain=tile_gain)
+    bank = _bank(geometry, n=7, family_options={"tile_gain": tile_gain})
     h, bits = 3, num_bits(geometry.rows) + num_bits(geometry.cols) + geometry.kernel_bits
     shapes = {n: tuple(p.shape) for n, p in bank.named_parameters()}
     assert shapes["w_row"] == (1, num_bits(geometry.rows), h) and shapes["w_col"] == (1, num_bits(geometry.cols), h)
     assert shapes["w2"] == (1, h) and shapes["b1"] == (7, h)
     assert ("w_ker" in shapes) == (geometry.kernel > 1) and ("gain" in shapes) == tile_gain
-    bank_config = GBConfig(family="shared", hidden_dim=h, tile_gain=tile_gain)
+    bank_config = GBConfig(family="shared", hidden_dim=h, family_options={"tile_gain": tile_gain})
     per_tile, shared = SharedBank.tile_params(geometry, bank_config), SharedBank.bank_params(geometry, bank_config)
     assert sum(v.numel() for k, v in bank.named_parameters() if k in SHARED) == shared == (bits + 1) * h
     assert sum(v.numel() for k, v in bank.named_parameters() if k not in SHARED) == 7 * per_tile
@@ -62,7 +62,8 @@ def test_one_set_of_weights_per_bank(geometry, tile_gain):
     assert SharedBank.params_per_tile_of(geometry, bank_config, 7) == per_tile + shared / 7
 
 
-@pytest.mark.parametrize("config", [dict(center=True), dict(center=False), dict(center=True, tile_gain=False),
+@pytest.mark.parametrize("config", [dict(center=True), dict(center=False),
+                                    dict(center=True, family_options={"tile_gain": False}),
                                     dict(center=True, stochastic=True, init_noise=0.3)],
                          ids=["centred", "uncentred", "no-gain", "stochastic"])
 @pytest.mark.parametrize("geometry", [TileGeometry(4, 6), TileGeometry(5, 3, 4)], ids=str)
@@ -177,7 +178,7 @@ def test_compression_target_counts_the_shared_values(target):
 
 
 def test_checkpoint_round_trip_records_the_family(tmp_path):
-    gb = GenomicBottleneck(_llama(), GBConfig(family="shared", hidden_dim=8, tile_size=16, tile_gain=True))
+    gb = GenomicBottleneck(_llama(), GBConfig(family="shared", hidden_dim=8, tile_size=16))
     with torch.no_grad():  # trained-looking per-tile values, so that a load that dropped them would show
         for bank in gb.banks.values():
             bank.gain.uniform_(0.5, 1.5)
@@ -186,7 +187,7 @@ def test_checkpoint_round_trip_records_the_family(tmp_path):
     folder = tmp_path / "ckpt"
     save_compressed(gb, str(folder), model_card=False)
     saved = json.loads((folder / "gb_config.json").read_text())
-    assert saved["family"] == "shared" and saved["tile_gain"] is True
+    assert saved["family"] == "shared" and "tile_gain" not in saved and "family_options" not in saved
     loaded = hf_gb.load_compressed(str(folder))
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     gb.model.eval()
@@ -202,4 +203,4 @@ def test_checkpoint_round_trip_records_the_family(tmp_path):
 @pytest.mark.parametrize("value", [None, 0, "yes"])
 def test_tile_gain_is_validated(value):
     with pytest.raises(ValueError, match="tile_gain"):
-        GBConfig(family="shared", tile_gain=value)
+        GBConfig(family="shared", family_options={"tile_gain": value})

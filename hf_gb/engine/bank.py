@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,8 +44,17 @@ class GNetBank(nn.Module):
     """
 
     family: ClassVar[str]
+    # The family's own settings (`GBConfig.family_options`): name -> `hf_gb.engine.registry.FamilyOption`.
+    options: ClassVar[dict[str, Any]] = {}
     # Whether `calibrate` also zeroes the mean of an uncentred bank's tiles (through an output bias of the family).
     removes_mean: ClassVar[bool] = True
+
+    @classmethod
+    def option(cls, config: GBConfig, name: str) -> Any:
+        """One of this family's `options`: ``config.family_options``'s value, else the option's default. A config
+        of another family (``"auto"`` dispatching here) holds none of this family's options: the defaults."""
+        given = (config.family_options or {}) if config.family == cls.family else {}
+        return given.get(name, cls.options[name].default)
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__()

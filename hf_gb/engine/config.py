@@ -11,12 +11,20 @@ from typing import Any
 
 from ..files import CONFIG_NAME, atomic_write_text
 from ..version import __version__
-from .registry import families
+from .registry import (
+    DEPRECATED_OPTIONS,
+    adopt_deprecated_options,
+    check_family_options,
+    families,
+    family_options,
+    legacy_options,
+)
 from .validation import (
     MAX_CONFIG_BYTES,
     MAX_HIDDEN_DIM,
     MAX_TENSOR_DIMS,
     MAX_TILE_SIDE,
+    check_bool,
     check_input_shapes,
     check_pattern,
     int_in,
@@ -30,7 +38,8 @@ __all__ = ["AUTO_FAMILY", "CONFIG_NAME", "DEFAULT_HIDDEN_DIM", "FORMAT_VERSION",
 logger = logging.getLogger(__name__)
 
 # Bumped only when a saved checkpoint can no longer be read by older code. Readers accept 1 .. FORMAT_VERSION.
-FORMAT_VERSION = 3  # 2: centred banks store no b2; 3: family "auto", hidden_dim None, input_shapes, kernel_code
+# 2: centred banks store no b2; 3: family "auto", hidden_dim None, input_shapes, kernel_code; 4: family_options
+FORMAT_VERSION = 4
 # What a gb_config.json of format 1 or 2 meant by a field it does not name (those defaults have changed since).
 _LEGACY_DEFAULTS = {"family": "mlp", "hidden_dim": 32, "kernel_code": "one_hot"}
 
@@ -40,6 +49,7 @@ _ENCODINGS = ("binary", "gray", "fourier")
 _KERNELS = ("auto", "native", "compiled", "eager")
 _GAINS = ("none", "rows", "columns", "both")
 _KERNEL_CODES = ("one_hot", "axes")
+# Fields that were family options before `family_options` grouped them (format <= 3 files hold them).
 # `GBConfig.family` that picks a family per tensor (`hf_gb.engine.planning`) instead of naming one.
 AUTO_FAMILY = "auto"
 # Hidden width of a family's g-nets when `hidden_dim` is None and no target asks for another.
@@ -134,7 +144,7 @@ class GBConfig:
         metadata={
             "help": "g-net family: 'auto' (per tensor: 'mlp' over the position codes of a tensor with ordered axes "
             "(`input_shapes`), 'hash' elsewhere), 'mlp' (one hidden layer over position codes, one g-net per "
-            "tile), 'deep' (a second hidden layer of `second_hidden_dim` units), 'shared' (one g-net per bank, "
+            "tile), 'deep' (a second hidden layer, `family_options` second_hidden_dim), 'shared' (one g-net per bank, "
             "each tile keeping only its own first-layer bias) or 'hash' (random weight sharing: a seeded hash of "
             "each position into learned values); hf_gb.engine.families."
         },
@@ -153,13 +163,6 @@ class GBConfig:
         metadata={"help": "Code of a conv kernel position: 'one_hot' (one input per position) or 'axes' (the "
                   "bits of each kernel axis, e.g. ky and kx of a 3x3 kernel: 4 inputs instead of 9)."},
     )
-    second_hidden_dim: int = field(
-        default=8, metadata={"help": "Width of the second hidden layer of the 'deep' family (other families: unused)."}
-    )
-    tile_gain: bool = field(
-        default=True,
-        metadata={"help": "A learned output gain per tile in the 'shared' family (other families: unused)."},
-    )
     gains: str = field(
         default="none",
         metadata={
@@ -174,6 +177,22 @@ class GBConfig:
             "help": "Skip the g-net update of a step whose gradients are NaN or Inf (with a warning); one bad step "
             "would otherwise turn every predicted weight into NaN."
         },
+    )
+
+    family_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Settings of the chosen family, e.g. {'second_hidden_dim': 16} for 'deep'; each family's "
+                  "are listed in docs/configuration.md (most take none)."},
+    )
+    # Deprecated spellings of family options, kept so that old code and old gb_config.json files still work.
+    second_hidden_dim: int | None = field(
+        default=None, repr=False,
+        metadata={"help": "Deprecated: family_options={'second_hidden_dim': N} (family 'deep').",
+                  "deprecated": True},
+    )
+    tile_gain: bool | None = field(
+        default=None, repr=False,
+        metadata={"help": "Deprecated: family_options={'tile_gain': false} (family 'shared').", "deprecated": True},
     )
 
     def __post_init__(self):
@@ -200,9 +219,8 @@ class GBConfig:
             if not (isinstance(getattr(self, name), str) and getattr(self, name) in choices):
                 raise ValueError(f"{name} must be one of {choices}, got {name}={getattr(self, name)!r}")
         # strict: "no" or null must not read as a boolean
-        for name in ("stochastic", "center", "tile_gain", "skip_nonfinite"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
+        for name in ("stochastic", "center", "skip_nonfinite"):
+            check_bool(name, getattr(self, name))
         for name in ("init_noise", "min_compression"):
             value = number(name, getattr(self, name))
             if not value > 0:
@@ -217,7 +235,18 @@ class GBConfig:
         known = [AUTO_FAMILY, *families()]
         if not (isinstance(self.family, str) and self.family in known):
             raise ValueError(f"family must be one of {known}, got family={self.family!r:.80}")
-        self.second_hidden_dim = int_in("second_hidden_dim", self.second_hidden_dim, 1, MAX_HIDDEN_DIM)
+        given = {name: getattr(self, name) for name in DEPRECATED_OPTIONS}
+        for name in DEPRECATED_OPTIONS:
+            setattr(self, name, None)
+        options = adopt_deprecated_options(self.family, self.family_options, given)
+        self.family_options = check_family_options(self.family, options)
+
+    def option(self, name: str) -> Any:
+        """A setting of this config's family: `family_options`'s value, else the family's default."""
+        declared = family_options(self.family) if self.family in families() else {}
+        if name not in declared:
+            raise KeyError(f"family {self.family!r} has no option {name!r}")
+        return (self.family_options or {}).get(name, declared[name].default)
 
     @property
     def width(self) -> int:
@@ -225,7 +254,8 @@ class GBConfig:
         return DEFAULT_HIDDEN_DIM if self.hidden_dim is None else self.hidden_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field (deprecated ones, always None after construction, left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in DEPRECATED_OPTIONS}
 
     def differences(self, other: GBConfig, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
         """``(field, self's value, other's value)`` for every field, in declaration order, where the two differ."""
@@ -238,6 +268,7 @@ class GBConfig:
         data = dict(data)
         for meta in _META_KEYS:
             data.pop(meta, None)
+        data = legacy_options(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -263,7 +294,13 @@ class GBConfig:
 def config_json(config: GBConfig, tensors: list[dict[str, Any]] | None = None, save_id: str | None = None) -> str:
     """The text of a `gb_config.json`: the config, the hf_gb and format versions, and (for a checkpoint) the
     covered tensors and the id of the save. The one way both `GBConfig.save_pretrained` and checkpoints write it."""
-    payload: dict[str, Any] = {**config.to_dict(), "hf_gb_version": __version__, "format_version": FORMAT_VERSION}
+    # A file without family options is a format-3 file (the only change of format 4), so older hf_gb reads it as
+    # before, without an unknown key to warn about.
+    fields = config.to_dict()
+    version = FORMAT_VERSION if fields.get("family_options") else 3
+    if version == 3:
+        fields.pop("family_options")
+    payload: dict[str, Any] = {**fields, "hf_gb_version": __version__, "format_version": version}
     if tensors is not None:
         payload["tensors"] = tensors
     if save_id is not None:

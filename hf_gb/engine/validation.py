@@ -47,6 +47,13 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Strictly a boolean: "no" or null must not read as one."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {name}={value!r:.80}")
+    return value
+
+
 def int_in(name: str, value: Any, low: int, high: int) -> int:
     if not is_int(value) or not low <= value <= high:
         raise ValueError(f"{name} must be an int in [{low}, {high}], got {name}={value!r:.80}")

@@ -22,6 +22,7 @@ _CLI_TYPES: dict[str, Any] = {
     "target_modules": list[str] | None,
     "exclude_modules": list[str] | None,
     "input_shapes": str | None,
+    "family_options": str | None,
 }
 # Extra help for those forms.
 _CLI_HELP = {
@@ -29,6 +30,7 @@ _CLI_HELP = {
     "target_modules": " On the command line: name suffixes; a single regex string from JSON/YAML.",
     "exclude_modules": " On the command line: name suffixes; a single regex string from JSON/YAML.",
     "input_shapes": " On the command line: a JSON object, e.g. '{\"fc1\": [28, 28]}'.",
+    "family_options": " On the command line: a JSON object, e.g. '{\"second_hidden_dim\": 16}'.",
 }
 
 

@@ -2,7 +2,7 @@
 hidden layers). Per tile::
 
     H1[i, j] = relu(row_code(i) @ w_row + col_code(j) @ w_col + w_ker[k] + b1)        (h1 = hidden_dim)
-    H2[i, j] = relu(H1[i, j] @ w2 + b2)                                              (h2 = second_hidden_dim)
+    H2[i, j] = relu(H1[i, j] @ w2 + b2)                          (h2 = family_options['second_hidden_dim'], 8)
     W[i, j]  = scale * (H2[i, j] . w3 + b3)
 
 The first layer is separable, so the tables are ``A`` (n, rows, h1), ``B`` (n, cols * K, h1) and the small second
@@ -23,8 +23,9 @@ from torch import nn
 
 from ..bank import Tables, pick, randn_parameter
 from ..codes import code_inputs
-from ..registry import register_family
+from ..registry import FamilyOption, register_family
 from ..tiling import TileGeometry
+from ..validation import MAX_HIDDEN_DIM, int_in
 from .separable import SeparableBank
 
 if TYPE_CHECKING:
@@ -68,17 +69,19 @@ class DeepBank(SeparableBank):
         >>> from hf_gb import GBConfig
         >>> from hf_gb.engine.families import DeepBank
         >>> from hf_gb.engine.tiling import TileGeometry
-        >>> config = GBConfig(family="deep", hidden_dim=8, second_hidden_dim=4)
+        >>> config = GBConfig(family="deep", hidden_dim=8, family_options={"second_hidden_dim": 4})
         >>> bank = DeepBank(TileGeometry(8, 16), 3, config, torch.Generator().manual_seed(0))
         >>> bank().shape
         torch.Size([3, 8, 16])
     """
 
     family = "deep"
+    options = {"second_hidden_dim": FamilyOption(8, "Width of the second hidden layer.",
+                                                 lambda name, value: int_in(name, value, 1, MAX_HIDDEN_DIM))}
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         super().__init__(geometry, n_tiles, config, generator)
-        h1, h2, n = config.width, config.second_hidden_dim, n_tiles
+        h1, h2, n = config.width, self.option(config, "second_hidden_dim"), n_tiles
         self.hidden_dim, self.second_hidden_dim = h1, h2
         # Unit-variance first pre-activations (as "mlp"), He-scaled second layer; `calibrate` sets the output scale.
         self._init_separable(config, h1, generator)
@@ -89,7 +92,7 @@ class DeepBank(SeparableBank):
 
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
-        h1, h2 = config.width, config.second_hidden_dim
+        h1, h2 = config.width, cls.option(config, "second_hidden_dim")
         inputs = code_inputs(geometry, config.encoding)
         return (inputs + 1) * h1 + (h1 + 2) * h2 + (0 if config.center else 1)
 

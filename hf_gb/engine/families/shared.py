@@ -19,8 +19,9 @@ from torch import nn
 
 from ..bank import GNetBank, Tables, pick, randn_parameter, scatter
 from ..codes import code_inputs
-from ..registry import register_family
+from ..registry import FamilyOption, register_family
 from ..tiling import TileGeometry
+from ..validation import check_bool
 from .mlp import MLPBank
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class SharedBank(MLPBank):
     The code weights ``w_row`` (1, br, h), ``w_col`` (1, bc, h), ``w_ker`` (1, K, h) and the output weights ``w2``
     (1, h) are one set per bank; each tile keeps its first-layer bias ``b1[t]`` (h values: a learned tile
     embedding that moves the tile to its own region of the shared function), a learned output gain ``gain[t]``
-    (``GBConfig.tile_gain``) and, uncentred, an output bias ``b2[t]``. `tables` expands the shared weights to
+    (``family_options['tile_gain']``) and, uncentred, an output bias ``b2[t]``. `tables` expands the shared weights to
     per-tile tables, so the fused kernels of ``"mlp"`` run unchanged and the autograd of the expansion sums every
     tile's gradient into the shared weights. The tile embeddings start at unit std (``"mlp"``: 0.1), so that tiles
     differ from the first step instead of starting as copies of one matrix.
@@ -54,6 +55,7 @@ class SharedBank(MLPBank):
     """
 
     family = "shared"
+    options = {"tile_gain": FamilyOption(True, "A learned output gain per tile.", check_bool)}
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         GNetBank.__init__(self, geometry, n_tiles, config, generator)
@@ -62,11 +64,11 @@ class SharedBank(MLPBank):
         self._init_separable(config, h, generator, shared=True, b1_std=1.0)
         self.w2 = randn_parameter(generator, 1, h, std=1 / math.sqrt(h))  # `calibrate` sets each tile's output scale
         self.b2 = None if self.center else nn.Parameter(torch.zeros(n_tiles))
-        self.gain = nn.Parameter(torch.ones(n_tiles)) if config.tile_gain else None
+        self.gain = nn.Parameter(torch.ones(n_tiles)) if self.option(config, "tile_gain") else None
 
     @classmethod
     def tile_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
-        return config.width + (1 if config.tile_gain else 0) + (0 if config.center else 1)
+        return config.width + (1 if cls.option(config, "tile_gain") else 0) + (0 if config.center else 1)
 
     @classmethod
     def bank_params(cls, geometry: TileGeometry, config: GBConfig) -> float:
