@@ -113,7 +113,7 @@ def flops_per_weight(config: GBConfig) -> float:
     if config.family in ("mlp", "shared"):  # shared: the same kernels over tables expanded from one g-net per bank
         return 3 * h * 3
     if config.family == "deep":
-        h2 = config.second_hidden_dim
+        h2 = config.option("second_hidden_dim")
         return (2 * h + 2 * h * h2 + 4 * h2) * 4  # forward, recomputed forward, two backward halves
     return float("nan")
 
@@ -133,7 +133,7 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
         predict, push = _time_predict_push(gb, repeats)
         totals = [a + b for a, b in zip(predict, push)]
         row = {"family": config.family, "hidden_dim": config.hidden_dim, "gains": config.gains,
-               "second_hidden_dim": config.second_hidden_dim if config.family == "deep" else None,
+               "second_hidden_dim": config.option("second_hidden_dim") if config.family == "deep" else None,
                "covered_compression": gb.stats()["covered_compression"], "numel": numel,
                "flops_per_weight": flops_per_weight(config),
                "total_ms_per_M": _median_ms(totals) * 1e6 / numel,
@@ -148,8 +148,9 @@ def bench_families(configs: list[GBConfig], side: int, layers: int, repeats: int
 
 
 # ----------------------------------------------------------------------------- part 2: a training step
-# The GB configs of the loops mode: the benchmark's own (128 x 128 tiles) and README's plain loop's.
-LOOP_CONFIGS = {"default": {}, "readme": {"hidden_dim": 32, "compression": 20}}
+# The GB configs of the loops mode: the defaults (random sharing on this Llama, 128 x 128 tiles), the defaults at
+# 20x, and the position-coded g-nets of family 'mlp' at 20x (what a tensor with ordered axes gets).
+LOOP_CONFIGS = {"default": {}, "20x": {"compression": 20}, "mlp20x": {"family": "mlp", "compression": 20}}
 
 
 class _Trainer:
@@ -360,7 +361,7 @@ def main() -> None:
         side, layers, repeats = (512, 1, 2) if args.quick else (1024, 2, 7)
         configs = [GBConfig(family="mlp", hidden_dim=32, compression=20),
                    GBConfig(family="mlp", hidden_dim=32, compression=20, gains="both"),
-                   GBConfig(family="deep", hidden_dim=16, second_hidden_dim=8, compression=20),
+                   GBConfig(family="deep", hidden_dim=16, family_options={"second_hidden_dim": 8}, compression=20),
                    # "shared" as the LM benchmark runs it: 128 x 128 tiles, h sized for ~20x (quality_lm.py)
                    GBConfig(family="shared", hidden_dim=510, tile_size=128)]
         results["families"] = bench_families(configs, side, layers, repeats)
