@@ -2,7 +2,7 @@
 
 Run ``hf-gb <command> --help`` for each command's options. User mistakes (a missing path, a folder that is not a
 compressed checkpoint, a corrupt file, a bad flag value) print one line to stderr and exit with status 1 (2 for bad
-usage); set ``HF_GB_DEBUG=1`` to see the traceback instead.
+usage); ``hf-gb --debug <command>`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"hf_gb {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("info", help="print the compression table of a checkpoint",
@@ -363,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-gb {args.command}: interrupted", file=sys.stderr)
         return 130
     except (UserError, OSError, ValueError, LookupError, ImportError) as e:
-        if os.environ.get("HF_GB_DEBUG"):
+        if args.debug:
             raise
         print(f"hf-gb {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -198,3 +198,9 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "hf-gb info: error: No compressed checkpoint folder" in proc.stderr
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    """``hf-gb --debug`` raises the error itself, so the traceback shows where it came from."""
+    with pytest.raises(Exception, match="No compressed checkpoint folder"):
+        main(["--debug", "info", str(tmp_path / "nowhere")])

@@ -125,5 +125,5 @@ def _build(directory: Path):
         build_directory=str(directory),
         extra_cflags=["-O3", "-march=native", "-fopenmp", *_x86_flags()],
         extra_ldflags=["-fopenmp"],
-        verbose=os.environ.get("HF_GB_VERBOSE_BUILD", "0") == "1",
+        verbose=logger.isEnabledFor(logging.DEBUG),  # the compiler's commands and output at debug level
     )
