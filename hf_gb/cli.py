@@ -13,7 +13,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .files import CONFIG_NAME, README_NAME, WEIGHTS_NAME, file_sizes, has_tokenizer, is_training_state
 
@@ -74,6 +75,16 @@ def _add_hub_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub branch, tag or commit (for a repo id)")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
     p.add_argument("--cache-dir", help="huggingface_hub cache folder")
+
+
+def _reader_command(sub: Any, name: str, func: Callable[[argparse.Namespace], int], **texts: str) -> Any:
+    """A subcommand that reads one compressed checkpoint, a folder or a Hub repo id (PATH_OR_REPO and the Hub
+    flags); ``texts``: the parser's ``help`` and ``description``."""
+    p = sub.add_parser(name, **texts)
+    p.add_argument("path", metavar="PATH_OR_REPO", help="compressed checkpoint folder or Hub repo id")
+    _add_hub_flags(p)
+    p.set_defaults(func=func)
+    return p
 
 
 # ----------------------------------------------------------------------------- commands
@@ -291,21 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("info", help="print the compression table of a checkpoint",
-                       description="Per covered tensor: shape, tile geometry, g-net parameters and ratio; totals; "
-                       "bytes on disk.")
-    p.add_argument("path", metavar="PATH_OR_REPO", help="compressed checkpoint folder or Hub repo id")
+    p = _reader_command(sub, "info", cmd_info, help="print the compression table of a checkpoint",
+                        description="Per covered tensor: shape, tile geometry, g-net parameters and ratio; totals; "
+                        "bytes on disk.")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    _add_hub_flags(p)
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("decompress", help="write a standard transformers folder",
-                       description="Predict the weights and save the model with save_pretrained, so that "
-                       "transformers' AutoModel.from_pretrained loads it without hf_gb.")
-    p.add_argument("path", metavar="PATH_OR_REPO", help="compressed checkpoint folder or Hub repo id")
+    p = _reader_command(sub, "decompress", cmd_decompress, help="write a standard transformers folder",
+                        description="Predict the weights and save the model with save_pretrained, so that "
+                        "transformers' AutoModel.from_pretrained loads it without hf_gb.")
     p.add_argument("out", metavar="OUT", help="output folder")
-    _add_hub_flags(p)
-    p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("compress", help="compress an existing model by regression",
                        description="Fit g-nets to an existing model's weights by minimising the relative squared "

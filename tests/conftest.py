@@ -1,6 +1,7 @@
 """Test-wide settings: tiny banks run the eager kernels unless a test is marked ``compiled``."""
 
 import os
+import shutil
 
 import pytest
 
@@ -17,3 +18,9 @@ def _kernel_path(request, monkeypatch):
         monkeypatch.setenv("HF_GB_DISABLE_COMPILE", "1")
     else:
         monkeypatch.delenv("HF_GB_DISABLE_COMPILE", raising=False)
+
+
+@pytest.fixture
+def copy_of(saved, tmp_path):
+    """A writable copy of the checkpoint folder of the test module's ``saved`` fixture (its second item)."""
+    return shutil.copytree(saved[1], tmp_path / "copy")

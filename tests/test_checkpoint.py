@@ -1,9 +1,8 @@
 """Compressed checkpoints: round trip, and every kind of bad input failing with an error that names what is wrong."""
 
-import json
 import os
 import re
-import shutil
+import sys
 
 import pytest
 import torch
@@ -14,6 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_gb
 from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.files import WEIGHTS_NAME
+
+sys.path.insert(0, os.path.dirname(__file__))
+from checkpoint_edits import edit_json  # noqa: E402
 
 
 def tiny_bottleneck(seed: int = 0, **gb_config) -> GenomicBottleneck:
@@ -30,17 +32,6 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "good"
     gb.save_pretrained(str(folder))
     return gb, folder
-
-
-@pytest.fixture
-def copy_of(saved, tmp_path):
-    return shutil.copytree(saved[1], tmp_path / "copy")
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 def test_round_trip_gives_the_same_logits(saved):

@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from hf_gb import GBConfig, GenomicBottleneck
 from hf_gb.cli import main
 from hf_gb.engine.layers import name_matches, unmatched_patterns
 from hf_gb.files import CONFIG_NAME, PLUGIN_STATE_NAME, STAGING_PREFIX, WEIGHTS_NAME
+
+sys.path.insert(0, os.path.dirname(__file__))
+from checkpoint_edits import edit_json  # noqa: E402
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -47,17 +51,6 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hardening") / "good"
     gb.save_pretrained(str(folder))
     return gb, folder, logits(gb.model)
-
-
-@pytest.fixture
-def copy_of(saved, tmp_path):
-    return shutil.copytree(saved[1], tmp_path / "copy")
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
 
 
 def rewrite_tensors(folder, edit):

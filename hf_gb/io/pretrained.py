@@ -57,7 +57,8 @@ class GenomicBottleneck(Bottleneck):
         >>> gb.stats()["covered_params"]
         9472
         >>> folder = gb.save_pretrained(tempfile.mkdtemp())
-        >>> GenomicBottleneck.from_pretrained(folder, model=model).stats()["covered_params"]
+        >>> fresh = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+        >>> GenomicBottleneck.from_pretrained(folder, model=fresh).stats()["covered_params"]
         9472
     """
 

@@ -16,9 +16,8 @@ import sys
 import torch
 from accelerate import PartialState
 from checksums import Checksums
-from datasets import Dataset
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama, token_rows
 
 from hf_gb import GBTrainer, GBTrainingArguments
 
@@ -30,13 +29,7 @@ def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: st
     if mode == "ddp":
         PartialState(cpu=True, backend="gloo")
     rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(100)
-    config = LlamaConfig(vocab_size=63, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 63, (32, 12), generator=torch.Generator().manual_seed(0)).tolist()
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    model, data = tiny_llama(100), token_rows(32)
     deepspeed = None
     if mode.startswith("zero"):
         deepspeed = {"zero_optimization": {"stage": int(mode[-1])}, "train_micro_batch_size_per_gpu": "auto",

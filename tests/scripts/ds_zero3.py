@@ -14,9 +14,9 @@ import sys
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from tiny_llama import tiny_llama, token_rows
+from transformers import TrainerCallback
 
 from hf_gb import GBTrainer, GBTrainingArguments
 
@@ -50,13 +50,7 @@ def main(output_dir: str, report_dir: str, mode: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if mode == "single":
         PartialState(cpu=True)
-    torch.manual_seed(100)
-    config = LlamaConfig(vocab_size=63, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 63, (12, 12), generator=torch.Generator().manual_seed(0)).tolist()
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    model, data = tiny_llama(100), token_rows(12)
     deepspeed = None
     if mode == "zero3":
         deepspeed = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -14,10 +14,9 @@ import sys
 
 import torch
 from checksums import Checksums
-from datasets import Dataset
 from force_fsdp import force_fsdp2
 from leave import leave_together
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama, token_rows
 
 from hf_gb import GBTrainer, GBTrainingArguments
 from hf_gb.engine.shards import is_dtensor
@@ -33,13 +32,7 @@ def main(output_dir: str, report_dir: str, max_steps: str, resume: str, mode: st
         force_fsdp2()
     rank = int(os.environ.get("RANK", "0"))
     # Different initial weights per rank in "fsdp": the trainer must replicate the g-nets.
-    torch.manual_seed(100 + (rank if mode == "fsdp" else 0))
-    config = LlamaConfig(vocab_size=63, hidden_size=32, intermediate_size=70, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 63, (32, 12), generator=torch.Generator().manual_seed(0)).tolist()
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    model, data = tiny_llama(100 + (rank if mode == "fsdp" else 0)), token_rows(32)
     args = GBTrainingArguments(output_dir, max_steps=int(max_steps), per_device_train_batch_size=2,
                                gradient_accumulation_steps=3, learning_rate=1e-2, save_steps=2, report_to="none",
                                disable_tqdm=True, use_cpu=True, seed=7, data_seed=7, ddp_backend="gloo",

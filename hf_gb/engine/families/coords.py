@@ -78,7 +78,7 @@ class CoordsBank(MLPBank):
         >>> bank = CoordsBank(geometry, 2, GBConfig(family="coords", compression=100),
         ...                   torch.Generator().manual_seed(0))
         >>> bank().shape, bank.hidden_dim, tuple(bank.row_pool.shape)
-        (torch.Size([2, 100, 784]), 32, (2, 80))
+        (torch.Size([2, 100, 784]), 32, (2, 176))
     """
 
     family = "coords"

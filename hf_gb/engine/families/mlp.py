@@ -59,20 +59,14 @@ class MLPBank(SeparableBank):
 
     def tables(self, index: torch.Tensor | None = None) -> Tables:
         """``(A, B, w2)`` or ``(A, B, w2, b2)`` of tiles ``index``, with the output scale folded into w2 and b2."""
-        scale = pick(self.scale, index)
-        tables = (*self._separable_tables(index), pick(self.w2, index) * scale[:, None])
-        return tables if self.b2 is None else (*tables, pick(self.b2, index) * scale)
+        return self._output_tables(index, pick(self.w2, index) * pick(self.scale, index)[:, None])
 
     def table_backward(
         self, index: torch.Tensor | None, table_grads: Tables
     ) -> list[tuple[nn.Parameter, torch.Tensor]]:
         # Closed form instead of autograd through `tables`: the same sums, without a graph to build and walk.
-        dA, dB, dw2 = table_grads[:3]
-        scale = pick(self.scale, index)
-        pairs = [*self._separable_backward(index, dA, dB), (self.w2, scatter(self.w2, index, dw2 * scale[:, None]))]
-        if self.b2 is not None:
-            pairs.append((self.b2, scatter(self.b2, index, table_grads[3] * scale)))
-        return pairs
+        dw2 = table_grads[2] * pick(self.scale, index)[:, None]
+        return self._output_backward(index, table_grads, (self.w2, scatter(self.w2, index, dw2)))
 
     def evaluate(self, tables: Tables) -> torch.Tensor:
         A, B, w2 = tables[:3]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..bank import GNetBank, pick, randn_parameter, scatter
+from ..bank import GNetBank, Tables, pick, randn_parameter, scatter
 from ..codes import axes_width, axis_codes, code_width, column_codes, position_codes
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ class SeparableBank(GNetBank):
     """A `GNetBank` whose first layer is separable over the row, column and kernel codes (see the module docstring).
 
     Not a family itself: the families call `_init_separable` in their constructor and build their tables on
-    `_separable_tables` (and, in closed form, their gradients on `_separable_backward`).
+    `_separable_tables` (and, in closed form, their gradients on `_separable_backward`); those with one hidden layer
+    ("mlp", "shared") build them with `_output_tables` and `_output_backward`.
     """
 
     def _init_separable(
@@ -128,3 +129,20 @@ class SeparableBank(GNetBank):
         if not self._shared_codes:
             pairs = [(p, scatter(p, index, grad)) for p, grad in pairs]
         return [pairs[0], b1, *pairs[1:]]
+
+    def _output_tables(self, index: torch.Tensor | None, w2: torch.Tensor) -> Tables:
+        """``(A, B, w2)`` or, uncentred, ``(A, B, w2, b2)`` of tiles ``index``, for a family with one hidden
+        layer: ``w2`` (n_sel, h) holds the family's output weights with the tiles' scale folded in, and the output
+        bias ``b2`` (None when centred) is scaled here."""
+        tables = (*self._separable_tables(index), w2)
+        return tables if self.b2 is None else (*tables, pick(self.b2, index) * pick(self.scale, index))
+
+    def _output_backward(
+        self, index: torch.Tensor | None, table_grads: Tables, *output_pairs: tuple[nn.Parameter, torch.Tensor]
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """The closed-form gradients of `_output_tables`: the first layer's, the family's own ``output_pairs``
+        (from ``table_grads[2]``), and the output bias's."""
+        pairs = [*self._separable_backward(index, *table_grads[:2]), *output_pairs]
+        if self.b2 is not None:
+            pairs.append((self.b2, scatter(self.b2, index, table_grads[3] * pick(self.scale, index))))
+        return pairs

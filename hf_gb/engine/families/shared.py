@@ -80,19 +80,16 @@ class SharedBank(MLPBank):
         ``w2`` times each tile's scale and gain."""
         scale = pick(self.scale, index)
         gain = scale if self.gain is None else scale * pick(self.gain, index)
-        tables = (*self._separable_tables(index), self.w2 * gain[:, None])  # w2: (1, h) -> (n_sel, h)
-        return tables if self.b2 is None else (*tables, pick(self.b2, index) * scale)
+        return self._output_tables(index, self.w2 * gain[:, None])  # w2: (1, h) -> (n_sel, h)
 
     def table_backward(
         self, index: torch.Tensor | None, table_grads: Tables
     ) -> list[tuple[nn.Parameter, torch.Tensor]]:
         # Closed form, as "mlp": shared weights sum over the tiles, per-tile ones land in rows `index`.
-        dA, dB, dw2 = table_grads[:3]
+        dw2 = table_grads[2]
         scale = pick(self.scale, index)
         gain = scale if self.gain is None else scale * pick(self.gain, index)
-        pairs = [*self._separable_backward(index, dA, dB), (self.w2, (dw2 * gain[:, None]).sum(0, keepdim=True))]
+        own = [(self.w2, (dw2 * gain[:, None]).sum(0, keepdim=True))]
         if self.gain is not None:
-            pairs.append((self.gain, scatter(self.gain, index, (dw2 * self.w2).sum(1) * scale)))
-        if self.b2 is not None:
-            pairs.append((self.b2, scatter(self.b2, index, table_grads[3] * scale)))
-        return pairs
+            own.append((self.gain, scatter(self.gain, index, (dw2 * self.w2).sum(1) * scale)))
+        return self._output_backward(index, table_grads, *own)
