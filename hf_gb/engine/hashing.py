@@ -7,7 +7,7 @@ hash of ``(seed, p)``: its lowest bit gives the sign, the other 30 the bucket (b
 ``buckets`` must stay below 2**31).
 
 The arithmetic stays below 2**62 in int64 (31-bit values times 27-bit constants), so it is exact on every device
-and in every torch version; the same function in C++ (``hf_gb/engine/csrc/gnet_cpu.cpp``) gives the same values.
+and in every torch version; the same function in C++ (``hf_gb/engine/csrc/hash_cpu.cpp``) gives the same values.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The native CPU g-net kernel (``hf_gb/engine/csrc/gnet_cpu.cpp``), built on first use (`torch.utils.cpp_extension`).
+"""The native CPU g-net kernels (``hf_gb/engine/csrc``), built on first use (`torch.utils.cpp_extension`).
 
 It computes what `hf_gb.engine.kernels` states, for float32 banks on CPU, in about half the compiled forward's time and
 two thirds of its backward's (`benchmarks/bench_engine.py`). The build needs a C++ compiler with OpenMP and ninja (the
@@ -25,7 +25,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "gnet_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "gnet_cpu.cpp", _CSRC / "hash_cpu.cpp")  # compiled into one module
+HEADERS = (_CSRC / "rows.h",)
 BUILD_SECONDS = 40  # what one build takes on the project's 2-core CPU (20 to 40 s measured), for the announcement
 _module = None
 _failed = False
@@ -35,7 +37,7 @@ _failed = False
 def _build_key() -> str:
     """A short hash of what the binary depends on: the source, the CPU's model and instruction-set flags
     (``-march=native`` builds run only where built), torch's and Python's versions."""
-    text = SOURCE.read_text() + platform.machine() + torch.__version__ + sys.version
+    text = "".join(p.read_text() for p in (*SOURCES, *HEADERS)) + platform.machine() + torch.__version__ + sys.version
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "model name", "Features")):
@@ -121,7 +123,7 @@ def _build(directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     return load(
         name=_name(),
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         build_directory=str(directory),
         extra_cflags=["-O3", "-march=native", "-fopenmp", *_x86_flags()],
         extra_ldflags=["-fopenmp"],

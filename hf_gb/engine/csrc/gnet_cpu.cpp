@@ -1,4 +1,5 @@
-// The g-net hot loop on CPU, for float32 banks (hf_gb/native.py builds it; hf_gb/kernels.py states the contract):
+// The g-net hot loop on CPU, for float32 banks (hf_gb/engine/native.py builds it with hash_cpu.cpp;
+// hf_gb/engine/kernels.py states the contract):
 //   W[t, i, j] = sum_k w2[t, k] relu(A[t, i, k] + B[t, j, k])            (forward, optionally double-centred)
 //   mA[t, i, k] = sum_j G[t, i, j] [A + B > 0],  mB[t, k, j] = sum_i (same)  (the backward's two masked sums)
 //
@@ -12,53 +13,9 @@
 #include <algorithm>
 #include <vector>
 
+#include "rows.h"
+
 namespace {
-
-// Where row i of tile t lives: in one (n, R, C) tile tensor, or (``off`` given) at element offset off[t, i] of
-// tensor which[t] among ``base``, the weights themselves, each row C contiguous values.
-struct Rows {
-  std::vector<float*> base;
-  const int64_t* which = nullptr;
-  const int64_t* off = nullptr;
-  int64_t R = 0, C = 0;
-  float* row(int64_t t, int64_t i) const {
-    return off ? base[which[t]] + off[t * R + i] : base[0] + (t * R + i) * C;
-  }
-};
-
-Rows tile_rows(torch::Tensor& tiles) {
-  Rows r;
-  r.base = {tiles.data_ptr<float>()};
-  r.R = tiles.size(1);
-  r.C = tiles.size(2);
-  return r;
-}
-
-Rows weight_rows(std::vector<torch::Tensor>& tensors, const torch::Tensor& which, const torch::Tensor& off,
-                 int64_t C) {
-  TORCH_CHECK(which.dtype() == torch::kInt64 && off.dtype() == torch::kInt64 && which.is_contiguous() &&
-                  off.is_contiguous() && off.dim() == 2 && which.size(0) == off.size(0),
-              "row addresses: which (n,) and offsets (n, R), contiguous int64");
-  Rows r;
-  for (auto& t : tensors) {
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.is_contiguous(), "row addresses point into contiguous float32");
-    r.base.push_back(t.data_ptr<float>());
-  }
-  const int64_t* w = which.data_ptr<int64_t>();
-  const int64_t* o = off.data_ptr<int64_t>();
-  for (int64_t t = 0; t < which.size(0); ++t) {
-    TORCH_CHECK(w[t] >= 0 && w[t] < static_cast<int64_t>(tensors.size()), "tile ", t, " names no tensor");
-    const int64_t numel = tensors[w[t]].numel();
-    for (int64_t i = 0; i < off.size(1); ++i)
-      TORCH_CHECK(o[t * off.size(1) + i] >= 0 && o[t * off.size(1) + i] + C <= numel, "row ", i, " of tile ", t,
-                  " lies outside its tensor");
-  }
-  r.which = w;
-  r.off = o;
-  r.R = off.size(1);
-  r.C = C;
-  return r;
-}
 
 // Per tile: the hidden units ordered positive-w first, -w b transposed to (h, C) in that order, and sum_k w b.
 struct Table {
@@ -398,119 +355,9 @@ std::vector<torch::Tensor> backward_from(const torch::Tensor& A, const torch::Te
   return backward_rows(A, B, w2, weight_rows(tensors, which, offsets, B.size(1)), center);
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Random weight sharing (family "hash", hf_gb/engine/hashing.py states the function): out[t, p] = s * v[t, bucket] with
-// (bucket, s) from a 31-bit hash of the bank position P = tiles[t] * numel + p, computed here for every weight
-// instead of being stored. uint32 arithmetic gives the same bits as the int64 torch version: (x * M) mod 2^32,
-// masked to 31 bits, is (x * M) mod 2^31.
-namespace {
-
-constexpr uint32_t kMask = 0x7FFFFFFFu, kMult = 0x45D9F3Bu, kGolden = 0x1E3779B9u;
-
-inline uint32_t mix31(uint32_t x) {
-  for (int r = 0; r < 3; ++r) {
-    x = (x * kMult) & kMask;
-    x ^= x >> 15;
-  }
-  return x;
-}
-
-// A run of positions P0 .. P0 + len - 1 that share P >> 31 hashes as uint32 lanes (what the compiler vectorizes):
-// the fold of the high bits is one constant of the run.
-inline void hash_run(uint64_t P0, int64_t len, uint32_t key, uint32_t* x) {
-  const uint32_t kf = key ^ static_cast<uint32_t>(((P0 >> 31) * kGolden) & kMask);
-  const uint32_t lo = static_cast<uint32_t>(P0) & kMask;
-  for (int64_t j = 0; j < len; ++j) x[j] = mix31((lo + static_cast<uint32_t>(j)) ^ kf);
-}
-
-inline uint32_t bucket_of(uint32_t x, uint32_t buckets) {  // (x >> 1) in [0, 2^30) mapped onto [0, buckets)
-  return static_cast<uint32_t>((static_cast<uint64_t>(x >> 1) * static_cast<uint64_t>(buckets)) >> 30);
-}
-
-constexpr int64_t kHashBlock = 1024;
-
-// f(offset, len, hashes) over blocks of the hashes of positions P0 .. P0 + len - 1: each block is hashed in one
-// vectorizable loop before f reads or scatters with it.
-template <class F>
-inline void for_hash_blocks(uint64_t P0, int64_t len, uint32_t key, F&& f) {
-  uint32_t x[kHashBlock];
-  for (int64_t done = 0; done < len;) {
-    const uint64_t P = P0 + static_cast<uint64_t>(done);
-    const uint64_t boundary = ((P >> 31) + 1) << 31;
-    const int64_t run = std::min<int64_t>({len - done, kHashBlock, static_cast<int64_t>(boundary - P)});
-    hash_run(P, run, key, x);
-    f(done, run, x);
-    done += run;
-  }
-}
-
-void check_hash(const torch::Tensor& tiles, int64_t key) {
-  TORCH_CHECK(tiles.dtype() == torch::kInt64 && tiles.is_contiguous() && tiles.dim() == 1, "tiles: (n,) int64");
-  TORCH_CHECK(key >= 0 && key <= static_cast<int64_t>(kMask), "key must be a 31-bit value");
-}
-
-}  // namespace
-
-torch::Tensor hash_forward(const torch::Tensor& values, const torch::Tensor& tiles, int64_t numel, int64_t key) {
-  check_hash(tiles, key);
-  TORCH_CHECK(values.dtype() == torch::kFloat32 && values.is_contiguous() && values.dim() == 2 &&
-                  values.size(0) == tiles.size(0), "values: (n, buckets) contiguous float32 for n tiles");
-  const int64_t n = values.size(0), nb = values.size(1);
-  TORCH_CHECK(nb <= static_cast<int64_t>(kMask), "buckets must stay below 2^31");
-  auto out = torch::empty({n, numel}, values.options());
-  const float* v = values.data_ptr<float>();
-  const int64_t* tl = tiles.data_ptr<int64_t>();
-  float* o = out.data_ptr<float>();
-  const uint32_t k = static_cast<uint32_t>(key), buckets = static_cast<uint32_t>(nb);
-  at::parallel_for(0, n * numel, 1 << 14, [&](int64_t i0, int64_t i1) {
-    for (int64_t t = i0 / numel; t < n && t * numel < i1; ++t) {  // the tiles this range touches
-      const int64_t q0 = std::max(i0, t * numel) - t * numel, q1 = std::min(i1, (t + 1) * numel) - t * numel;
-      const float* vt = v + t * nb;
-      float* ot = o + t * numel + q0;
-      for_hash_blocks(static_cast<uint64_t>(tl[t] * numel + q0), q1 - q0, k,
-                      [&](int64_t off, int64_t len, const uint32_t* x) {
-                        for (int64_t j = 0; j < len; ++j) {
-                          const float value = vt[bucket_of(x[j], buckets)];
-                          ot[off + j] = (x[j] & 1u) ? value : -value;
-                        }
-                      });
-    }
-  });
-  return out;
-}
-
-torch::Tensor hash_backward(const torch::Tensor& grad, const torch::Tensor& tiles, int64_t buckets, int64_t key) {
-  check_hash(tiles, key);
-  TORCH_CHECK(grad.dtype() == torch::kFloat32 && grad.dim() == 2 && grad.size(0) == tiles.size(0),
-              "grad: (n, numel) float32 for n tiles");
-  TORCH_CHECK(buckets >= 1 && buckets <= static_cast<int64_t>(kMask), "buckets must be in [1, 2^31)");
-  auto g = grad.contiguous();
-  const int64_t n = g.size(0), numel = g.size(1);
-  const int threads = std::max(1, at::get_num_threads());
-  const int64_t parts = std::min<int64_t>(threads, std::max<int64_t>(1, numel / (1 << 14)));
-  // Per (tile, part) accumulators, summed after: no atomics, and the sum's order does not depend on scheduling.
-  auto acc = torch::zeros({n, parts, buckets}, g.options().dtype(torch::kFloat64));
-  const float* gp = g.data_ptr<float>();
-  const int64_t* tl = tiles.data_ptr<int64_t>();
-  double* a = acc.data_ptr<double>();
-  const uint32_t k = static_cast<uint32_t>(key), nb = static_cast<uint32_t>(buckets);
-  const int64_t per = (numel + parts - 1) / parts;
-  at::parallel_for(0, n * parts, 1, [&](int64_t task0, int64_t task1) {
-    for (int64_t task = task0; task < task1; ++task) {
-      const int64_t t = task / parts, p0 = std::min(numel, (task % parts) * per), p1 = std::min(numel, p0 + per);
-      double* at_ = a + task * buckets;
-      const float* gt = gp + t * numel + p0;
-      for_hash_blocks(static_cast<uint64_t>(tl[t] * numel + p0), p1 - p0, k,
-                      [&](int64_t off, int64_t len, const uint32_t* x) {
-                        for (int64_t j = 0; j < len; ++j) {
-                          const double value = gt[off + j];
-                          at_[bucket_of(x[j], nb)] += (x[j] & 1u) ? value : -value;
-                        }
-                      });
-    }
-  });
-  return acc.sum(1).to(torch::kFloat32);
-}
+// Random weight sharing (family "hash"): hash_cpu.cpp.
+torch::Tensor hash_forward(const torch::Tensor& values, const torch::Tensor& tiles, int64_t numel, int64_t key);
+torch::Tensor hash_backward(const torch::Tensor& grad, const torch::Tensor& tiles, int64_t buckets, int64_t key);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "g-net tiles (n, R, C) from A (n, R, h), B (n, C, h), w2 (n, h); center: double-centred");
