@@ -41,6 +41,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from common import dump_json  # noqa: E402
+
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engine.json")
@@ -306,10 +308,7 @@ def run_loops(args: argparse.Namespace, llama: dict, batch: int, seq: int) -> No
         print(f"| {loop} | {config or '-'} | {row['step_ms']:.0f} | {row['ratio']:.3f} | {spread} | {covered} |")
     print(f"load average start {start}, end {result['load_avg_at_end']} (trust the ratios only when it is near 0)")
     path = args.json if args.json != DEFAULT_JSON else LOOPS_QUICK_JSON if args.quick else LOOPS_JSON
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {os.path.abspath(path)}")
+    dump_json(os.path.abspath(path), result)
 
 
 # ----------------------------------------------------------------------------- main
@@ -407,10 +406,7 @@ def main() -> None:
               f"{s['gnet_params']:,} g-net params)")
     print(f"load average start {results['machine']['load_avg_at_start']}, end {results['machine']['load_avg_at_end']}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        dump_json(args.json, results)
 
 
 if __name__ == "__main__":

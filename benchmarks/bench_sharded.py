@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine import LLAMA, LLAMA_QUICK  # noqa: E402
+from common import dump_json  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -196,10 +197,7 @@ def main() -> None:
               f"{r['step_peak_added_mb']:>8.0f}")
     result = {"llama": LLAMA_QUICK if args.quick else LLAMA, "hidden_dim": args.hidden_dim, "tile": args.tile,
               "kernel": args.kernel, "threads": args.threads, "repeats": args.repeats, "runs": reports}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
+    dump_json(args.json, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared helpers of the quality and speed benchmarks: paths, machine info, tables, JSON and plots."""
+"""Shared helpers of the benchmarks and probes: paths, machine info, arguments, tables, JSON, evaluation and plots."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,6 +70,46 @@ def write_json(name: str, payload: dict[str, Any], out_dir: str = RESULTS) -> st
     return path
 
 
+def dump_json(path: str, payload: dict[str, Any], indent: int = 2) -> None:
+    """Write ``payload`` to ``path`` (a ``--json`` file; its folder made) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=indent)
+    print(f"wrote {path}")
+
+
+def write_outputs(out: str, payload: dict[str, Any], plot: Callable[[str], bool]) -> None:
+    """Write ``out``.json and, where ``plot(out + ".png")`` draws one (True), ``out``.png; print what was written."""
+    written = [write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))]
+    if plot(out + ".png"):
+        written.append(out + ".png")
+    print("wrote " + " and ".join(written))
+
+
+def add_out_args(p: argparse.ArgumentParser, name: str, split: str | None = None) -> None:
+    """``--out`` (the path prefix of the benchmark ``name``'s results, see `default_out`) and, with ``split`` (how
+    a run is split over processes, for the help), ``--combine`` (merge the results of those processes)."""
+    p.add_argument("--out", default=None,
+                   help=f"path prefix of the .json and .png (default benchmarks/results/{name}; with --quick "
+                   f"out/benchmarks/{name}_quick, so a smoke run never replaces the committed results)")
+    if split is not None:
+        p.add_argument("--combine", nargs="+", metavar="JSON",
+                       help=f"merge the runs of these result files (e.g. {split}, run in parallel) into --out")
+
+
+def publish(payload: dict[str, Any], out: str, summary: list[dict[str, Any]], columns: list[tuple[str, str, str]],
+            plot: Callable[[list[dict[str, Any]], str], bool], **extra: Any) -> dict[str, Any]:
+    """The end of a quality benchmark: print ``summary`` as a table, write the payload with ``summary``, ``extra``
+    and ``runs`` as its last keys (in that order) to ``out``.json and ``plot(summary, path)`` to ``out``.png;
+    returns that payload."""
+    print()
+    print(table(summary, columns))
+    last = {"summary": summary, **extra, "runs": payload["runs"]}
+    payload = {k: v for k, v in payload.items() if k not in last} | last
+    write_outputs(out, payload, lambda path: plot(summary, path))
+    return payload
+
+
 def read_parts(paths: list[str]) -> list[dict[str, Any]]:
     """The JSON payloads of benchmark runs split over processes, for ``--combine``."""
     parts = []
@@ -93,6 +134,18 @@ def train_step(gb, optimizer: torch.optim.Optimizer, max_grad_norm: float | None
     optimizer.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, gb, X: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of ``X`` a classifier labels ``y``, in eval mode (weights predicted fresh, without sampling,
+    when ``gb``)."""
+    if gb is not None:
+        gb.predict_weights(sample=False, keep_graph=False)
+    model.eval()
+    acc = (model(X).argmax(1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
 def warmup_cosine(warmup: int, steps: int):
     """LR factor of step ``s`` (for ``LambdaLR``): linear warm-up over ``warmup`` steps, then cosine decay to 0."""
     def factor(s: int) -> float:
@@ -111,3 +164,47 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def panels(n: int, width: float = 6, height: float = 4.5):
+    """A figure of ``n`` plots side by side, ``width`` x ``height`` inches each, and the list of their axes."""
+    fig, axes = pyplot().subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> bool:
+    """Lay out ``fig``, write it to ``path`` and close it; True (a plot was written)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return True
+
+
+def storage_plot(path: str, by_title: list[tuple[str, list[dict[str, Any]]]], y: str,
+                 draw: Callable[[Any, list[dict[str, Any]]], None], ylabel: str | None = None, span: bool = True,
+                 width: float = 6) -> bool:
+    """A quality benchmark's plot of the summary rows' ``y`` against their stored values (log scale), written to
+    ``path``: a panel per (title, rows), side by side, each with plain's value as a black line and the lines that
+    ``draw(ax, rows)`` draws. ``span``: the x axis from the smallest model to plain (so that it reads as a ratio),
+    plain's point starred. ``ylabel=None``: test accuracy, from 0 to 1 with the legend at the lower right."""
+    fig, axes = panels(len(by_title), width=width)
+    for ax, (title, rows) in zip(axes, by_title):
+        plain = [r for r in rows if r["method"] == "plain"]
+        for r in plain:
+            ax.axhline(r[y], color="k", lw=1, label=f"plain {r[y]:.3f} ({r['stored']:,.0f} values)")
+        draw(ax, rows)
+        ax.set_xscale("log")
+        if span:
+            xs = [r["stored"] for r in rows if r.get("stored")]
+            if xs:
+                ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+            for r in plain:
+                ax.plot([r["stored"]], [r[y]], "k*", ms=9)
+        if ylabel is None:
+            ax.set_ylim(0, 1.02)
+        ax.set_xlabel("stored values (every tensor the checkpoint holds)")
+        ax.set_ylabel(ylabel or "test accuracy (mean of seeds, best LR)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="lower right" if ylabel is None else None)
+    return save_figure(fig, path)

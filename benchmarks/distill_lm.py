@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, ROOT, machine, pyplot, table, train_step, write_json  # noqa: E402
+from common import RESULTS, ROOT, machine, panels, save_figure, table, train_step, write_outputs  # noqa: E402
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -236,19 +236,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        ("vs_teacher", "vs teacher", "+.1%")]))
     payload = {"quick": args.quick, "machine": machine(), "args": vars(args),
                "wall_s": round(time.time() - t_start, 1), "rows": rows}
-    path = write_json(os.path.basename(args.out) + ".json", payload, os.path.dirname(args.out))
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    write_outputs(args.out, payload, lambda path: plot(rows, args.compression, path))
+    return payload
+
+
+def plot(rows: list[dict[str, Any]], compression: float, path: str) -> bool:
+    """Validation loss of each run (the teacher first), a bar each."""
+    fig, (ax,) = panels(1, width=7, height=4)
     labels = [f"{r['run']}" + (f"\n({r['init']})" if r["init"] else "") for r in rows]
     ax.bar(range(len(rows)), [r["val_loss"] for r in rows], color=["gray", "C0", "C0", "C1", "C2"][: len(rows)])
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("validation loss (nats / byte)")
-    ax.set_title(f"LM distilled at {args.compression:g}x covered, {rows[0]['tokens']:,} tokens each")
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=100)
-    plt.close(fig)
-    print(f"wrote {path} and {args.out}.png")
-    return payload
+    ax.set_title(f"LM distilled at {compression:g}x covered, {rows[0]['tokens']:,} tokens each")
+    return save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

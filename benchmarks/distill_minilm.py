@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from common import RESULTS, machine, pyplot, table, write_json  # noqa: E402
+from common import RESULTS, machine, panels, save_figure, table, write_outputs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -425,15 +425,12 @@ def finish(args, rows: list[dict[str, Any]], extra: dict[str, Any] | None, compl
     payload = {"quick": args.quick, "complete": complete, "machine": machine(), "args": vars(args),
                "teacher_stored_values": teacher_values, **(extra or {}), "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    path = write_json(os.path.basename(args.out) + ".json", payload, os.path.dirname(args.out))
-    plot(rows, args.out + ".png")
-    print(f"wrote {path} and {args.out}.png")
+    write_outputs(args.out, payload, lambda path: plot(rows, path))
     return payload
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot(rows: list[dict[str, Any]], path: str) -> bool:
+    fig, axes = panels(2, width=5, height=4)
     for (method, init), marker in [(("gb", "regression"), "o"), (("gb", "scratch"), "s"), (("dense", None), "^"),
                                    (("lowrank", None), "v")]:
         pts = sorted((r["overall_compression"], r["cosine_mean"], r["spearman"]) for r in rows
@@ -449,9 +446,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("all-MiniLM-L6-v2 distilled, held-out stdlib sentences")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

