@@ -11,7 +11,7 @@ Two parts, both printed as tables and written to JSON (default ``benchmarks/resu
    measured for each in its own child process so neither sees the other's memory. The GB step is the step helper
    (``with gb.step(optimizer)``).
 3. ``--loops`` (alone): the same model and step as plain, as README's four plain calls and as the step helper, each
-   for the benchmark's GBConfig (128 x 128 tiles) and README's (``hidden_dim=32, compression=20``), one step of each
+   for the configs of ``LOOP_CONFIGS`` (the defaults, the defaults at 20x, family "mlp" at 20x), one step of each
    per round in a rotating order; medians, ratios to plain, each round's ratios and the load average per round.
 
 Usage::
