@@ -11,7 +11,9 @@ make this test pass: a failure here means checkpoints users already have would n
 ``tests/fixtures/format-4/`` holds the same model saved by today's layout (hf_gb 0.1.0 after the move to format 4):
 the default family on it (random sharing of every tensor, a format-3 file) and family "deep" with its own
 ``family_options`` (format 4), trained three AdamW steps (lr 1e-2) through ``with gb.step(optimizer):`` on random
-tokens (``torch.randint(0, 48, (4, 8))`` seeded 0, 1, 2) with the eager kernels, and saved the same way.
+tokens (``torch.randint(0, 48, (4, 8))`` seeded 0, 1, 2) with the eager kernels, and saved the same way; and the
+default family with `input_shapes` on the MLP's input Linears, which gives them ``"coords"`` g-nets (their tensors
+stored divided by 10/3, the multiplier of formats 3 and 4).
 """
 
 from pathlib import Path
@@ -31,6 +33,7 @@ CASES = {
                                      gains="columns", encoding="gray"),
     "format-4/llama_auto": dict(compression=8),
     "format-4/llama_deep": dict(family="deep", hidden_dim=4, tile_size=16, family_options={"second_hidden_dim": 3}),
+    "format-4/llama_coords": dict(compression=8, input_shapes={"gate_proj": [4, 8], "up_proj": [4, 8]}),
 }
 # name: (sum of the logits, sum of their absolute values, logits[:, -1, :6]) for INPUT_IDS
 RECORDED = {
@@ -46,6 +49,9 @@ RECORDED = {
     "format-4/llama_deep": (
         -0.000001, 68.413285, [[-0.130663, -0.189509, -0.245514, -0.224238, 0.15298, 0.362956],
                                [0.027231, -0.129584, 0.153758, 0.089352, 0.030113, -0.110599]]),
+    "format-4/llama_coords": (
+        1.437969, 83.518826, [[0.260056, -0.094796, 0.311039, -0.16149, 0.202939, 0.412246],
+                              [-0.251182, 0.030102, -0.334313, 0.067277, -0.058159, -0.250386]]),
 }
 INPUT_IDS = torch.arange(12).reshape(2, 6) * 3 % 48
 
