@@ -64,6 +64,8 @@ CONFIGS = [
     {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*lm_head", "kernel": "eager", "seed": 3},
     {"target_modules": r"model\.layers\.\d+\.mlp\..*", "min_compression": 4.0},
     {"family": "deep", "family_options": {"second_hidden_dim": 16}},
+    {"input_shapes": {"fc1": [28, 28]}, "compression": 300},
+    {"family": "coords", "family_options": {"lr_multiplier": 4.0}},
 ]
 
 
@@ -83,9 +85,11 @@ def test_save_pretrained_round_trip(tmp_path, kwargs):
     with open(path) as f:
         saved = json.load(f)
     assert saved["hf_gb_version"] == hf_gb.__version__
-    # Format 4 only where the file needs it (family options), so that older hf_gb reads the rest.
-    assert saved["format_version"] == (FORMAT_VERSION if config.family_options else 3)
-    assert ("family_options" in saved) == bool(config.family_options)
+    # Format 5 only where the file may hold "coords" g-nets and 4 only where it needs family options, so that older
+    # hf_gb reads the rest.
+    coords = config.family == "coords" or bool(config.input_shapes)
+    assert saved["format_version"] == (FORMAT_VERSION if coords else 4 if config.family_options else 3)
+    assert ("family_options" in saved) == bool(config.family_options or coords)
     assert GBConfig.from_pretrained(tmp_path / "ckpt") == config
     assert GBConfig.from_pretrained(path) == config  # the file itself works too
     assert not [p.name for p in (tmp_path / "ckpt").iterdir() if p.name != CONFIG_NAME]  # no temp files left

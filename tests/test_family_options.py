@@ -13,7 +13,7 @@ import torch
 from transformers import HfArgumentParser
 
 from hf_gb import GBConfig, GBPlugin, GBTrainingArguments, GenomicBottleneck
-from hf_gb.engine.config import FORMAT_VERSION, read_config_json
+from hf_gb.engine.config import read_config_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,8 @@ def test_a_family_option_is_read_with_the_family_default():
 
 @pytest.mark.parametrize("family, options, message", [
     ("mlp", {"second_hidden_dim": 4}, "family 'mlp' has no option 'second_hidden_dim' .it takes none.; 'deep' does"),
-    ("auto", {"tile_gain": False}, "family 'auto' has no option 'tile_gain' .it takes none.; 'shared' does"),
+    ("auto", {"tile_gain": False}, r"family 'auto' has no option 'tile_gain' \(its options: \['lr_multiplier'\]\); "
+                                   "'shared' does"),
     ("deep", {"width2": 4}, r"family 'deep' has no option 'width2' \(its options: \['second_hidden_dim'\]\)"),
     ("deep", [4], "family_options must be an object"),
     ("deep", "{not json", "family_options must be a JSON object"),
@@ -62,16 +63,25 @@ def test_files_with_the_old_fields_load_silently(tmp_path):
             assert read_config_json(str(path))["gb_config"].family_options == expected
 
 
-def test_saved_files_are_format_3_unless_they_need_family_options(tmp_path):
+@pytest.mark.parametrize("fields, version", [
+    ({"family": "deep", "hidden_dim": 4, "tile_size": 8}, 3),
+    ({"family": "deep", "hidden_dim": 4, "tile_size": 8, "family_options": {"second_hidden_dim": 3}}, 4),
+    ({"compression": 8, "input_shapes": {"0": [4, 4]}}, 5),  # "auto" with an image-reading layer: "coords" g-nets
+    ({"compression": 8}, 3),  # "auto" without: random sharing only
+])
+def test_saved_files_have_the_lowest_format_that_means_what_they_hold(tmp_path, fields, version):
+    from safetensors import safe_open
+
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    for options, version in ((None, 3), ({"second_hidden_dim": 3}, FORMAT_VERSION)):
-        gb = GenomicBottleneck(model, GBConfig(family="deep", hidden_dim=4, family_options=options, tile_size=8))
-        folder = tmp_path / str(version)
-        gb.save_pretrained(str(folder), model_card=False)
-        gb.detach_model()
-        saved = json.loads((folder / "gb_config.json").read_text())
-        assert saved["format_version"] == version and "second_hidden_dim" not in saved
-        assert GBConfig.from_pretrained(folder).family_options == options
+    config = GBConfig(**fields)
+    gb = GenomicBottleneck(model, config)
+    gb.save_pretrained(str(tmp_path), model_card=False)
+    gb.detach_model()
+    saved = json.loads((tmp_path / "gb_config.json").read_text())
+    assert saved["format_version"] == version and "second_hidden_dim" not in saved
+    with safe_open(str(tmp_path / "gb_model.safetensors"), framework="pt") as f:
+        assert f.metadata()["format_version"] == str(version)  # both files of a save say the same
+    assert GBConfig.from_pretrained(tmp_path) == config
 
 
 def test_training_arguments_and_the_plugin_take_family_options(monkeypatch, tmp_path):

@@ -132,7 +132,30 @@ def test_coords_stores_its_tensors_divided_by_the_multiplier():
     torch.testing.assert_close(bank.w_row * LR_MULTIPLIER, plain.w_row * math.sqrt((rows + cols) / rows))
     torch.testing.assert_close(bank.w_col * LR_MULTIPLIER, plain.w_col * math.sqrt((rows + cols) / cols))
     A, B, *_ = bank.tables()
-    assert float(A.std()) > 0.3 and float(B.std()) > 0.3  # used at the scale of "mlp"'s tables
+    assert float(A.detach().std()) > 0.3 and float(B.detach().std()) > 0.3  # used at the scale of "mlp"'s tables
+
+
+@pytest.mark.parametrize("family", ["coords", "auto"])
+def test_the_multiplier_is_a_family_option_that_changes_storage_not_weights(family):
+    """``lr_multiplier`` (also through "auto") divides what is stored and leaves the predicted weights alone."""
+    stored, weights = {}, {}
+    for m in (10.0, 2.5):
+        model = _mnist_mlp()
+        config = GBConfig(family=family, compression=300, input_shapes={"0": [28, 28]}, kernel="eager",
+                          family_options={"lr_multiplier": m})
+        gb = GenomicBottleneck(model, config)
+        bank = next(b for b in gb.banks.values() if getattr(b, "family", None) == "coords")
+        assert bank.multiplier == m
+        gb.predict_weights(keep_graph=False)
+        stored[m], weights[m] = bank.w_col.detach().clone(), model[0].weight.detach().clone()
+    torch.testing.assert_close(stored[2.5], stored[10.0] * 4)
+    torch.testing.assert_close(weights[2.5], weights[10.0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "ten"])
+def test_a_bad_multiplier_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="lr_multiplier"):
+        GBConfig(family="coords", family_options={"lr_multiplier": value})
 
 
 def test_a_saved_auto_plan_round_trips(tmp_path):
@@ -142,7 +165,7 @@ def test_a_saved_auto_plan_round_trips(tmp_path):
     gb = GenomicBottleneck(model, GBConfig(compression=300, input_shapes={"0": [28, 28]}, encoding="gray"))
     gb.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "gb_config.json").read_text())
-    assert saved["format_version"] == 3 and [t["family"] for t in saved["tensors"]] == ["coords", "hash"]
+    assert saved["format_version"] == 5 and [t["family"] for t in saved["tensors"]] == ["coords", "hash"]
     reloaded = load_compressed(tmp_path / "ckpt", model=nn.Sequential(nn.Linear(784, 800), nn.ReLU(),
                                                                         nn.Linear(800, 10)))
     for a, b in zip(model.parameters(), reloaded.parameters()):

@@ -12,6 +12,7 @@ from typing import Any
 from ..files import CONFIG_NAME, atomic_write_text
 from ..version import __version__
 from .registry import (
+    AUTO_FAMILY,
     DEPRECATED_OPTIONS,
     adopt_deprecated_options,
     check_family_options,
@@ -33,13 +34,16 @@ from .validation import (
 )
 
 __all__ = ["AUTO_FAMILY", "CONFIG_NAME", "DEFAULT_HIDDEN_DIM", "FORMAT_VERSION", "GBConfig", "check_pattern",
-           "config_json", "parse_config_json", "read_config_json"]
+           "config_json", "file_format", "parse_config_json", "read_config_json"]
 
 logger = logging.getLogger(__name__)
 
 # Bumped only when a saved checkpoint can no longer be read by older code. Readers accept 1 .. FORMAT_VERSION.
-# 2: centred banks store no b2; 3: family "auto", hidden_dim None, input_shapes, kernel_code; 4: family_options
-FORMAT_VERSION = 4
+# 2: centred banks store no b2; 3: family "auto", hidden_dim None, input_shapes, kernel_code; 4: family_options;
+# 5: "coords" g-nets stored divided by their option lr_multiplier (default 10; files of format 3 and 4 mean 10/3).
+FORMAT_VERSION = 5
+# The multiplier of the "coords" g-nets of format 3 and 4 files (`hf_gb.engine.families.coords`).
+_LEGACY_COORDS = {"lr_multiplier": 10 / 3}
 # What a gb_config.json of format 1 or 2 meant by a field it does not name (those defaults have changed since).
 _LEGACY_DEFAULTS = {"family": "mlp", "hidden_dim": 32, "kernel_code": "one_hot"}
 
@@ -49,9 +53,6 @@ _ENCODINGS = ("binary", "gray", "fourier")
 _KERNELS = ("auto", "native", "compiled", "eager")
 _GAINS = ("none", "rows", "columns", "both")
 _KERNEL_CODES = ("one_hot", "axes")
-# Fields that were family options before `family_options` grouped them (format <= 3 files hold them).
-# `GBConfig.family` that picks a family per tensor (`hf_gb.engine.planning`) instead of naming one.
-AUTO_FAMILY = "auto"
 # Hidden width of a family's g-nets when `hidden_dim` is None and no target asks for another.
 DEFAULT_HIDDEN_DIM = 32
 
@@ -243,7 +244,7 @@ class GBConfig:
 
     def option(self, name: str) -> Any:
         """A setting of this config's family: `family_options`'s value, else the family's default."""
-        declared = family_options(self.family) if self.family in families() else {}
+        declared = family_options(self.family) if self.family in (AUTO_FAMILY, *families()) else {}
         if name not in declared:
             raise KeyError(f"family {self.family!r} has no option {name!r}")
         return (self.family_options or {}).get(name, declared[name].default)
@@ -294,10 +295,11 @@ class GBConfig:
 def config_json(config: GBConfig, tensors: list[dict[str, Any]] | None = None, save_id: str | None = None) -> str:
     """The text of a `gb_config.json`: the config, the hf_gb and format versions, and (for a checkpoint) the
     covered tensors and the id of the save. The one way both `GBConfig.save_pretrained` and checkpoints write it."""
-    # A file without family options is a format-3 file (the only change of format 4), so older hf_gb reads it as
-    # before, without an unknown key to warn about.
+    # Each file has the lowest format that means what it holds, so older hf_gb reads whatever it can read right
+    # (without an unknown key to warn about) and refuses the rest: 5 where "coords" g-nets may be in it (older
+    # readers would scale them by 10/3), 4 with family options, 3 otherwise.
     fields = config.to_dict()
-    version = FORMAT_VERSION if fields.get("family_options") else 3
+    version = file_format(config)
     if version == 3:
         fields.pop("family_options")
     payload: dict[str, Any] = {**fields, "hf_gb_version": __version__, "format_version": version}
@@ -351,11 +353,25 @@ def parse_config_json(data: Any, where: str) -> dict[str, Any]:
         config = {**_LEGACY_DEFAULTS, **config}
     try:
         gb_config = GBConfig.from_dict(config)
+        if version < 5 and _has_coords(gb_config):
+            options = {**_LEGACY_COORDS, **(gb_config.family_options or {})}
+            gb_config = dataclasses.replace(gb_config, family_options=options)
         tensors = _check_entries(data.get("tensors"))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from e
     return {"gb_config": gb_config, "config": config, "tensors": tensors, "save_id": save_id,
             "format_version": version, "hf_gb_version": data.get("hf_gb_version"), "path": where}
+
+
+def file_format(config: GBConfig) -> int:
+    """The format version of the files a checkpoint of ``config`` writes: the lowest that means what they hold, 5
+    where "coords" g-nets may be in them, 4 with family options, 3 otherwise."""
+    return 5 if _has_coords(config) else 4 if config.family_options else 3
+
+
+def _has_coords(config: GBConfig) -> bool:
+    """Whether ``config`` can build "coords" g-nets: that family, or "auto" with ordered inputs."""
+    return config.family == "coords" or (config.family == AUTO_FAMILY and bool(config.input_shapes))
 
 
 def _check_entries(entries: Any) -> list[dict[str, Any]] | None:

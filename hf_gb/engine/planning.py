@@ -26,7 +26,7 @@ from torch import nn
 from .config import AUTO_FAMILY
 from .families.coords import coords_sizes
 from .layers import Target, name_matches, view3d
-from .registry import family_class
+from .registry import family_class, family_options
 from .tiling import TileGeometry, choose_geometry, compression_of, gain_values, grid, tile_sides
 
 if TYPE_CHECKING:
@@ -55,11 +55,14 @@ class BankSpec:
     center: bool | None = None  # None: the config's; "auto" gives random sharing the paper's function, uncentred
 
     def bank_config(self, config: GBConfig) -> GBConfig:
-        """``config`` as this bank's family reads it: its own family name, width and centring."""
+        """``config`` as this bank's family reads it: its own family name, width, centring and options."""
         center = config.center if self.center is None else self.center
         if config.family == self.family and config.hidden_dim == self.hidden_dim and config.center == center:
             return config
-        return dataclasses.replace(config, family=self.family, hidden_dim=self.hidden_dim, center=center)
+        declared = family_options(self.family)
+        options = {k: v for k, v in (config.family_options or {}).items() if k in declared} or None
+        return dataclasses.replace(config, family=self.family, hidden_dim=self.hidden_dim, center=center,
+                                   family_options=options)
 
     def key(self, config: GBConfig) -> str:
         """The bank's name in ``Bottleneck.banks`` (and in checkpoints): the geometry alone where the bank is what

@@ -5,7 +5,8 @@ which importing `hf_gb` does. The registry holds classes only: it imports nothin
 without importing the banks.
 
 A family's own settings (``GBConfig.family_options``) are declared on its class as ``options``, a dict of name ->
-`FamilyOption`; `check_family_options` checks a config's against them.
+`FamilyOption`; `check_family_options` checks a config's against them. ``"auto"``, which picks one of
+`AUTO_CHOICES` per tensor, takes the options of those families.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEPRECATED_OPTIONS", "FamilyOption", "adopt_deprecated_options", "check_family_options", "families",
-           "family_class", "family_options", "legacy_options", "register_family"]
+__all__ = ["AUTO_CHOICES", "AUTO_FAMILY", "DEPRECATED_OPTIONS", "FamilyOption", "adopt_deprecated_options",
+           "check_family_options", "families", "family_class", "family_options", "legacy_options", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class FamilyOption:
     check: Callable[[str, Any], Any]
 
 _FAMILIES: dict[str, type[Any]] = {}
+# The `GBConfig.family` that picks a family per tensor (`hf_gb.engine.planning`) instead of naming one, and the
+# families it picks from.
+AUTO_FAMILY = "auto"
+AUTO_CHOICES = ("coords", "hash")
 
 
 def register_family(cls: type[Any]) -> type[Any]:
@@ -56,13 +61,15 @@ def families() -> list[str]:
 
 
 def family_options(name: str) -> dict[str, FamilyOption]:
-    """The options a registered family declares (empty for most)."""
+    """The options a registered family declares (empty for most); for ``"auto"``, those of `AUTO_CHOICES`."""
+    if name == AUTO_FAMILY:
+        return {k: v for choice in AUTO_CHOICES if choice in _FAMILIES for k, v in family_options(choice).items()}
     return dict(getattr(family_class(name), "options", {}))
 
 
 def check_family_options(family: str, options: Any) -> dict[str, Any] | None:
     """``options`` (a dict, JSON text of one, or None) checked against what ``family`` declares (a name that is
-    not a registered family, such as "auto", declares none). Returns a new dict, or None for none."""
+    not a registered family declares none). Returns a new dict, or None for none."""
     if isinstance(options, str):  # from the command line or an environment variable
         try:
             options = json.loads(options)
@@ -73,7 +80,7 @@ def check_family_options(family: str, options: Any) -> dict[str, Any] | None:
     if not isinstance(options, dict):
         raise ValueError(f"family_options must be an object of option name -> value, got family_options="
                          f"{options!r:.80}")
-    declared = family_options(family) if family in _FAMILIES else {}
+    declared = family_options(family) if _known(family) else {}
     out = {}
     for key, value in options.items():
         if key not in declared:
@@ -97,7 +104,7 @@ def adopt_deprecated_options(family: str, options: dict[str, Any] | None, given:
     for name, value in given.items():
         if value is None:
             continue
-        taken = family in _FAMILIES and name in family_options(family)
+        taken = _known(family) and name in family_options(family)
         warnings.warn(f"GBConfig({name}=...) is deprecated: write family_options={{{name!r}: {value!r}}}"
                       + ("" if taken else f" (family {family!r} does not use it; dropped)"),
                       DeprecationWarning, stacklevel=4)
@@ -121,7 +128,7 @@ def legacy_options(data: dict[str, Any]) -> dict[str, Any]:
         return data
     data = dict(data)
     family = data.get("family", "auto")
-    declared = family_options(family) if isinstance(family, str) and family in _FAMILIES else {}
+    declared = family_options(family) if _known(family) else {}
     options = data.get("family_options")
     options = dict(options) if isinstance(options, dict) else options
     for name in DEPRECATED_OPTIONS:
@@ -133,3 +140,8 @@ def legacy_options(data: dict[str, Any]) -> dict[str, Any]:
     if options is not None:
         data["family_options"] = options
     return data
+
+
+def _known(family: Any) -> bool:
+    """Whether ``family`` is a name `family_options` answers for."""
+    return isinstance(family, str) and (family in _FAMILIES or family == AUTO_FAMILY)

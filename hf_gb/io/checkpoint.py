@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..engine.bottleneck import Bottleneck
-from ..engine.config import FORMAT_VERSION, config_json, read_config_json
+from ..engine.config import config_json, file_format, read_config_json
 from ..engine.shards import distribute_like, model_class
 from ..files import (
     CONFIG_NAME,
@@ -100,7 +100,7 @@ def save_compressed(
         save_id = new_save_id()
         tensors = gb_state_tensors(gb)
         warn_non_finite({k: v for k, v in tensors.items() if k.startswith(GNET_PREFIX)}, save_directory)
-        metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "hf_gb_version": __version__,
+        metadata = {"format": FORMAT_NAME, "format_version": str(file_format(gb.config)), "hf_gb_version": __version__,
                     "save_id": save_id, "gb_settings": settings_json(gb.config)}
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata=metadata)
         gb_config = config_json(gb.config, [t.to_json() for t in gb.covered], save_id)

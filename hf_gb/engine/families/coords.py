@@ -15,9 +15,10 @@ make each unit's receptive field a smooth function of the pixel position, the pr
 
 Size from the target: a tile's budget is ``tile weights / compression``; the width is ``min(COORDS_MAX_WIDTH,
 budget / (inputs + 2))`` (or `GBConfig.hidden_dim` when given) and the hashed pool takes the rest. Every stored
-tensor is kept divided by `LR_MULTIPLIER` and used multiplied by it, so that an optimizer like Adam, whose steps
-do not depend on the gradient's scale, moves the g-nets as far per step as the model's own learning rate moves a
-dense weight relative to its size (docs/design.md).
+tensor is kept divided by the family option ``lr_multiplier`` (default `LR_MULTIPLIER`) and used multiplied by it,
+so that an optimizer like Adam, whose steps do not depend on the gradient's scale, moves the g-nets as far per step
+as the model's own learning rate moves a dense weight relative to its size (docs/design.md). Checkpoints of format 4
+or lower were written with `LEGACY_LR_MULTIPLIER` and read with it.
 
 The tables are those of ``"mlp"``, so its fused kernels (native, compiled, eager) and the in-place rows route run
 them unchanged.
@@ -34,19 +35,23 @@ from torch import nn
 from ..bank import Tables, pick, randn_parameter, scatter
 from ..codes import code_inputs
 from ..hashing import bucket_and_sign, seed_key
-from ..registry import register_family
+from ..registry import FamilyOption, register_family
 from ..tiling import TileGeometry
+from ..validation import number
 from .mlp import MLPBank
 
 if TYPE_CHECKING:
     from ..config import GBConfig
 
-__all__ = ["COORDS_MAX_WIDTH", "LR_MULTIPLIER", "CoordsBank", "coords_sizes"]
+__all__ = ["COORDS_MAX_WIDTH", "LEGACY_LR_MULTIPLIER", "LR_MULTIPLIER", "CoordsBank", "coords_sizes"]
 
 # Widest g-net of a tile when the width follows from the budget; the rest of the budget goes to the hashed pool.
 COORDS_MAX_WIDTH = 32
-# Stored tensors are the g-net's divided by this (and multiplied back when used): see the module docstring.
-LR_MULTIPLIER = 10 / 3
+# Stored tensors are the g-net's divided by this (and multiplied back when used): see the module docstring. With
+# 10, the model's own LR (3e-3 for the MNIST MLP) trains the g-nets as well as the best of a grid (docs/benchmarks.md).
+LR_MULTIPLIER = 10.0
+# The multiplier of checkpoints of format 3 and 4, which do not name one.
+LEGACY_LR_MULTIPLIER = 10 / 3
 # Covered compression when `GBConfig.compression` is None (what the default 128 x 128 "mlp" tiles give).
 DEFAULT_COORDS_COMPRESSION = 32.0
 # Std of the hashed row features at init (the row bits' pre-activations have unit variance).
@@ -61,6 +66,13 @@ def coords_sizes(geometry: TileGeometry, config: GBConfig) -> tuple[int, int]:
     width = config.hidden_dim if config.hidden_dim is not None else min(COORDS_MAX_WIDTH, budget // per_unit)
     width = max(1, width)
     return width, max(0, budget - per_unit * width)
+
+
+def _positive(name: str, value: object) -> float:
+    value = number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return value
 
 
 @register_family
@@ -82,6 +94,9 @@ class CoordsBank(MLPBank):
     """
 
     family = "coords"
+    options = {"lr_multiplier": FamilyOption(
+        LR_MULTIPLIER, "The g-net tensors are stored divided by this and used multiplied by it, so that Adam moves "
+        "them this many times further per step than the LR alone would.", _positive)}
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         h, pool = coords_sizes(geometry, config)
@@ -90,7 +105,7 @@ class CoordsBank(MLPBank):
         bk = 0 if self.w_ker is None else (self.w_ker.shape[1] if self.ker_codes is not None else 1)
         self._code_inputs = self.row_codes.shape[1] + self.col_codes.shape[1] + bk
         self.pool = pool
-        m = self.multiplier = LR_MULTIPLIER
+        m = self.multiplier = self.option(config, "lr_multiplier")
         self.row_pool = randn_parameter(generator, n_tiles, max(1, pool), std=ROW_FEATURE_STD) if pool else None
         # Which pool value (and sign) each (row, unit) of each tile reads: as small as the row table, kept.
         positions = torch.arange(n_tiles * geometry.rows * h).view(n_tiles, geometry.rows, h)
