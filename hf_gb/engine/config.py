@@ -353,7 +353,7 @@ def parse_config_json(data: Any, where: str) -> dict[str, Any]:
         config = {**_LEGACY_DEFAULTS, **config}
     try:
         gb_config = GBConfig.from_dict(config)
-        if version < 5 and _has_coords(gb_config):
+        if version < 5 and file_format(gb_config) == 5:  # may hold "coords" g-nets of the old multiplier
             options = {**_LEGACY_COORDS, **(gb_config.family_options or {})}
             gb_config = dataclasses.replace(gb_config, family_options=options)
         tensors = _check_entries(data.get("tensors"))
@@ -366,12 +366,8 @@ def parse_config_json(data: Any, where: str) -> dict[str, Any]:
 def file_format(config: GBConfig) -> int:
     """The format version of the files a checkpoint of ``config`` writes: the lowest that means what they hold, 5
     where "coords" g-nets may be in them, 4 with family options, 3 otherwise."""
-    return 5 if _has_coords(config) else 4 if config.family_options else 3
-
-
-def _has_coords(config: GBConfig) -> bool:
-    """Whether ``config`` can build "coords" g-nets: that family, or "auto" with ordered inputs."""
-    return config.family == "coords" or (config.family == AUTO_FAMILY and bool(config.input_shapes))
+    coords = config.family == "coords" or (config.family == AUTO_FAMILY and bool(config.input_shapes))
+    return 5 if coords else 4 if config.family_options else 3
 
 
 def _check_entries(entries: Any) -> list[dict[str, Any]] | None:
