@@ -16,8 +16,8 @@ from .registry import (
     DEPRECATED_OPTIONS,
     adopt_deprecated_options,
     check_family_options,
+    declared_options,
     families,
-    family_options,
     legacy_options,
 )
 from .validation import (
@@ -31,6 +31,7 @@ from .validation import (
     int_in,
     is_int,
     number,
+    positive,
 )
 
 __all__ = ["AUTO_FAMILY", "CONFIG_NAME", "DEFAULT_HIDDEN_DIM", "FORMAT_VERSION", "GBConfig", "check_pattern",
@@ -223,10 +224,7 @@ class GBConfig:
         for name in ("stochastic", "center", "skip_nonfinite"):
             check_bool(name, getattr(self, name))
         for name in ("init_noise", "min_compression"):
-            value = number(name, getattr(self, name))
-            if not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {name}={getattr(self, name)!r}")
-            setattr(self, name, value)
+            setattr(self, name, positive(name, getattr(self, name)))
         if self.init_active is not None:
             self.init_active = number("init_active", self.init_active)
             if not 0 < self.init_active < 1:
@@ -244,7 +242,7 @@ class GBConfig:
 
     def option(self, name: str) -> Any:
         """A setting of this config's family: `family_options`'s value, else the family's default."""
-        declared = family_options(self.family) if self.family in (AUTO_FAMILY, *families()) else {}
+        declared = declared_options(self.family)
         if name not in declared:
             raise KeyError(f"family {self.family!r} has no option {name!r}")
         return (self.family_options or {}).get(name, declared[name].default)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["AUTO_CHOICES", "AUTO_FAMILY", "DEPRECATED_OPTIONS", "FamilyOption", "adopt_deprecated_options",
-           "check_family_options", "families", "family_class", "family_options", "legacy_options", "register_family"]
+           "check_family_options", "declared_options", "families", "family_class", "family_options", "legacy_options",
+           "register_family"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def check_family_options(family: str, options: Any) -> dict[str, Any] | None:
     if not isinstance(options, dict):
         raise ValueError(f"family_options must be an object of option name -> value, got family_options="
                          f"{options!r:.80}")
-    declared = family_options(family) if _known(family) else {}
+    declared = declared_options(family)
     out = {}
     for key, value in options.items():
         if key not in declared:
@@ -104,7 +105,7 @@ def adopt_deprecated_options(family: str, options: dict[str, Any] | None, given:
     for name, value in given.items():
         if value is None:
             continue
-        taken = _known(family) and name in family_options(family)
+        taken = name in declared_options(family)
         warnings.warn(f"GBConfig({name}=...) is deprecated: write family_options={{{name!r}: {value!r}}}"
                       + ("" if taken else f" (family {family!r} does not use it; dropped)"),
                       DeprecationWarning, stacklevel=4)
@@ -128,7 +129,7 @@ def legacy_options(data: dict[str, Any]) -> dict[str, Any]:
         return data
     data = dict(data)
     family = data.get("family", "auto")
-    declared = family_options(family) if _known(family) else {}
+    declared = declared_options(family)
     options = data.get("family_options")
     options = dict(options) if isinstance(options, dict) else options
     for name in DEPRECATED_OPTIONS:
@@ -142,6 +143,7 @@ def legacy_options(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _known(family: Any) -> bool:
-    """Whether ``family`` is a name `family_options` answers for."""
-    return isinstance(family, str) and (family in _FAMILIES or family == AUTO_FAMILY)
+def declared_options(family: Any) -> dict[str, FamilyOption]:
+    """`family_options` of ``family``, or none where it is not a family name (a bad name is refused elsewhere)."""
+    known = isinstance(family, str) and (family in _FAMILIES or family == AUTO_FAMILY)
+    return family_options(family) if known else {}

@@ -66,6 +66,13 @@ def number(name: str, value: Any) -> float:
     return float(value)
 
 
+def positive(name: str, value: Any) -> float:
+    value = number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {name}={value!r:.80}")
+    return value
+
+
 def check_pattern(name: str, value: Any) -> None | str | list[str]:
     """A module pattern as `GBConfig` keeps it: None, a regex (checked to compile) or a list of name suffixes.
 

@@ -18,7 +18,7 @@ budget / (inputs + 2))`` (or `GBConfig.hidden_dim` when given) and the hashed po
 tensor is kept divided by the family option ``lr_multiplier`` (default `LR_MULTIPLIER`) and used multiplied by it,
 so that an optimizer like Adam, whose steps do not depend on the gradient's scale, moves the g-nets as far per step
 as the model's own learning rate moves a dense weight relative to its size (docs/design.md). Checkpoints of format 4
-or lower were written with `LEGACY_LR_MULTIPLIER` and read with it.
+or lower were written with 10/3 and are read with it (`hf_gb.engine.config`).
 
 The tables are those of ``"mlp"``, so its fused kernels (native, compiled, eager) and the in-place rows route run
 them unchanged.
@@ -37,21 +37,19 @@ from ..codes import code_inputs
 from ..hashing import bucket_and_sign, seed_key
 from ..registry import FamilyOption, register_family
 from ..tiling import TileGeometry
-from ..validation import number
+from ..validation import positive
 from .mlp import MLPBank
 
 if TYPE_CHECKING:
     from ..config import GBConfig
 
-__all__ = ["COORDS_MAX_WIDTH", "LEGACY_LR_MULTIPLIER", "LR_MULTIPLIER", "CoordsBank", "coords_sizes"]
+__all__ = ["COORDS_MAX_WIDTH", "LR_MULTIPLIER", "CoordsBank", "coords_sizes"]
 
 # Widest g-net of a tile when the width follows from the budget; the rest of the budget goes to the hashed pool.
 COORDS_MAX_WIDTH = 32
 # Stored tensors are the g-net's divided by this (and multiplied back when used): see the module docstring. With
 # 10, the model's own LR (3e-3 for the MNIST MLP) trains the g-nets as well as the best of a grid (docs/benchmarks.md).
 LR_MULTIPLIER = 10.0
-# The multiplier of checkpoints of format 3 and 4, which do not name one.
-LEGACY_LR_MULTIPLIER = 10 / 3
 # Covered compression when `GBConfig.compression` is None (what the default 128 x 128 "mlp" tiles give).
 DEFAULT_COORDS_COMPRESSION = 32.0
 # Std of the hashed row features at init (the row bits' pre-activations have unit variance).
@@ -66,13 +64,6 @@ def coords_sizes(geometry: TileGeometry, config: GBConfig) -> tuple[int, int]:
     width = config.hidden_dim if config.hidden_dim is not None else min(COORDS_MAX_WIDTH, budget // per_unit)
     width = max(1, width)
     return width, max(0, budget - per_unit * width)
-
-
-def _positive(name: str, value: object) -> float:
-    value = number(name, value)
-    if not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value
 
 
 @register_family
@@ -96,7 +87,7 @@ class CoordsBank(MLPBank):
     family = "coords"
     options = {"lr_multiplier": FamilyOption(
         LR_MULTIPLIER, "The g-net tensors are stored divided by this and used multiplied by it, so that Adam moves "
-        "them this many times further per step than the LR alone would.", _positive)}
+        "them this many times further per step than the LR alone would.", positive)}
 
     def __init__(self, geometry: TileGeometry, n_tiles: int, config: GBConfig, generator: torch.Generator):
         h, pool = coords_sizes(geometry, config)
